@@ -1,0 +1,271 @@
+"""One-step ODE integrators: the only place where the schemes of a residual stage live.
+
+A stage integrates dx/dt = f(t, x) on a time grid t_n = n·h with one residual function f_n
+per grid point. Each integrator is a short class (after diffrax's solvers):
+
+- ``init_state(x, history, fns, h)`` turns the stage input into the integrator's state
+  (a tuple of tensors: momentum carries a velocity, reversible Heun a second copy);
+- ``step(n, state, fns, h, params)`` advances from t_n to t_{n+1};
+- ``reverse_step(n, state, fns, h, params)`` goes back from t_{n+1} to t_n (exactly or
+  approximately, as ``reversal`` declares; absent when ``reversal == "none"``);
+- ``output(state)`` is the stage output x_N.
+
+``fns`` is the list of residual functions as plain callables x ↦ f_n(x) (the training flag is
+already bound), so integrators never see layers. ``params`` holds the integrator's own
+trainable variables, created by ``create_variables`` through the stage layer (only LM has any).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import keras
+
+State = tuple[Any, ...]
+ResidualFn = Callable[[Any], Any]
+
+EXACT = "exact"
+APPROXIMATE = "approximate"
+NO_REVERSAL = "none"
+
+
+class Integrator:
+    """Base class. Subclasses declare ``name``, ``order``, ``reversal`` as class data."""
+
+    name: ClassVar[str]
+    order: ClassVar[int | None]
+    reversal: ClassVar[str] = NO_REVERSAL
+    #: True when the scheme needs x_{n-1} (LM): a transition then hands over P(x_n).
+    uses_history: ClassVar[bool] = False
+
+    def num_steps(self, num_functions: int) -> int:
+        """Steps taken by a stage holding ``num_functions`` residual functions."""
+        return num_functions
+
+    def create_variables(
+        self, layer: keras.layers.Layer, num_steps: int, has_history: bool
+    ) -> list[keras.Variable]:
+        """Create the scheme's own trainable variables on ``layer`` (none by default)."""
+        return []
+
+    def init_state(self, x, history, fns: Sequence[ResidualFn], h: float) -> State:
+        return (x,)
+
+    def output(self, state: State):
+        return state[0]
+
+    def step(self, n: int, state: State, fns: Sequence[ResidualFn], h: float, params) -> State:
+        raise NotImplementedError
+
+    def reverse_step(
+        self, n: int, state: State, fns: Sequence[ResidualFn], h: float, params
+    ) -> State:
+        raise NotImplementedError(f"integrator '{self.name}' has no reversal")
+
+    @property
+    def reversible(self) -> bool:
+        return self.reversal != NO_REVERSAL
+
+    def get_config(self) -> dict:
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self.get_config().items()))))
+
+
+class Euler(Integrator):
+    """Forward Euler (the ResNet): x_{n+1} = x_n + h f_n(x_n)."""
+
+    name = "euler"
+    order = 1
+    reversal = APPROXIMATE
+
+    def step(self, n, state, fns, h, params):
+        (x,) = state
+        return (x + h * fns[n](x),)
+
+    def reverse_step(self, n, state, fns, h, params):
+        # x_n ≈ x_{n+1} − h f_n(x_{n+1}): Euler with step −h, local error O(h²).
+        (x,) = state
+        return (x - h * fns[n](x),)
+
+
+class _FunctionsOnGrid(Integrator):
+    """Schemes that evaluate f at both ends of a step: N functions give N−1 steps.
+
+    A stage holding a single function integrates the autonomous x' = f_0(x) in one step.
+    """
+
+    def num_steps(self, num_functions):
+        return max(num_functions - 1, 1)
+
+    @staticmethod
+    def _next(fns, n):
+        return fns[min(n + 1, len(fns) - 1)]
+
+
+class Heun(_FunctionsOnGrid):
+    """Heun's method with functions on the time grid (Sander et al.), N functions, N−1 steps.
+
+    k1 = h f_n(x_n); k2 = h f_{n+1}(x_n + k1); x_{n+1} = x_n + (k1 + k2)/2.
+    """
+
+    name = "heun"
+    order = 2
+    reversal = APPROXIMATE
+
+    def step(self, n, state, fns, h, params):
+        (x,) = state
+        k1 = h * fns[n](x)
+        k2 = h * self._next(fns, n)(x + k1)
+        return (x + 0.5 * (k1 + k2),)
+
+    def reverse_step(self, n, state, fns, h, params):
+        # Heun with step −h and the two functions swapped; local error O(h³).
+        (x,) = state
+        k2 = h * self._next(fns, n)(x)
+        return (x - 0.5 * (k2 + h * fns[n](x - k2)),)
+
+
+class LinearMultistep(Integrator):
+    """LM-ResNet's two-step scheme (Lu et al. 2018, paper convention for k_n):
+
+    u_{n+1} = (1 − k_n) u_n + k_n u_{n−1} + h f_n(u_n), one trainable scalar k_n per step,
+    k_n ~ U(−0.1, 0) at init. Without a history (the network's first stage) step 0 is Euler
+    and carries no k. Stable (root condition) for −1 < k_n ≤ 1.
+    """
+
+    name = "lm"
+    order = 1
+    # The exact inverse u_{n−1} = (u_{n+1} − (1−k_n) u_n − h f_n(u_n)) / k_n divides by
+    # k_n ≈ −0.05 and amplifies rounding ~20× per step: no usable reversal.
+    reversal = NO_REVERSAL
+    uses_history = True
+
+    def __init__(self, k_init_range: tuple[float, float] = (-0.1, 0.0)):
+        low, high = (float(v) for v in k_init_range)
+        if not low <= high:
+            raise ValueError(f"k_init_range must be (low, high) with low <= high, got {k_init_range}")
+        self.k_init_range = (low, high)
+
+    def create_variables(self, layer, num_steps, has_history):
+        first = 0 if has_history else 1
+        low, high = self.k_init_range
+        return [
+            layer.add_weight(
+                name=f"lm_k_{n}",
+                shape=(),
+                initializer=keras.initializers.RandomUniform(low, high),
+                trainable=True,
+            )
+            for n in range(first, num_steps)
+        ]
+
+    def init_state(self, x, history, fns, h):
+        return (x, history)
+
+    def output(self, state):
+        return state[0]
+
+    def step(self, n, state, fns, h, params):
+        u, u_prev = state
+        if u_prev is None:
+            return (u + h * fns[n](u), u)
+        k = params[n - (len(fns) - len(params))]
+        return ((1.0 - k) * u + k * u_prev + h * fns[n](u), u)
+
+    def get_config(self):
+        return {"k_init_range": list(self.k_init_range)}
+
+
+class Momentum(Integrator):
+    """Momentum ResNet (Sander et al. 2021): v_{n+1} = γ v_n + (1−γ) h f_n(x_n);
+    x_{n+1} = x_n + v_{n+1}; v_0 = 0. With h = 1 this is the published form.
+
+    The reversal v_n = (v_{n+1} − (1−γ) h f_n(x_n)) / γ is exact in exact arithmetic but
+    amplifies float rounding by 1/γ per step.
+    """
+
+    name = "momentum"
+    order = 1
+    reversal = EXACT
+
+    def __init__(self, gamma: float = 0.9):
+        gamma = float(gamma)
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"momentum gamma must be in (0, 1), got {gamma}")
+        self.gamma = gamma
+
+    def init_state(self, x, history, fns, h):
+        return (x, keras.ops.zeros_like(x))
+
+    def step(self, n, state, fns, h, params):
+        x, v = state
+        v = self.gamma * v + (1.0 - self.gamma) * h * fns[n](x)
+        return (x + v, v)
+
+    def reverse_step(self, n, state, fns, h, params):
+        x, v = state
+        x = x - v
+        return (x, (v - (1.0 - self.gamma) * h * fns[n](x)) / self.gamma)
+
+    def get_config(self):
+        return {"gamma": self.gamma}
+
+
+class ReversibleHeun(_FunctionsOnGrid):
+    """Reversible Heun (Kidger et al. 2021), N functions, N−1 steps, algebraically reversible:
+
+    z_{n+1} = 2 y_n − z_n + h f_n(z_n); y_{n+1} = y_n + (h/2)(f_n(z_n) + f_{n+1}(z_{n+1})).
+
+    The state carries f_n(z_n) so each step (and each reverse step) evaluates one function.
+    """
+
+    name = "reversible_heun"
+    order = 2
+    reversal = EXACT
+
+    def init_state(self, x, history, fns, h):
+        return (x, x, fns[0](x))
+
+    def step(self, n, state, fns, h, params):
+        y, z, fz = state
+        z_next = 2.0 * y - z + h * fz
+        fz_next = self._next(fns, n)(z_next)
+        return (y + 0.5 * h * (fz + fz_next), z_next, fz_next)
+
+    def reverse_step(self, n, state, fns, h, params):
+        y_next, z_next, fz_next = state
+        z = 2.0 * y_next - z_next - h * fz_next
+        fz = fns[n](z)
+        return (y_next - 0.5 * h * (fz + fz_next), z, fz)
+
+
+INTEGRATORS: dict[str, type[Integrator]] = {
+    cls.name: cls for cls in (Euler, Heun, LinearMultistep, Momentum, ReversibleHeun)
+}
+
+
+def get_integrator(spec: str | dict | Integrator, **kwargs) -> Integrator:
+    """An integrator from its name (``"euler"``…), a ``{"name", "config"}`` dict or itself."""
+    if isinstance(spec, Integrator):
+        return spec
+    if isinstance(spec, dict):
+        return get_integrator(spec["name"], **{**spec.get("config", {}), **kwargs})
+    if not isinstance(spec, str):
+        raise TypeError(f"integrator must be a name, a dict or an Integrator, got {spec!r}")
+    if spec not in INTEGRATORS:
+        raise ValueError(f"unknown integrator '{spec}'; known: {', '.join(sorted(INTEGRATORS))}")
+    return INTEGRATORS[spec](**kwargs)
+
+
+def serialize_integrator(integrator: Integrator) -> dict:
+    return {"name": integrator.name, "config": integrator.get_config()}

@@ -1,0 +1,161 @@
+"""The integrator stage (N residual steps on a fixed-shape state) and the transition block.
+
+The stage only knows the :class:`~kode.integrators.Integrator` interface: which scheme it runs
+is data (its ``integrator`` argument), so a new scheme is a new integrator class, not an edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import layers
+
+from kode.integrators import Integrator, get_integrator, serialize_integrator
+
+_PACKAGE = "kode"
+
+
+def resolve_step_size(step_size: float | str, num_steps: int, horizon: float = 1.0) -> float:
+    """h = step_size, or h = T/N for ``step_size="ode"`` (Sander et al.'s ODE scaling)."""
+    if step_size == "ode":
+        return float(horizon) / max(num_steps, 1)
+    if isinstance(step_size, str):
+        raise ValueError(f"step_size must be a positive number or 'ode', got '{step_size}'")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be a positive number or 'ode', got {step_size}")
+    return float(step_size)
+
+
+def _split_inputs(inputs):
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) != 2:
+            raise ValueError("a stage takes x or [x, history]")
+        return inputs[0], inputs[1]
+    return inputs, None
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class IntegratorStage(layers.Layer):
+    """N residual functions f_0…f_{N−1} integrated by one integrator with step size h.
+
+    Input: x, or [x, x_prev] when the integrator uses a history (LM after a transition).
+    Output: x_N (same shape as x).
+    """
+
+    def __init__(
+        self,
+        residual_functions: Sequence[layers.Layer],
+        integrator: str | dict | Integrator = "euler",
+        step_size: float | str = 1.0,
+        horizon: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.residual_functions = list(residual_functions)
+        if not self.residual_functions:
+            raise ValueError("a stage needs at least one residual function")
+        self.integrator = get_integrator(integrator)
+        self.num_steps = self.integrator.num_steps(len(self.residual_functions))
+        if self.num_steps < 1:
+            raise ValueError(
+                f"integrator '{self.integrator.name}' needs at least "
+                f"{len(self.residual_functions) - self.num_steps + 1} residual functions per stage"
+            )
+        self.step_size_spec = step_size
+        self.horizon = float(horizon)
+        self.h = resolve_step_size(step_size, self.num_steps, horizon)
+        self.integrator_variables: list = []
+
+    def build(self, input_shape):
+        has_history = isinstance(input_shape, (list, tuple)) and isinstance(
+            input_shape[0], (list, tuple)
+        )
+        x_shape = tuple(input_shape[0]) if has_history else tuple(input_shape)
+        for f in self.residual_functions:
+            f.build(x_shape)
+            out = tuple(f.compute_output_shape(x_shape))
+            if out[1:] != x_shape[1:]:
+                raise ValueError(
+                    f"residual function '{f.name}' maps shape {x_shape[1:]} to {out[1:]}: "
+                    "a stage's residual functions must keep the state's shape"
+                )
+        self.integrator_variables = self.integrator.create_variables(
+            self, self.num_steps, has_history
+        )
+
+    def residual_callables(self, training=None) -> list:
+        """The residual functions as x ↦ f_n(x) callables with ``training`` bound."""
+        return [lambda x, f=f: f(x, training=training) for f in self.residual_functions]
+
+    def call(self, inputs, training=None):
+        x, history = _split_inputs(inputs)
+        fns = self.residual_callables(training)
+        state = self.integrator.init_state(x, history, fns, self.h)
+        for n in range(self.num_steps):
+            state = self.integrator.step(n, state, fns, self.h, self.integrator_variables)
+        return self.integrator.output(state)
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+            return tuple(input_shape[0])
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "residual_functions": [
+                keras.saving.serialize_keras_object(f) for f in self.residual_functions
+            ],
+            "integrator": serialize_integrator(self.integrator),
+            "step_size": self.step_size_spec,
+            "horizon": self.horizon,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["residual_functions"] = [
+            keras.saving.deserialize_keras_object(f) for f in config["residual_functions"]
+        ]
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class TransitionBlock(layers.Layer):
+    """Shape-changing block between stages: u_{n+1} = P(u_n) + f(u_n), not invertible.
+
+    Returns ``[u_{n+1}, P(u_n)]``: LM's next step takes u_{n−1} := P(u_n) (Lu et al.);
+    other schemes ignore the second output.
+    """
+
+    def __init__(self, residual_function: layers.Layer, projection: layers.Layer, **kwargs):
+        super().__init__(**kwargs)
+        self.residual_function = residual_function
+        self.projection = projection
+
+    def build(self, input_shape):
+        self.residual_function.build(input_shape)
+        self.projection.build(input_shape)
+
+    def call(self, x, training=None):
+        shortcut = self.projection(x, training=training)
+        return [shortcut + self.residual_function(x, training=training), shortcut]
+
+    def compute_output_shape(self, input_shape):
+        shape = tuple(self.projection.compute_output_shape(input_shape))
+        return [shape, shape]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "residual_function": keras.saving.serialize_keras_object(self.residual_function),
+            "projection": keras.saving.serialize_keras_object(self.projection),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("residual_function", "projection"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)

@@ -1,0 +1,9 @@
+"""kode's model zoo: ``create_model(name, **overrides)`` and ``list_models(pattern)``.
+
+Importing the package registers every family (one folder each).
+"""
+
+from zoo import heun_resnet, lm_resnet, momentum_resnet, resnet, revheun_resnet  # noqa: F401
+from zoo.registry import create_model, get_entry, list_families, list_models, register_model
+
+__all__ = ["create_model", "get_entry", "list_families", "list_models", "register_model"]

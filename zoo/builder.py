@@ -1,0 +1,263 @@
+"""The one network skeleton every family shares: stem → stages → head.
+
+A stage whose input and output shapes differ starts with a :class:`TransitionBlock`; the rest
+of the stage is one :class:`IntegratorStage`. Families differ only in the integrator they pass.
+Layouts follow Lu et al. / He et al. (REFERENCE.md §2): CIFAR (depth 6n+2 basic, 9n+2
+bottleneck, widths 16/32/64) and ImageNet (18/34 basic, 50/101/152 bottleneck).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+from keras import layers
+
+from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
+from kode.errors import KodeError
+from kode.integrators import Integrator, get_integrator
+from kode.stage import IntegratorStage, TransitionBlock
+from zoo.registry import register_model
+
+IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                   152: (3, 8, 36, 3)}
+MIN_INPUT_SIZE = {"cifar": 8, "imagenet": 32}
+DEFAULT_INPUT_SHAPE = {"cifar": (32, 32, 3), "imagenet": (224, 224, 3)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Blocks per stage, stage widths, strides and the residual function kind."""
+
+    stage_blocks: tuple[int, ...]
+    widths: tuple[int, ...]
+    strides: tuple[int, ...]
+    bottleneck: bool
+    stem: str  # "cifar": conv3×3; "imagenet": conv7×7/2 + max-pool 3×3/2
+
+
+def resolve_layout(layout: str, depth: int, bottleneck: bool | None) -> Layout:
+    """The stage layout for a depth, or a :class:`KodeError` naming the family's form."""
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        raise KodeError(f"depth must be an integer, got {depth!r}")
+    if layout == "cifar":
+        bottleneck = bool(bottleneck)
+        per_block, form = (9, "9n+2 (bottleneck)") if bottleneck else (6, "6n+2 (basic)")
+        n, rest = divmod(depth - 2, per_block)
+        if rest or n < 1:
+            raise KodeError(
+                f"depth {depth} is not of the CIFAR form {form}, e.g. "
+                f"{', '.join(str(per_block * k + 2) for k in (1, 3, 5, 9))}"
+            )
+        return Layout((n, n, n), (16, 32, 64), (1, 2, 2), bottleneck, "cifar")
+    if layout == "imagenet":
+        if depth not in IMAGENET_STAGES:
+            raise KodeError(
+                f"depth {depth} is not an ImageNet layout; choose one of "
+                f"{', '.join(map(str, IMAGENET_STAGES))}"
+            )
+        return Layout(IMAGENET_STAGES[depth], (64, 128, 256, 512), (1, 2, 2, 2),
+                      depth >= 50 if bottleneck is None else bool(bottleneck), "imagenet")
+    raise KodeError(f"unknown layout '{layout}'; choose 'cifar' or 'imagenet'")
+
+
+def _check_input_shape(input_shape, layout: str) -> tuple[int, int, int]:
+    shape = DEFAULT_INPUT_SHAPE[layout] if input_shape is None else tuple(input_shape)
+    minimum = MIN_INPUT_SIZE[layout]
+    if (
+        len(shape) != 3
+        or not all(isinstance(d, int) and d > 0 for d in shape)
+        or min(shape[:2]) < minimum
+    ):
+        raise KodeError(
+            f"input_shape {shape} is invalid: expected (height, width, channels) with height and "
+            f"width >= {minimum} for the {layout} layout"
+        )
+    return shape
+
+
+def _check_head(include_top: bool, weights, pooling, classes, classifier_activation) -> None:
+    if pooling not in (None, "avg", "max"):
+        raise KodeError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+    if include_top and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+        raise KodeError(f"classes must be a positive integer with include_top=True, got {classes!r}")
+    if weights is not None and not (isinstance(weights, str | os.PathLike)):
+        raise KodeError(f"weights must be None or a path to a weights file, got {weights!r}")
+    if weights is not None and not os.path.isfile(weights):
+        raise KodeError(f"weights file '{weights}' does not exist")
+
+
+def _load_weights(model: keras.Model, path: str, include_top: bool, classes: int) -> None:
+    try:
+        if str(path).endswith(".keras"):
+            source = keras.saving.load_model(path, compile=False)
+            model.set_weights(source.get_weights())
+        else:
+            model.load_weights(path)
+    except Exception as err:  # corrupt or mismatched files raise many different types
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KodeError(
+            f"weights file '{path}' could not be loaded into {model.name} "
+            f"(include_top={include_top}, classes={classes}): {detail}"
+        ) from None
+
+
+def integrator_resnet(
+    integrator: str | dict | Integrator,
+    depth: int,
+    *,
+    layout: str = "cifar",
+    bottleneck: bool | None = None,
+    include_top: bool = True,
+    weights: str | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    pooling: str | None = None,
+    classes: int = 10,
+    classifier_activation: str | None = "softmax",
+    name: str | None = None,
+    step_size: float | str = 1.0,
+    horizon: float = 1.0,
+    width_multiplier: float = 1.0,
+    groups: int = 1,
+    group_width: int | None = None,
+    final_survival_probability: float | None = None,
+    zero_init: bool = False,
+    integrator_config: dict | None = None,
+) -> keras.Model:
+    """Build stem → stages → head with every stage integrated by ``integrator``.
+
+    ``step_size`` is h (1 = classic ResNet) or ``"ode"`` for h = horizon/N per stage.
+    ``final_survival_probability`` p_L turns on LM stochastic depth: block l of L survives
+    with p_l = 1 − (l/L)(1 − p_L). ``groups``/``group_width`` make ResNeXt bottlenecks.
+    """
+    spec = resolve_layout(layout, depth, bottleneck)
+    shape = _check_input_shape(input_shape, layout)
+    _check_head(include_top, weights, pooling, classes, classifier_activation)
+    try:
+        integrator = get_integrator(integrator, **(integrator_config or {}))
+    except (TypeError, ValueError) as err:
+        raise KodeError(str(err)) from None
+    if not width_multiplier > 0:
+        raise KodeError(f"width_multiplier must be positive, got {width_multiplier}")
+    if final_survival_probability is not None and not 0 < final_survival_probability <= 1:
+        raise KodeError(
+            f"final_survival_probability must be in (0, 1], got {final_survival_probability}"
+        )
+
+    def scaled(c: int) -> int:
+        return max(1, int(round(c * width_multiplier)))
+
+    total_blocks = sum(spec.stage_blocks)
+    block_index = 0
+
+    def residual_function(in_width: int, stage: int, stride: int, block_name: str):
+        nonlocal block_index
+        block_index += 1
+        width = scaled(spec.widths[stage])
+        if spec.bottleneck:
+            mid = width if group_width is None else groups * scaled(group_width) * 2**stage
+            fn = Bottleneck(mid, 4 * width, stride, groups, zero_init, name=block_name)
+        else:
+            fn = BasicBlock(width, stride, zero_init, name=block_name)
+        if final_survival_probability is not None:
+            p = 1.0 - block_index / total_blocks * (1.0 - final_survival_probability)
+            fn = StochasticDepth(fn, p, name=f"{block_name}_sd")
+        return fn
+
+    inputs = keras.Input(shape)
+    stem_width = scaled(16 if spec.stem == "cifar" else 64)
+    if spec.stem == "cifar":
+        x = _conv(stem_width, 3, name="stem_conv")(inputs)
+    else:
+        x = _conv(stem_width, 7, 2, name="stem_conv")(inputs)
+        x = _bn("stem_bn")(x)
+        x = layers.ReLU(name="stem_relu")(x)
+        x = layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+
+    channels = stem_width
+    for s, (blocks, stride) in enumerate(zip(spec.stage_blocks, spec.strides, strict=True)):
+        out_channels = scaled(spec.widths[s]) * (4 if spec.bottleneck else 1)
+        history = None
+        remaining = blocks
+        if stride != 1 or out_channels != channels:
+            fn = residual_function(channels, s, stride, f"stage{s + 1}_transition_f")
+            proj = Projection(out_channels, stride, name=f"stage{s + 1}_transition_p")
+            x, history = TransitionBlock(fn, proj, name=f"stage{s + 1}_transition")(x)
+            remaining -= 1
+        if remaining:
+            fns = [residual_function(out_channels, s, 1, f"stage{s + 1}_f{i}")
+                   for i in range(remaining)]
+            stage = IntegratorStage(fns, integrator, step_size, horizon, name=f"stage{s + 1}")
+            x = stage([x, history] if history is not None and integrator.uses_history else x)
+        channels = out_channels
+
+    x = _bn("head_bn")(x)
+    x = layers.ReLU(name="head_relu")(x)
+    if include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = layers.Dense(classes, activation=classifier_activation, name="predictions")(x)
+    elif pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(x)
+
+    model = keras.Model(inputs, x, name=name or f"{integrator.name}_resnet{depth}")
+    if weights is not None:
+        _load_weights(model, weights, include_top, classes)
+    return model
+
+
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 164, 1202)
+IMAGENET_DEPTHS = tuple(IMAGENET_STAGES)
+
+
+def family_builder(family: str, integrator: str, summary: str) -> Callable[..., keras.Model]:
+    """A keras.applications-style builder for one family (one integrator)."""
+
+    def build(
+        depth: int = 20,
+        *,
+        include_top: bool = True,
+        weights: str | None = None,
+        input_shape: tuple[int, int, int] | None = None,
+        pooling: str | None = None,
+        classes: int = 10,
+        classifier_activation: str | None = "softmax",
+        name: str | None = None,
+        layout: str = "cifar",
+        **options,
+    ) -> keras.Model:
+        return integrator_resnet(
+            integrator,
+            depth,
+            layout=layout,
+            include_top=include_top,
+            weights=weights,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            name=name or f"{family}{depth}",
+            **options,
+        )
+
+    build.__name__ = build.__qualname__ = family
+    build.__doc__ = (
+        f"{summary}\n\nArguments as keras.applications (include_top, weights=None|path, "
+        "input_shape, pooling, classes, classifier_activation, name) plus ``depth``, "
+        "``layout`` ('cifar' | 'imagenet') and the options of "
+        ":func:`zoo.builder.integrator_resnet` (step_size, width_multiplier, …)."
+    )
+    return build
+
+
+def register_family(family: str, builder: Callable[..., keras.Model]) -> None:
+    """Register ``{family}{depth}`` for the CIFAR depths and the ImageNet layouts."""
+    for depth in CIFAR_DEPTHS:
+        register_model(f"{family}{depth}", family, builder, depth=depth, layout="cifar",
+                       bottleneck=depth == 164, classes=10)
+    for depth in IMAGENET_DEPTHS:
+        register_model(f"{family}{depth}", family, builder, depth=depth, layout="imagenet",
+                       classes=1000)

@@ -1,0 +1,78 @@
+"""The registry: the one way a model name becomes a model (after timm).
+
+``register_model(name, builder, **defaults)`` records a builder with keras.applications-style
+arguments and its defaults; ``create_model(name, **overrides)`` calls it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import keras
+
+from kode.errors import KodeError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered name: its family, builder and the arguments that define it."""
+
+    name: str
+    family: str
+    builder: Callable[..., keras.Model]
+    defaults: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+
+    def config(self, **overrides) -> dict:
+        """The builder arguments for this name with ``overrides`` applied."""
+        return {"name": self.name, **self.defaults, **overrides}
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, family: str, builder: Callable[..., keras.Model], **defaults):
+    """Register ``name`` → ``builder(**defaults)``; names are unique."""
+    if name in _REGISTRY:
+        raise ValueError(f"model '{name}' is already registered")
+    _REGISTRY[name] = ModelEntry(name, family, builder, MappingProxyType(dict(defaults)))
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The entry for ``name``, or a :class:`KodeError` suggesting the closest names."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `kode models`"
+        raise KodeError(f"unknown model '{name}'{hint}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **overrides) -> keras.Model:
+    """Build the registered model ``name``; ``overrides`` replace its default arguments,
+    e.g. ``create_model("lm_resnet56", classes=100, step_size="ode")``."""
+    entry = get_entry(name)
+    try:
+        return entry.builder(**entry.config(**overrides))
+    except TypeError as err:
+        raise KodeError(f"{name}: {err}") from None
+
+
+def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
+    """Registered names matching a shell-style ``pattern`` (and ``family``), sorted naturally."""
+    names = [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
+    if family is not None:
+        names = [n for n in names if _REGISTRY[n].family == family]
+    return sorted(names, key=_natural_key)
+
+
+def list_families() -> list[str]:
+    return sorted({e.family for e in _REGISTRY.values()})
+
+
+def _natural_key(name: str):
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
