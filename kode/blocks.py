@@ -169,7 +169,8 @@ class StochasticDepth(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
-        self.residual_function.build(input_shape)
+        if not self.residual_function.built:
+            self.residual_function.build(input_shape)
 
     def call(self, x, training=None):
         fx = self.residual_function(x, training=training)

@@ -153,7 +153,7 @@ class LinearMultistep(Integrator):
     def __init__(self, k_init_range: tuple[float, float] = (-0.1, 0.0)):
         low, high = (float(v) for v in k_init_range)
         if not low <= high:
-            raise ValueError(f"k_init_range must be (low, high) with low <= high, got {k_init_range}")
+            raise ValueError(f"k_init_range must be (low, high), low <= high; got {k_init_range}")
         self.k_init_range = (low, high)
 
     def create_variables(self, layer, num_steps, has_history):

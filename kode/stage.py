@@ -73,7 +73,8 @@ class IntegratorStage(layers.Layer):
         )
         x_shape = tuple(input_shape[0]) if has_history else tuple(input_shape)
         for f in self.residual_functions:
-            f.build(x_shape)
+            if not f.built:
+                f.build(x_shape)
             out = tuple(f.compute_output_shape(x_shape))
             if out[1:] != x_shape[1:]:
                 raise ValueError(
@@ -135,8 +136,10 @@ class TransitionBlock(layers.Layer):
         self.projection = projection
 
     def build(self, input_shape):
-        self.residual_function.build(input_shape)
-        self.projection.build(input_shape)
+        if not self.residual_function.built:
+            self.residual_function.build(input_shape)
+        if not self.projection.built:
+            self.projection.build(input_shape)
 
     def call(self, x, training=None):
         shortcut = self.projection(x, training=training)

@@ -3,7 +3,14 @@
 Importing the package registers every family (one folder each).
 """
 
-from zoo import heun_resnet, lm_resnet, momentum_resnet, resnet, revheun_resnet  # noqa: F401
+from zoo import (  # noqa: F401  (importing a family registers it)
+    heun_resnet,
+    lm_resnet,
+    lm_resnext,
+    momentum_resnet,
+    resnet,
+    revheun_resnet,
+)
 from zoo.registry import create_model, get_entry, list_families, list_models, register_model
 
 __all__ = ["create_model", "get_entry", "list_families", "list_models", "register_model"]

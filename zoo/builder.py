@@ -82,7 +82,7 @@ def _check_head(include_top: bool, weights, pooling, classes, classifier_activat
     if pooling not in (None, "avg", "max"):
         raise KodeError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
     if include_top and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
-        raise KodeError(f"classes must be a positive integer with include_top=True, got {classes!r}")
+        raise KodeError(f"classes must be a positive integer with include_top, got {classes!r}")
     if weights is not None and not (isinstance(weights, str | os.PathLike)):
         raise KodeError(f"weights must be None or a path to a weights file, got {weights!r}")
     if weights is not None and not os.path.isfile(weights):

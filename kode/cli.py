@@ -1,0 +1,169 @@
+"""The ``kode`` command: models, train, export, predict.
+
+Bad input prints one line ``kode: error: …`` and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kode.errors import KodeError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other bad input
+        raise KodeError(f"{self.prog}: {message}")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KodeError(f"--option takes KEY=VALUE, got '{pair}'")
+        options[key.replace("-", "_")] = _parse_value(value)
+    return options
+
+
+def _cmd_models(args) -> int:
+    import zoo
+
+    names = zoo.list_models(args.pattern)
+    if not names:
+        raise KodeError(f"no model matches '{args.pattern}'; see `kode models`")
+    for name in names:
+        entry = zoo.get_entry(name)
+        print(f"{name:24s} {entry.family:16s} {entry.defaults.get('layout', ''):9s} "
+              f"depth {entry.defaults.get('depth')}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from kode.training import train
+
+    options = _parse_options(args.option)
+    if args.step_size is not None:
+        options["step_size"] = "ode" if args.step_size == "ode" else float(args.step_size)
+    result = train(
+        args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        schedule=args.schedule, weight_decay=args.weight_decay, decay_lm_k=args.decay_lm_k,
+        seed=args.seed, logdir=args.logdir, export_dir=args.export, data_dir=args.data_dir,
+        manual_dir=args.manual_dir, model_options=options,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
+    print(f"test: {metrics}")
+    print(f"logs: {result.logdir} (tensorboard --logdir {result.logdir})")
+    print(f"model: {result.model_path}; metrics: {result.metrics_path}")
+    if result.export is not None:
+        _print_export(result.export)
+    return 0
+
+
+def _print_export(export) -> None:
+    print(f"exported SavedModel to {export.path} (version {export.version}); "
+          f"max |SavedModel − Keras| = {export.max_abs_diff:.3g}")
+
+
+def _cmd_export(args) -> int:
+    import keras
+
+    import kode  # noqa: F401  (registers the layers before loading)
+    from kode.export import export_model
+
+    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
+        raise KodeError(f"'{args.model}' is not a .keras model file")
+    sidecar = os.path.join(os.path.dirname(os.path.abspath(args.model)), "kode.json")
+    metadata = None
+    if os.path.isfile(sidecar):
+        with open(sidecar) as fh:
+            metadata = json.load(fh)
+    try:
+        model = keras.saving.load_model(args.model, compile=False)
+    except Exception as err:  # a corrupt archive raises zip, h5 or JSON errors alike
+        raise KodeError(f"'{args.model}' could not be loaded as a Keras model: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    name = args.name or (metadata or {}).get("model") or model.name
+    export = export_model(model, args.export_dir, name=name, version=args.version,
+                          metadata=metadata)
+    _print_export(export)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from kode.export import predict_files
+
+    for p in predict_files(args.savedmodel, args.files):
+        print(f"{p.file}\t{p.class_name}\t{p.probability:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kode", description="Residual networks as ODE integrators.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    models = sub.add_parser("models", help="list the zoo")
+    models.add_argument("pattern", nargs="?", default="*")
+    models.set_defaults(run=_cmd_models)
+
+    train = sub.add_parser("train", help="train a zoo model")
+    train.add_argument("model")
+    train.add_argument("--dataset", default="digits")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--schedule", choices=["step", "cosine", "constant"])
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--decay-lm-k", action="store_true",
+                       help="apply weight decay to LM's k_n too (the authors' code does)")
+    train.add_argument("--step-size", help="h: a number (1 = classic) or 'ode' for h = 1/N")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--logdir")
+    train.add_argument("--export", metavar="DIR", help="export a SavedModel under DIR")
+    train.add_argument("--data-dir")
+    train.add_argument("--manual-dir")
+    train.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="builder argument, e.g. width_multiplier=0.5 (repeatable)")
+    train.set_defaults(run=_cmd_train)
+
+    export = sub.add_parser("export", help="export a trained .keras model as a SavedModel")
+    export.add_argument("model", help="a .keras file written by `kode train`")
+    export.add_argument("--export-dir", default="saved_models")
+    export.add_argument("--name")
+    export.add_argument("--version", type=int)
+    export.set_defaults(run=_cmd_export)
+
+    predict = sub.add_parser("predict", help="classify image files with an exported SavedModel")
+    predict.add_argument("savedmodel")
+    predict.add_argument("files", nargs="+")
+    predict.set_defaults(run=_cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except KodeError as err:
+        print(f"kode: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kode: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Shared model tests that every zoo model passes (after keras-hub's test helpers).
+
+``reduced_overrides(name)`` shrinks a registered model to a size a CPU test can afford
+while keeping its family, layout, block kind and options; ``run_standard_model_checks``
+builds it, takes one fit step and round-trips it through ``.keras`` and a SavedModel.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+
+import zoo
+from kode.export import export_model
+
+REDUCED_CIFAR_INPUT = (8, 8, 3)
+REDUCED_IMAGENET_INPUT = (32, 32, 3)
+
+
+def reduced_overrides(name: str) -> dict:
+    """Builder overrides giving a small model of the same kind as ``name``."""
+    defaults = zoo.get_entry(name).defaults
+    depth, layout = defaults["depth"], defaults["layout"]
+    if layout == "cifar":
+        small = 11 if defaults.get("bottleneck") else (depth if depth <= 20 else 8)
+        return {"depth": small, "input_shape": REDUCED_CIFAR_INPUT}
+    small = 50 if depth >= 50 else 18
+    return {"depth": small, "input_shape": REDUCED_IMAGENET_INPUT, "classes": 10,
+            "width_multiplier": 1 / 16}
+
+
+def _batch(model: keras.Model, size: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shape = tuple(model.input_shape[1:])
+    x = rng.standard_normal((size, *shape)).astype("float32")
+    classes = model.output_shape[-1]
+    return x, np.arange(size) % classes
+
+
+def check_fit_step(model: keras.Model) -> None:
+    """One SGD step runs, gives a finite loss and changes the trainable weights."""
+    x, y = _batch(model)
+    before = [np.array(w) for w in model.trainable_weights]
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy",
+                  jit_compile=False)
+    loss = model.train_on_batch(x, y)
+    assert np.isfinite(loss), f"{model.name}: non-finite loss {loss}"
+    changed = sum(not np.array_equal(b, np.array(w))
+                  for b, w in zip(before, model.trainable_weights, strict=True))
+    assert changed >= len(before) // 2, f"{model.name}: only {changed}/{len(before)} weights moved"
+
+
+def check_keras_round_trip(model: keras.Model, directory: str) -> None:
+    x, _ = _batch(model, seed=1)
+    path = os.path.join(directory, f"{model.name}.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert type(restored) is type(model)
+    assert len(restored.weights) == len(model.weights)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0),
+                               atol=1e-6, err_msg=f"{model.name}: .keras round trip differs")
+
+
+def check_savedmodel_round_trip(model: keras.Model, directory: str) -> None:
+    x, _ = _batch(model, seed=2)
+    result = export_model(model, os.path.join(directory, "saved_models"), check_inputs=x)
+    assert result.max_abs_diff <= 1e-5, f"{model.name}: SavedModel differs {result.max_abs_diff}"
+    assert os.path.isfile(os.path.join(result.path, "saved_model.pb"))
+
+
+def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
+    """Build ``name`` (reduced), then: output shape and probabilities, one fit step,
+    ``.keras`` round trip, SavedModel round trip, and the headless feature extractor."""
+    overrides = {**reduced_overrides(name), **extra_overrides}
+    model = zoo.create_model(name, **overrides)
+    x, _ = _batch(model)
+    probs = model.predict(x, verbose=0)
+    classes = overrides.get("classes", zoo.get_entry(name).defaults.get("classes", 10))
+    assert probs.shape == (len(x), classes)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+    check_fit_step(model)
+    with tempfile.TemporaryDirectory() as directory:
+        check_keras_round_trip(model, directory)
+        check_savedmodel_round_trip(model, directory)
+    features = zoo.create_model(name, include_top=False, pooling="avg", **overrides)
+    assert len(features.output_shape) == 2
+    return model

@@ -1,0 +1,28 @@
+import pytest
+
+import zoo
+from kode.testing import run_standard_model_checks
+
+NAMES = zoo.list_models(family="lm_resnet")
+
+
+def test_family_is_registered():
+    assert len(NAMES) >= 12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_standard_model_checks(name):
+    run_standard_model_checks(name)
+
+
+def test_stochastic_depth_variants_use_paper_final_probability():
+    from kode.blocks import StochasticDepth
+
+    for name, p_last in (("lm_resnet56_sd", 0.8), ("lm_resnet110_sd", 0.5)):
+        model = zoo.create_model(name, input_shape=(8, 8, 3))
+        probs = [layer.survival_probability for layer in model._flatten_layers()
+                 if isinstance(layer, StochasticDepth)]
+        depth = zoo.get_entry(name).defaults["depth"]
+        assert len(probs) == (depth - 2) // 2
+        assert probs[-1] == pytest.approx(p_last)
+        assert all(a > b for a, b in zip(probs, probs[1:], strict=False))
