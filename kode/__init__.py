@@ -1,23 +1,41 @@
-"""kode: residual networks as ODE integrators, for Keras 3 / TensorFlow."""
+"""kode: residual networks as ODE integrators, for Keras 3 / TensorFlow.
 
-from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth
-from kode.errors import KodeError
-from kode.integrators import (
-    INTEGRATORS,
-    Euler,
-    Heun,
-    Integrator,
-    LinearMultistep,
-    Momentum,
-    ReversibleHeun,
-    get_integrator,
-)
-from kode.stage import IntegratorStage, TransitionBlock
+Names are imported lazily so that ``kode`` (the CLI) can configure TensorFlow's logging
+before TensorFlow loads.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "INTEGRATORS", "BasicBlock", "Bottleneck", "Euler", "Heun", "Integrator", "IntegratorStage",
-    "KodeError", "LinearMultistep", "Momentum", "Projection", "ReversibleHeun", "StochasticDepth",
-    "TransitionBlock", "get_integrator",
-]
+_EXPORTS = {
+    "BasicBlock": "kode.blocks",
+    "Bottleneck": "kode.blocks",
+    "Projection": "kode.blocks",
+    "StochasticDepth": "kode.blocks",
+    "KodeError": "kode.errors",
+    "INTEGRATORS": "kode.integrators",
+    "Integrator": "kode.integrators",
+    "Euler": "kode.integrators",
+    "Heun": "kode.integrators",
+    "LinearMultistep": "kode.integrators",
+    "Momentum": "kode.integrators",
+    "ReversibleHeun": "kode.integrators",
+    "get_integrator": "kode.integrators",
+    "IntegratorStage": "kode.stage",
+    "TransitionBlock": "kode.stage",
+    "train": "kode.training",
+    "export_model": "kode.export",
+    "predict_files": "kode.export",
+    "load_dataset": "kode.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kode' has no attribute '{name}'")

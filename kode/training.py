@@ -178,7 +178,7 @@ def train(
     if export_dir is not None:
         from kode.export import check_export_dir
 
-        check_export_dir(export_dir)
+        check_export_dir(export_dir, model_name)
 
     keras.utils.set_random_seed(seed)
     train_ds, test_ds, info = load_dataset(
@@ -205,7 +205,8 @@ def train(
         keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=0, write_graph=False),
     ]
     history = model.fit(
-        train_ds, validation_data=test_ds, epochs=epochs, callbacks=callbacks, verbose=verbose
+        train_ds, validation_data=test_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
+        shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
     )
     evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
     test_metrics = {k: float(v) for k, v in evaluation.items()}

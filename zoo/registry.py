@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -44,20 +45,20 @@ def register_model(name: str, family: str, builder: Callable[..., keras.Model], 
 def get_entry(name: str) -> ModelEntry:
     """The entry for ``name``, or a :class:`KodeError` suggesting the closest names."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.6)
+        close = _closest(str(name))
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `kode models`"
         raise KodeError(f"unknown model '{name}'{hint}")
     return _REGISTRY[name]
 
 
-def create_model(name: str, **overrides) -> keras.Model:
-    """Build the registered model ``name``; ``overrides`` replace its default arguments,
-    e.g. ``create_model("lm_resnet56", classes=100, step_size="ode")``."""
-    entry = get_entry(name)
+def create_model(model_name: str, /, **overrides) -> keras.Model:
+    """Build the registered model ``model_name``; ``overrides`` replace its default arguments,
+    e.g. ``create_model("lm_resnet56", classes=100, step_size="ode", name="mine")``."""
+    entry = get_entry(model_name)
     try:
         return entry.builder(**entry.config(**overrides))
     except TypeError as err:
-        raise KodeError(f"{name}: {err}") from None
+        raise KodeError(f"{model_name}: {err}") from None
 
 
 def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
@@ -73,6 +74,17 @@ def list_families() -> list[str]:
 
 
 def _natural_key(name: str):
-    import re
-
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _closest(name: str, n: int = 3) -> list[str]:
+    """Most similar names; among equally similar ones, the nearest depth first."""
+    depth = re.findall(r"\d+", name)
+
+    def distance(candidate: str) -> float:
+        other = re.findall(r"\d+", candidate)
+        return abs(int(depth[0]) - int(other[0])) if depth and other else 0
+
+    scored = [(difflib.SequenceMatcher(None, name, c).ratio(), c) for c in _REGISTRY]
+    good = [(round(r, 3), c) for r, c in scored if r >= 0.6]
+    return [c for _, c in sorted(good, key=lambda rc: (-rc[0], distance(rc[1])))[:n]]
