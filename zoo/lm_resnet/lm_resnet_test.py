@@ -24,5 +24,5 @@ def test_stochastic_depth_variants_use_paper_final_probability():
                  if isinstance(layer, StochasticDepth)]
         depth = zoo.get_entry(name).defaults["depth"]
         blocks = (depth - 2) // 2
-        expected = [1 - l / blocks * (1 - p_last) for l in range(1, blocks + 1)]
+        expected = [1 - b / blocks * (1 - p_last) for b in range(1, blocks + 1)]
         assert sorted(probs, reverse=True) == pytest.approx(expected)
