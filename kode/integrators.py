@@ -63,6 +63,11 @@ class Integrator:
     ) -> State:
         raise NotImplementedError(f"integrator '{self.name}' has no reversal")
 
+    def reverse_replays(self, n: int) -> int:
+        """The forward step (−1: ``init_state``) that first evaluated the functions that
+        ``reverse_step(n)`` evaluates, whose random draws the reversal must repeat."""
+        return n
+
     @property
     def reversible(self) -> bool:
         return self.reversal != NO_REVERSAL
@@ -241,6 +246,9 @@ class ReversibleHeun(_FunctionsOnGrid):
         z_next = 2.0 * y - z + h * fz
         fz_next = self._next(fns, n)(z_next)
         return (y + 0.5 * h * (fz + fz_next), z_next, fz_next)
+
+    def reverse_replays(self, n):
+        return n - 1  # f_n(z_n) was evaluated by step n−1 (or by init_state for n = 0)
 
     def reverse_step(self, n, state, fns, h, params):
         y_next, z_next, fz_next = state

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
+from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, integrate
 from kode.integrators import Integrator, get_integrator, serialize_integrator
 
 _PACKAGE = "kode"
@@ -40,7 +41,9 @@ class IntegratorStage(layers.Layer):
     """N residual functions f_0…f_{N−1} integrated by one integrator with step size h.
 
     Input: x, or [x, x_prev] when the integrator uses a history (LM after a transition).
-    Output: x_N (same shape as x).
+    Output: x_N (same shape as x). ``gradient`` chooses how training differentiates the
+    stage: "backprop", "checkpoint" (O(√N) states) or "adjoint" (O(1) states, rebuilt by
+    the integrator's reverse step; see :mod:`kode.gradients`).
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class IntegratorStage(layers.Layer):
         integrator: str | dict | Integrator = "euler",
         step_size: float | str = 1.0,
         horizon: float = 1.0,
+        gradient: str = BACKPROP,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -65,7 +69,17 @@ class IntegratorStage(layers.Layer):
         self.step_size_spec = step_size
         self.horizon = float(horizon)
         self.h = resolve_step_size(step_size, self.num_steps, horizon)
+        self.gradient = gradient
         self.integrator_variables: list = []
+
+    @property
+    def gradient(self) -> str:
+        return self._gradient
+
+    @gradient.setter
+    def gradient(self, mode: str) -> None:
+        # Takes effect for the next traced train step (recompile a compiled model).
+        self._gradient = check_gradient_mode(mode, self.integrator.reversal, self.integrator.name)
 
     def build(self, input_shape):
         has_history = isinstance(input_shape, (list, tuple)) and isinstance(
@@ -89,13 +103,25 @@ class IntegratorStage(layers.Layer):
         """The residual functions as x ↦ f_n(x) callables with ``training`` bound."""
         return [lambda x, f=f: f(x, training=training) for f in self.residual_functions]
 
+    def dynamics(self, training=None) -> Dynamics:
+        """This stage as init/step/reverse callables for :func:`kode.gradients.integrate`."""
+        fns = self.residual_callables(training)
+        integrator, h, params = self.integrator, self.h, self.integrator_variables
+        return Dynamics(
+            init=lambda x, history: integrator.init_state(x, history, fns, h),
+            step=lambda n, state: integrator.step(n, state, fns, h, params),
+            output=integrator.output,
+            num_steps=self.num_steps,
+            reverse_step=(lambda n, state: integrator.reverse_step(n, state, fns, h, params))
+            if integrator.reversible else None,
+            rng_variables=[v for v in self.non_trainable_variables if "int" in str(v.dtype)],
+            reverse_replays=integrator.reverse_replays,
+        )
+
     def call(self, inputs, training=None):
         x, history = _split_inputs(inputs)
-        fns = self.residual_callables(training)
-        state = self.integrator.init_state(x, history, fns, self.h)
-        for n in range(self.num_steps):
-            state = self.integrator.step(n, state, fns, self.h, self.integrator_variables)
-        return self.integrator.output(state)
+        mode = self.gradient if training else BACKPROP
+        return integrate(self.dynamics(training), x, history, mode)
 
     def compute_output_shape(self, input_shape):
         if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
@@ -111,6 +137,7 @@ class IntegratorStage(layers.Layer):
             "integrator": serialize_integrator(self.integrator),
             "step_size": self.step_size_spec,
             "horizon": self.horizon,
+            "gradient": self.gradient,
         }
 
     @classmethod

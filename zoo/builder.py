@@ -17,6 +17,7 @@ from keras import layers
 
 from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
 from kode.errors import KodeError
+from kode.gradients import check_gradient_mode
 from kode.integrators import Integrator, get_integrator
 from kode.stage import IntegratorStage, TransitionBlock
 from zoo.registry import register_model
@@ -125,12 +126,15 @@ def integrator_resnet(
     final_survival_probability: float | None = None,
     zero_init: bool = False,
     integrator_config: dict | None = None,
+    gradient: str = "backprop",
 ) -> keras.Model:
     """Build stem → stages → head with every stage integrated by ``integrator``.
 
     ``step_size`` is h (1 = classic ResNet) or ``"ode"`` for h = horizon/N per stage.
     ``final_survival_probability`` p_L turns on LM stochastic depth: block l of L survives
     with p_l = 1 − (l/L)(1 − p_L). ``groups``/``group_width`` make ResNeXt bottlenecks.
+    ``gradient`` ("backprop" | "checkpoint" | "adjoint") is how every stage is differentiated
+    in training; transitions always backpropagate (they are not invertible).
     """
     spec = resolve_layout(layout, depth, bottleneck)
     shape = _check_input_shape(input_shape, layout)
@@ -139,6 +143,7 @@ def integrator_resnet(
         integrator = get_integrator(integrator, **(integrator_config or {}))
     except (TypeError, ValueError) as err:
         raise KodeError(str(err)) from None
+    check_gradient_mode(gradient, integrator.reversal, integrator.name)
     if not width_multiplier > 0:
         raise KodeError(f"width_multiplier must be positive, got {width_multiplier}")
     if final_survival_probability is not None and not 0 < final_survival_probability <= 1:
@@ -189,7 +194,8 @@ def integrator_resnet(
         if remaining:
             fns = [residual_function(out_channels, s, 1, f"stage{s + 1}_f{i}")
                    for i in range(remaining)]
-            stage = IntegratorStage(fns, integrator, step_size, horizon, name=f"stage{s + 1}")
+            stage = IntegratorStage(fns, integrator, step_size, horizon, gradient,
+                                    name=f"stage{s + 1}")
             x = stage([x, history] if history is not None and integrator.uses_history else x)
         channels = out_channels
 
