@@ -54,14 +54,14 @@ def _cmd_models(args) -> int:
 def _cmd_train(args) -> int:
     from kode.training import train
 
-    options = _parse_options(args.option)
-    if args.step_size is not None:
-        options["step_size"] = "ode" if args.step_size == "ode" else float(args.step_size)
+    options = _model_options(args)
     result = train(
         args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         schedule=args.schedule, weight_decay=args.weight_decay, decay_lm_k=args.decay_lm_k,
         seed=args.seed, logdir=args.logdir, export_dir=args.export, data_dir=args.data_dir,
-        manual_dir=args.manual_dir, model_options=options,
+        manual_dir=args.manual_dir, model_options=options, gradient=args.gradient,
+        guard_tolerance=args.guard_tolerance, guard_every=args.guard_every,
+        on_inaccurate=args.on_inaccurate,
         verbose=1 if sys.stdout.isatty() else 2,
     )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
@@ -70,6 +70,40 @@ def _cmd_train(args) -> int:
     print(f"model: {result.model_path}; metrics: {result.metrics_path}")
     if result.export is not None:
         _print_export(result.export)
+    return 0
+
+
+def _model_options(args) -> dict:
+    options = _parse_options(args.option)
+    if args.step_size is not None:
+        try:
+            options["step_size"] = "ode" if args.step_size == "ode" else float(args.step_size)
+        except ValueError:
+            raise KodeError(f"--step-size takes a number or 'ode': {args.step_size!r}") from None
+    return options
+
+
+def _cmd_check_gradients(args) -> int:
+    import zoo
+    from kode.data import load_dataset
+    from kode.guard import check_gradients, check_tolerance
+
+    tolerance = check_tolerance(args.tolerance)
+    zoo.get_entry(args.model)
+    train_ds, _, info = load_dataset(args.dataset, batch_size=args.batch_size,
+                                     data_dir=args.data_dir)
+    model = zoo.create_model(args.model, input_shape=info.input_shape,
+                             classes=info.num_classes, weights=args.weights,
+                             **_model_options(args))
+    x, y = next(iter(train_ds))
+    report = check_gradients(model, x, y)
+    print(report.format())
+    bad = report.inaccurate(tolerance)
+    if bad:
+        print(f"inaccurate above tolerance {tolerance:g}: {', '.join(s.name for s in bad)} "
+              "(use gradient 'checkpoint', or step_size 'ode' with smooth weights)")
+        return 1
+    print(f"all stages within tolerance {tolerance:g}")
     return 0
 
 
@@ -137,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--manual-dir")
     train.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="builder argument, e.g. width_multiplier=0.5 (repeatable)")
+    train.add_argument("--gradient", default="backprop",
+                       choices=["backprop", "checkpoint", "adjoint"],
+                       help="how stages are differentiated (adjoint: memory-free)")
+    train.add_argument("--guard-tolerance", type=float, default=0.05,
+                       help="largest accepted relative adjoint gradient error")
+    train.add_argument("--guard-every", type=int, metavar="K",
+                       help="re-check the adjoint every K epochs (default: at start only)")
+    train.add_argument("--on-inaccurate", choices=["stop", "fallback"], default="stop",
+                       help="above tolerance: stop, or switch those stages to checkpoint")
     train.set_defaults(run=_cmd_train)
+
+    check = sub.add_parser("check-gradients",
+                           help="adjoint vs backprop gradient error per stage, on one batch")
+    check.add_argument("model")
+    check.add_argument("--dataset", default="digits")
+    check.add_argument("--data-dir")
+    check.add_argument("--batch-size", type=int, default=32)
+    check.add_argument("--step-size", help="h: a number or 'ode'")
+    check.add_argument("--weights", help="a .keras or .weights.h5 file to check instead of init")
+    check.add_argument("--tolerance", type=float, default=0.05)
+    check.add_argument("--option", action="append", metavar="KEY=VALUE")
+    check.set_defaults(run=_cmd_check_gradients)
 
     export = sub.add_parser("export", help="export a trained .keras model as a SavedModel")
     export.add_argument("model", help="a .keras file written by `kode train`")

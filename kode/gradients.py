@@ -191,14 +191,19 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
 
 
 def reconstruction_error(dynamics: Dynamics, x, history=None) -> float:
-    """max |x_0 − rebuilt x_0| / max |x_0| after N steps forward and N reverse steps."""
+    """max |x_0 − x̂_0| / max |x_0|, x̂_0 rebuilt by N reverse steps from the forward's x_N.
+
+    Runs without lasting updates (BN statistics, generator states) and with every random
+    generator replayed from the same state forward and backward.
+    """
     if dynamics.reverse_step is None:
         return float("nan")
-    state = dynamics.init(x, history)
+    rng = _snapshot(dynamics.rng_variables)
+    state = _replay(dynamics, rng, lambda: dynamics.init(x, history))
     for n in range(dynamics.num_steps):
-        state = dynamics.step(n, state)
+        state = _replay(dynamics, rng, lambda s=state, n=n: dynamics.step(n, s))
     for n in reversed(range(dynamics.num_steps)):
-        state = dynamics.reverse_step(n, state)
+        state = _replay(dynamics, rng, lambda s=state, n=n: dynamics.reverse_step(n, s))
     rebuilt = dynamics.output(state)
     return float(tf.reduce_max(tf.abs(rebuilt - x)) / (tf.reduce_max(tf.abs(x)) + 1e-30))
 

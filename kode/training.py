@@ -147,12 +147,20 @@ def train(
     manual_dir: str | None = None,
     augment: bool | None = None,
     model_options: dict | None = None,
+    gradient: str = "backprop",
+    guard_tolerance: float = 0.05,
+    guard_every: int | None = None,
+    on_inaccurate: str = "stop",
     verbose: str | int = "auto",
 ) -> TrainResult:
     """Train ``model_name`` from the zoo on ``dataset`` with the dataset's recipe, overridable.
 
     Writes TensorBoard logs, ``model.keras``, ``kode.json`` and ``metrics.json`` to ``logdir``;
     with ``export_dir`` also a verified SavedModel ``export_dir/<model>/<version>``.
+    ``gradient`` ("backprop" | "checkpoint" | "adjoint") sets every stage's gradient mode; with
+    "adjoint" the :class:`~kode.guard.GradientGuard` measures the adjoint's gradient error
+    at the start (and every ``guard_every`` epochs) and, above ``guard_tolerance``, stops or
+    falls back to "checkpoint" (``on_inaccurate``).
     """
     if dataset not in RECIPES:
         # load_dataset gives the canonical message for unknown names.
@@ -172,6 +180,9 @@ def train(
     if schedule not in SCHEDULES:
         raise KodeError(f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
     zoo.get_entry(model_name)  # unknown names fail before any data is touched
+    from kode.guard import GradientGuard, check_tolerance
+
+    check_tolerance(guard_tolerance)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logdir = logdir or os.path.join("runs", f"{model_name}-{dataset}-{stamp}")
     _prepare_logdir(logdir)
@@ -187,7 +198,7 @@ def train(
     )
     model = zoo.create_model(
         model_name, input_shape=info.input_shape, classes=info.num_classes,
-        **(model_options or {}),
+        **{"gradient": gradient, **(model_options or {})},
     )
     steps_per_epoch = math.ceil(info.train_size / batch_size)
     optimizer = make_optimizer(
@@ -204,6 +215,12 @@ def train(
         _LearningRateLogger(),
         keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=0, write_graph=False),
     ]
+    guard = None
+    if gradient == "adjoint":
+        x_check, y_check = next(iter(train_ds))
+        guard = GradientGuard(x_check[:32], y_check[:32], guard_tolerance, guard_every,
+                              on_inaccurate)
+        callbacks.insert(0, guard)
     history = model.fit(
         train_ds, validation_data=test_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
         shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
@@ -215,6 +232,7 @@ def train(
         "model": model_name, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "schedule": schedule, "weight_decay": weight_decay, "momentum": momentum,
         "decay_lm_k": decay_lm_k, "seed": seed, "model_options": model_options or {},
+        "gradient": gradient, "gradient_guard": guard.reports if guard else None,
         "dataset_info": asdict(info),
     }
     model_path = os.path.join(logdir, "model.keras")
