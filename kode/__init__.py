@@ -1,41 +1,46 @@
 """kode: residual networks as ODE integrators, for Keras 3 / TensorFlow.
 
-Names are imported lazily so that ``kode`` (the CLI) can configure TensorFlow's logging
-before TensorFlow loads.
+Importing ``kode`` registers its Keras layers, so ``keras.saving.load_model`` can read kode
+models after ``import kode``.
 """
 
-from __future__ import annotations
+from kode._tensorflow import import_tensorflow_quietly
 
-import importlib
+import_tensorflow_quietly()
+
+from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth  # noqa: E402
+from kode.errors import KodeError  # noqa: E402
+from kode.gradients import GRADIENT_MODES, set_gradient_mode  # noqa: E402
+from kode.integrators import (  # noqa: E402
+    INTEGRATORS,
+    Euler,
+    Heun,
+    Integrator,
+    LinearMultistep,
+    Momentum,
+    ReversibleHeun,
+    get_integrator,
+)
+from kode.stage import IntegratorStage, TransitionBlock  # noqa: E402
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "BasicBlock": "kode.blocks",
-    "Bottleneck": "kode.blocks",
-    "Projection": "kode.blocks",
-    "StochasticDepth": "kode.blocks",
-    "KodeError": "kode.errors",
-    "INTEGRATORS": "kode.integrators",
-    "Integrator": "kode.integrators",
-    "Euler": "kode.integrators",
-    "Heun": "kode.integrators",
-    "LinearMultistep": "kode.integrators",
-    "Momentum": "kode.integrators",
-    "ReversibleHeun": "kode.integrators",
-    "get_integrator": "kode.integrators",
-    "IntegratorStage": "kode.stage",
-    "TransitionBlock": "kode.stage",
-    "train": "kode.training",
-    "export_model": "kode.export",
-    "predict_files": "kode.export",
-    "load_dataset": "kode.data",
-}
+__all__ = [
+    "GRADIENT_MODES", "INTEGRATORS", "BasicBlock", "Bottleneck", "Euler", "Heun", "Integrator",
+    "IntegratorStage", "KodeError", "LinearMultistep", "Momentum", "Projection",
+    "ReversibleHeun", "StochasticDepth", "TransitionBlock", "export_model", "get_integrator",
+    "check_gradients", "load_dataset", "predict_files", "set_gradient_mode", "train",
+]
 
-__all__ = sorted(_EXPORTS)
+_LAZY = {"train": "kode.training", "export_model": "kode.export",
+         "predict_files": "kode.export", "load_dataset": "kode.data",
+         "check_gradients": "kode.guard"}
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    # Training, data and export pull in tfds and the zoo: load them on first use.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kode' has no attribute '{name}'")

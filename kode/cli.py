@@ -115,7 +115,6 @@ def _print_export(export) -> None:
 def _cmd_export(args) -> int:
     import keras
 
-    import kode.stage  # noqa: F401  (registers kode's layers before loading)
     from kode.export import export_model
 
     if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
@@ -208,26 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up banner (written to fd 2 before absl's logging
-    is initialised, so TF_CPP_MIN_LOG_LEVEL cannot silence it) sent to /dev/null."""
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import keras  # noqa: F401
-        import tensorflow as tf
-
-        tf.constant(0.0) + 1.0  # the CPU feature banner comes with the first op
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def main(argv: list[str] | None = None) -> int:
-    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        _import_tensorflow_quietly()
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)

@@ -113,6 +113,8 @@ def check_gradients(
         measured = _gradients(model, loss_fn, x, y)
         _restore(model, saved_state)
         stage_inputs = keras.Model(model.inputs, [s.input for s in stages])(x, training=True)
+        if len(stages) == 1:  # a one-output model returns its output unwrapped
+            stage_inputs = [stage_inputs]
         _restore(model, saved_state)
     finally:
         for s, m in zip(stages, saved_modes, strict=True):

@@ -170,3 +170,46 @@ def test_bad_gradient_modes():
     stage = _stage("euler", "backprop")
     with pytest.raises(ValueError, match="unknown gradient mode"):
         stage.gradient = "magic"
+
+
+def test_guard_reports_exact_and_inaccurate_stages():
+    import zoo
+    from kode.guard import check_gradients
+
+    x = np.random.default_rng(0).standard_normal((8, 8, 8, 1)).astype("float32")
+    y = np.arange(8) % 10
+    exact = check_gradients(zoo.create_model("revheun_resnet20", input_shape=(8, 8, 1)), x, y)
+    assert [s.name for s in exact.stages] == ["stage1", "stage2", "stage3"]
+    assert exact.max_error < 1e-4 and all(s.reconstruction_error < 1e-4 for s in exact.stages)
+    model = zoo.create_model("resnet20", input_shape=(8, 8, 1))  # h = 1, i.i.d. weights
+    before = [np.array(v) for v in model.non_trainable_variables]
+    classic = check_gradients(model, x, y)
+    assert classic.max_error > 0.05 and "stage1" in classic.format()
+    for b, v in zip(before, model.non_trainable_variables, strict=True):
+        np.testing.assert_array_equal(b, np.array(v))  # BN statistics left as found
+    assert all(s.gradient == "backprop" for s in model._flatten_layers() if hasattr(s, "h"))
+
+
+def test_guard_stops_or_falls_back(tmp_path):
+    from kode.training import train
+
+    with pytest.raises(KodeError, match="inaccurate"):
+        train("resnet20", epochs=1, gradient="adjoint", logdir=str(tmp_path / "a"),
+              model_options={"depth": 8}, verbose=0)
+    result = train("resnet20", epochs=1, gradient="adjoint", on_inaccurate="fallback",
+                   logdir=str(tmp_path / "b"), model_options={"depth": 8}, verbose=0)
+    modes = {s.name: s.gradient for s in result.model._flatten_layers() if hasattr(s, "h")}
+    assert set(modes.values()) == {"checkpoint"}
+    assert result.config["gradient_guard"][0]["action"] == "fallback"
+    with pytest.raises(KodeError, match="tolerance"):
+        train("resnet20", epochs=1, gradient="adjoint", guard_tolerance=0.0,
+              logdir=str(tmp_path / "c"))
+
+
+def test_adjoint_trains_in_fit_with_an_exact_integrator(tmp_path):
+    from kode.training import train
+
+    result = train("revheun_resnet20", epochs=2, gradient="adjoint", logdir=str(tmp_path),
+                   model_options={"depth": 8}, verbose=0)
+    assert result.config["gradient_guard"][0]["max_error"] < 1e-4
+    assert result.history["loss"][1] < result.history["loss"][0]
