@@ -88,3 +88,19 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     features = zoo.create_model(name, include_top=False, pooling="avg", **overrides)
     assert len(features.output_shape) == 2
     return model
+
+
+def family_model_tests(family: str):
+    """The shared pytest tests of one family: ``test_registered, test_models = …``."""
+    import pytest
+
+    names = zoo.list_models(family=family)
+
+    def test_family_is_registered():
+        assert len(names) >= 12, names
+
+    @pytest.mark.parametrize("name", names)
+    def test_standard_model_checks(name):
+        run_standard_model_checks(name)
+
+    return test_family_is_registered, test_standard_model_checks

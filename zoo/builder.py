@@ -8,6 +8,7 @@ bottleneck, widths 16/32/64) and ImageNet (18/34 basic, 50/101/152 bottleneck).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -222,33 +223,14 @@ IMAGENET_DEPTHS = tuple(IMAGENET_STAGES)
 def family_builder(family: str, integrator: str, summary: str) -> Callable[..., keras.Model]:
     """A keras.applications-style builder for one family (one integrator)."""
 
-    def build(
-        depth: int = 20,
-        *,
-        include_top: bool = True,
-        weights: str | None = None,
-        input_shape: tuple[int, int, int] | None = None,
-        pooling: str | None = None,
-        classes: int = 10,
-        classifier_activation: str | None = "softmax",
-        name: str | None = None,
-        layout: str = "cifar",
-        **options,
-    ) -> keras.Model:
-        return integrator_resnet(
-            integrator,
-            depth,
-            layout=layout,
-            include_top=include_top,
-            weights=weights,
-            input_shape=input_shape,
-            pooling=pooling,
-            classes=classes,
-            classifier_activation=classifier_activation,
-            name=name or f"{family}{depth}",
-            **options,
-        )
+    def build(depth: int = 20, **kwargs) -> keras.Model:
+        kwargs["name"] = kwargs.get("name") or f"{family}{depth}"
+        return integrator_resnet(integrator, depth, **kwargs)
 
+    # The same keras.applications-style signature as integrator_resnet, minus the integrator.
+    signature = inspect.signature(integrator_resnet)
+    depth, *rest = list(signature.parameters.values())[1:]
+    build.__signature__ = signature.replace(parameters=[depth.replace(default=20), *rest])
     build.__name__ = build.__qualname__ = family
     build.__doc__ = (
         f"{summary}\n\nArguments as keras.applications (include_top, weights=None|path, "

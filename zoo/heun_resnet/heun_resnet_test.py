@@ -1,15 +1,3 @@
-import pytest
+from kode.testing import family_model_tests
 
-import zoo
-from kode.testing import run_standard_model_checks
-
-NAMES = zoo.list_models(family="heun_resnet")
-
-
-def test_family_is_registered():
-    assert len(NAMES) >= 12
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_standard_model_checks(name):
-    run_standard_model_checks(name)
+test_family_is_registered, test_standard_model_checks = family_model_tests("heun_resnet")

@@ -1,18 +1,9 @@
 import pytest
 
 import zoo
-from kode.testing import run_standard_model_checks
+from kode.testing import family_model_tests
 
-NAMES = zoo.list_models(family="lm_resnet")
-
-
-def test_family_is_registered():
-    assert len(NAMES) >= 12
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_standard_model_checks(name):
-    run_standard_model_checks(name)
+test_family_is_registered, test_standard_model_checks = family_model_tests("lm_resnet")
 
 
 def test_stochastic_depth_variants_use_paper_final_probability():
