@@ -49,16 +49,23 @@ class Dynamics:
     reverse_replays: Callable[[int], int] = lambda n: n
 
 
-def check_gradient_mode(mode: str, reversal: str, integrator_name: str) -> str:
-    """Validate ``mode`` for an integrator whose reversal is ``reversal``."""
+def check_gradient_mode(mode: str, integrator, num_steps: int | None = None) -> str:
+    """Validate ``mode`` for ``integrator`` (and a stage of ``num_steps`` steps)."""
     if mode not in GRADIENT_MODES:
         raise KodeError(
             f"unknown gradient mode '{mode}'; choose one of {', '.join(GRADIENT_MODES)}"
         )
-    if mode == ADJOINT and reversal == "none":
+    if mode == ADJOINT and not integrator.reversible:
         raise KodeError(
-            f"gradient='adjoint' needs a reversible integrator; '{integrator_name}' has no "
+            f"gradient='adjoint' needs a reversible integrator; '{integrator.name}' has no "
             "stable reversal (LM's exact inverse divides by k_n): use gradient='checkpoint'"
+        )
+    limit = integrator.max_adjoint_steps
+    if mode == ADJOINT and num_steps is not None and limit is not None and num_steps > limit:
+        raise KodeError(
+            f"gradient='adjoint' on a {num_steps}-step {integrator!r} stage would amplify "
+            f"rounding beyond 1e-4 (limit {limit} steps): use gradient='checkpoint', fewer "
+            "steps per stage, or a gamma closer to 1"
         )
     return mode
 

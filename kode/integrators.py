@@ -17,6 +17,7 @@ trainable variables, created by ``create_variables`` through the stage layer (on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -38,6 +39,9 @@ class Integrator:
     reversal: ClassVar[str] = NO_REVERSAL
     #: True when the scheme needs x_{n-1} (LM): a transition then hands over P(x_n).
     uses_history: ClassVar[bool] = False
+    #: Steps per stage beyond which the reversal's float32 rounding growth makes the adjoint
+    #: inaccurate (None: no limit).
+    max_adjoint_steps: int | None = None
 
     def num_steps(self, num_functions: int) -> int:
         """Steps taken by a stage holding ``num_functions`` residual functions."""
@@ -208,6 +212,10 @@ class Momentum(Integrator):
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"momentum gamma must be in (0, 1), got {gamma}")
         self.gamma = gamma
+        # Each reverse step divides by γ: float32 rounding (~1e-7) grows like γ^-N. Measured
+        # (dense tanh stage, γ = 0.9): relative gradient error 4e-6 at N = 32, 4e-4 at N = 64.
+        # Allow γ^-N ≤ 100, i.e. ~1e-5 error: N ≤ 43 for γ = 0.9, 458 for γ = 0.99.
+        self.max_adjoint_steps = int(math.log(100.0) / math.log(1.0 / gamma))
 
     def init_state(self, x, history, fns, h):
         return (x, keras.ops.zeros_like(x))

@@ -79,7 +79,7 @@ class IntegratorStage(layers.Layer):
     @gradient.setter
     def gradient(self, mode: str) -> None:
         # Takes effect for the next traced train step (recompile a compiled model).
-        self._gradient = check_gradient_mode(mode, self.integrator.reversal, self.integrator.name)
+        self._gradient = check_gradient_mode(mode, self.integrator, self.num_steps)
 
     def build(self, input_shape):
         has_history = isinstance(input_shape, (list, tuple)) and isinstance(

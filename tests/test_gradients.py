@@ -213,3 +213,20 @@ def test_adjoint_trains_in_fit_with_an_exact_integrator(tmp_path):
                    model_options={"depth": 8}, verbose=0)
     assert result.config["gradient_guard"][0]["max_error"] < 1e-4
     assert result.history["loss"][1] < result.history["loss"][0]
+
+
+def test_momentum_adjoint_depth_limit_is_enforced_and_accurate_below_it():
+    def dense_stage(n, gamma, mode):
+        keras.utils.set_random_seed(0)
+        fns = [keras.layers.Dense(8, activation="tanh") for _ in range(n)]
+        return IntegratorStage(fns, {"name": "momentum", "config": {"gamma": gamma}},
+                               gradient=mode)
+
+    with pytest.raises(KodeError, match="limit 43 steps"):
+        dense_stage(64, 0.9, "adjoint")
+    x = _x((16, 8))
+    ref, adj = dense_stage(64, 0.95, "backprop"), dense_stage(64, 0.95, "adjoint")
+    ref(x)
+    adj(x)
+    adj.set_weights(ref.get_weights())
+    assert _rel_err(_grads(adj, x), _grads(ref, x)) <= 1e-4

@@ -144,7 +144,7 @@ def integrator_resnet(
         integrator = get_integrator(integrator, **(integrator_config or {}))
     except (TypeError, ValueError) as err:
         raise KodeError(str(err)) from None
-    check_gradient_mode(gradient, integrator.reversal, integrator.name)
+    check_gradient_mode(gradient, integrator)
     if not width_multiplier > 0:
         raise KodeError(f"width_multiplier must be positive, got {width_multiplier}")
     if final_survival_probability is not None and not 0 < final_survival_probability <= 1:
