@@ -1,4 +1,4 @@
-"""The ``kode`` command: models, train, export, predict.
+"""The ``kode`` command: models, train, tune, check-gradients, export, predict.
 
 Bad input prints one line ``kode: error: …`` and exits with code 2, never a traceback.
 """
@@ -63,11 +63,42 @@ def _cmd_train(args) -> int:
         guard_tolerance=args.guard_tolerance, guard_every=args.guard_every,
         on_inaccurate=args.on_inaccurate,
         verbose=1 if sys.stdout.isatty() else 2,
+        strategy=args.strategy, devices=args.devices, connect_timeout=args.connect_timeout,
+        tpu=args.tpu, precision=args.precision, sync_batchnorm=args.sync_batchnorm,
+        resume=not args.no_resume, deterministic=args.deterministic,
+        diagnostics=not args.no_diagnostics,
     )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
     print(f"test: {metrics}")
     print(f"logs: {result.logdir} (tensorboard --logdir {result.logdir})")
     print(f"model: {result.model_path}; metrics: {result.metrics_path}")
+    if result.export is not None:
+        _print_export(result.export)
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from kode.tuning import tune
+
+    depths = None
+    if args.depths:
+        try:
+            depths = [int(d) for d in args.depths.split(",")]
+        except ValueError:
+            raise KodeError(f"--depths takes integers separated by commas: {args.depths!r}") \
+                from None
+    result = tune(
+        args.family, args.dataset, tuner=args.tuner, max_trials=args.max_trials,
+        epochs=args.epochs, batch_size=args.batch_size, depths=depths,
+        validation_fraction=args.validation_fraction, seed=args.seed, directory=args.logdir,
+        export_dir=args.export, data_dir=args.data_dir, overwrite=args.overwrite,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    print(f"best trial {result.best_trial_id}: val_accuracy {result.best_score:.4f}")
+    print("best hyper-parameters: " + json.dumps(result.best_hyperparameters, sort_keys=True))
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
+    print(f"test: {metrics}")
+    print(f"logs: {result.directory} (tensorboard --logdir {result.tensorboard_dir})")
     if result.export is not None:
         _print_export(result.export)
     return 0
@@ -179,7 +210,46 @@ def build_parser() -> argparse.ArgumentParser:
                        help="re-check the adjoint every K epochs (default: at start only)")
     train.add_argument("--on-inaccurate", choices=["stop", "fallback"], default="stop",
                        help="above tolerance: stop, or switch those stages to checkpoint")
+    train.add_argument("--strategy", default="default",
+                       choices=["default", "mirrored", "multiworker", "tpu"],
+                       help="tf.distribute strategy (multiworker reads TF_CONFIG)")
+    train.add_argument("--devices", type=int, metavar="N",
+                       help="mirrored: split the CPU into N logical devices (replicas)")
+    train.add_argument("--connect-timeout", type=float, metavar="S",
+                       help="multiworker: seconds to wait for the other workers (default 60)")
+    train.add_argument("--tpu", metavar="NAME", help="tpu: TPU name or grpc://HOST:PORT")
+    train.add_argument("--precision", default="float32",
+                       choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    train.add_argument("--sync-batchnorm", action="store_true",
+                       help="BatchNorm statistics over the global batch (all replicas)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="ignore checkpoints of an interrupted run in --logdir")
+    train.add_argument("--deterministic", action="store_true",
+                       help="deterministic TensorFlow ops (bitwise reproducible runs/resumes)")
+    train.add_argument("--no-diagnostics", action="store_true",
+                       help="skip the TensorBoard diagnostics (k_n, residual sizes, images/s)")
     train.set_defaults(run=_cmd_train)
+
+    tune = sub.add_parser("tune", help="search hyper-parameters with KerasTuner")
+    tune.add_argument("family", help="a zoo family (resnet, lm_resnet, ...), a comma-separated "
+                      "list of families, or 'all'")
+    tune.add_argument("--dataset", default="digits")
+    tune.add_argument("--data-dir")
+    tune.add_argument("--tuner", choices=["random", "bayesian", "hyperband"], default="random")
+    tune.add_argument("--max-trials", type=int, default=10)
+    tune.add_argument("--epochs", type=int, default=10,
+                      help="epochs per trial (hyperband: the most epochs of a trial)")
+    tune.add_argument("--batch-size", type=int)
+    tune.add_argument("--depths", metavar="D,D,...", help="depths to search, e.g. 8,14,20")
+    tune.add_argument("--validation-fraction", type=float, default=0.1,
+                      help="part of the train split held out to score trials")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--logdir", help="tuner directory (trials, TensorBoard logs)")
+    tune.add_argument("--export", metavar="DIR", default="saved_models",
+                      help="export the best model as a SavedModel under DIR")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="start the search over instead of resuming it")
+    tune.set_defaults(run=_cmd_tune)
 
     check = sub.add_parser("check-gradients",
                            help="adjoint vs backprop gradient error per stage, on one batch")

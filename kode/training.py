@@ -7,6 +7,12 @@ Weight decay is decoupled (Keras ``SGD(weight_decay=…)``: θ ← θ − lr·wd
 PyTorch's coupled decay for plain SGD). LM's k_n are *not* decayed by default: decay pulls k
 towards 0, i.e. towards the plain ResNet, and a scalar per block needs no regularization. The
 authors' code decays them; ``decay_lm_k=True`` does the same.
+
+Scale-out and fault tolerance (:mod:`kode.distribute`): ``strategy`` ("default" | "mirrored" |
+"multiworker" | "tpu"), ``precision`` ("float32" | "mixed_bfloat16" | "mixed_float16", loss
+scaling for float16), and end-of-epoch checkpoints in ``<logdir>/checkpoints`` from which the
+same call resumes automatically (model, optimizer, random-generator states and the data
+pipeline's per-epoch shuffle). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from dataclasses import asdict, dataclass, field
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import zoo
 from kode.data import DatasetInfo, load_dataset
+from kode.distribute import PRECISIONS, STRATEGIES
 from kode.errors import KodeError
 
 SCHEDULES = ("step", "cosine", "constant")
@@ -152,6 +160,15 @@ def train(
     guard_every: int | None = None,
     on_inaccurate: str = "stop",
     verbose: str | int = "auto",
+    strategy: str | tf.distribute.Strategy = "default",
+    devices: int | None = None,
+    connect_timeout: float | None = None,
+    tpu: str | None = None,
+    precision: str = "float32",
+    sync_batchnorm: bool = False,
+    resume: bool = True,
+    deterministic: bool = False,
+    diagnostics: bool = True,
 ) -> TrainResult:
     """Train ``model_name`` from the zoo on ``dataset`` with the dataset's recipe, overridable.
 
@@ -161,6 +178,20 @@ def train(
     "adjoint" the :class:`~kode.guard.GradientGuard` measures the adjoint's gradient error
     at the start (and every ``guard_every`` epochs) and, above ``guard_tolerance``, stops or
     falls back to "checkpoint" (``on_inaccurate``).
+
+    Scale-out (:mod:`kode.distribute`): ``strategy`` is a name of
+    :data:`kode.distribute.STRATEGIES` or a ready ``tf.distribute.Strategy``; a name is
+    resolved before anything else touches TensorFlow (``devices`` splits the CPU into that
+    many logical devices for "mirrored"; "multiworker" reads ``TF_CONFIG`` and waits at most
+    ``connect_timeout`` seconds for its peers; "tpu" uses ``tpu`` or ``$TPU_NAME``).
+    "multiworker" trains with a custom ``strategy.run`` loop, the others with ``fit``.
+    ``batch_size`` is the global batch. ``sync_batchnorm`` computes BatchNorm statistics over
+    the global batch (all replicas), which a multi-replica run needs to match one device.
+    ``precision`` sets the Keras dtype policy for this run ("mixed_float16" adds dynamic loss
+    scaling). ``resume``: continue from ``<logdir>/checkpoints`` if a previous run with the same
+    settings was interrupted (checkpoints are written atomically after every epoch).
+    ``deterministic`` turns on TensorFlow's op determinism (bitwise reproducible runs and
+    resumes, somewhat slower). ``diagnostics`` writes :mod:`kode.diagnostics` summaries.
     """
     if dataset not in RECIPES:
         # load_dataset gives the canonical message for unknown names.
@@ -183,6 +214,10 @@ def train(
     from kode.guard import GradientGuard, check_tolerance
 
     check_tolerance(guard_tolerance)
+    if precision not in PRECISIONS:
+        raise KodeError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if isinstance(strategy, str) and strategy not in STRATEGIES:
+        raise KodeError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logdir = logdir or os.path.join("runs", f"{model_name}-{dataset}-{stamp}")
     _prepare_logdir(logdir)
@@ -191,69 +226,148 @@ def train(
 
         check_export_dir(export_dir, model_name)
 
-    keras.utils.set_random_seed(seed)
-    train_ds, test_ds, info = load_dataset(
-        dataset, batch_size=batch_size, augment=augment, data_dir=data_dir,
-        manual_dir=manual_dir, seed=seed,
+    from kode.distribute import (
+        DEFAULT_CONNECT_TIMEOUT,
+        CheckpointCallback,
+        EpochCheckpoint,
+        evaluate_distributed,
+        fit_distributed,
+        is_chief,
+        make_strategy,
+        skip_epochs,
+        synchronize_batchnorm,
+        worker_logdir,
     )
-    model = zoo.create_model(
-        model_name, input_shape=info.input_shape, classes=info.num_classes,
-        **{"gradient": gradient, **(model_options or {})},
-    )
-    steps_per_epoch = math.ceil(info.train_size / batch_size)
-    optimizer = make_optimizer(
-        learning_rate_schedule(schedule, lr, epochs * steps_per_epoch),
-        momentum, weight_decay, decay_lm_k,
-    )
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=False,  # XLA is 2–6× slower on CPU (measured); see README
-    )
-    callbacks = [
-        _LearningRateLogger(),
-        keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=0, write_graph=False),
-    ]
-    guard = None
-    if gradient == "adjoint":
-        x_check, y_check = next(iter(train_ds))
-        guard = GradientGuard(x_check[:32], y_check[:32], guard_tolerance, guard_every,
-                              on_inaccurate)
-        callbacks.insert(0, guard)
-    history = model.fit(
-        train_ds, validation_data=test_ds, epochs=epochs, callbacks=callbacks, verbose=verbose,
-        shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
-    )
-    evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
-    test_metrics = {k: float(v) for k, v in evaluation.items()}
 
-    config = {
-        "model": model_name, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "schedule": schedule, "weight_decay": weight_decay, "momentum": momentum,
-        "decay_lm_k": decay_lm_k, "seed": seed, "model_options": model_options or {},
-        "gradient": gradient, "gradient_guard": guard.reports if guard else None,
-        "dataset_info": asdict(info),
-    }
-    model_path = os.path.join(logdir, "model.keras")
-    model.save(model_path)
-    metadata = model_metadata(model_name, info, model)
-    with open(os.path.join(logdir, "kode.json"), "w") as fh:
-        json.dump(metadata, fh, indent=2)
-    metrics_path = os.path.join(logdir, "metrics.json")
-    with open(metrics_path, "w") as fh:
-        json.dump({"test": test_metrics, "config": config,
-                   "history": {k: [float(x) for x in v] for k, v in history.history.items()}},
-                  fh, indent=2)
-
-    export = None
-    if export_dir is not None:
-        from kode.export import export_model
-
-        check_batch = next(iter(test_ds))[0][:8]
-        export = export_model(
-            model, export_dir, name=model_name, metadata=metadata,
-            check_inputs=np.asarray(check_batch),
+    # First TensorFlow work of the run: logical devices and collective ops can only be
+    # configured before TensorFlow initializes its runtime.
+    if isinstance(strategy, str):
+        strategy_name = strategy
+        strategy = make_strategy(
+            strategy, devices=devices, tpu=tpu,
+            connect_timeout=DEFAULT_CONNECT_TIMEOUT if connect_timeout is None
+            else connect_timeout,
         )
-    return TrainResult(model, history.history, test_metrics, logdir, model_path, metrics_path,
+    else:
+        strategy_name = type(strategy).__name__
+    multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    chief = is_chief(strategy)
+    run_logdir = worker_logdir(logdir, strategy)
+    if run_logdir != logdir:
+        _prepare_logdir(run_logdir)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        keras.utils.set_random_seed(seed)
+        train_ds, test_ds, info = load_dataset(
+            dataset, batch_size=batch_size, augment=augment, data_dir=data_dir,
+            manual_dir=manual_dir, seed=seed,
+        )
+        steps_per_epoch = math.ceil(info.train_size / batch_size)
+        with strategy.scope():
+            model = zoo.create_model(
+                model_name, input_shape=info.input_shape, classes=info.num_classes,
+                **{"gradient": gradient, **(model_options or {})},
+            )
+            if sync_batchnorm:
+                synchronize_batchnorm(model)
+            optimizer = make_optimizer(
+                learning_rate_schedule(schedule, lr, epochs * steps_per_epoch),
+                momentum, weight_decay, decay_lm_k,
+            )
+            if precision == "mixed_float16":
+                # float16 gradients underflow without it; Keras would also wrap it in
+                # compile, done here so the custom multi-worker loop gets it too.
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            model.compile(
+                optimizer=optimizer,
+                loss=keras.losses.SparseCategoricalCrossentropy(),
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                jit_compile=False,  # XLA is 2–6× slower on CPU (measured); see README
+            )
+            checkpoint = EpochCheckpoint(os.path.join(run_logdir, "checkpoints"), model, {
+                "model": model_name, "dataset": dataset, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "schedule": schedule,
+                "weight_decay": weight_decay, "momentum": momentum, "decay_lm_k": decay_lm_k,
+                "seed": seed, "augment": augment, "model_options": model_options or {},
+                "gradient": gradient, "precision": precision,
+            })
+            initial_epoch = checkpoint.restore() if resume else 0
+        if initial_epoch and verbose:
+            print(f"resuming from {checkpoint.directory}: {initial_epoch} of {epochs} epochs "
+                  "done")
+
+        callbacks = [
+            _LearningRateLogger(),
+            keras.callbacks.TensorBoard(log_dir=run_logdir, histogram_freq=0,
+                                        write_graph=False),
+        ]
+        guard = None
+        if gradient == "adjoint":
+            x_check, y_check = next(iter(train_ds))
+            guard = GradientGuard(x_check[:32], y_check[:32], guard_tolerance, guard_every,
+                                  on_inaccurate)
+            callbacks.insert(0, guard)
+        if diagnostics:
+            from kode.diagnostics import Diagnostics
+
+            callbacks.append(Diagnostics(run_logdir, test_ds, info.train_size))
+        callbacks.append(CheckpointCallback(checkpoint))  # last: logs complete
+        if multiworker:
+            history = fit_distributed(
+                model, train_ds, epochs=epochs, strategy=strategy, validation_data=test_ds,
+                initial_epoch=initial_epoch, callbacks=callbacks,
+                verbose=0 if verbose == 0 else 2,
+            )
+            test_metrics = {k: float(v) for k, v in
+                            evaluate_distributed(model, test_ds, strategy).items()}
+        else:
+            # The shuffle of epoch k is drawn when its iterator is created: replay the
+            # interrupted run's iterator creations (see kode.distribute.skip_epochs).
+            skip_epochs(train_ds, initial_epoch)
+            history = model.fit(
+                train_ds, validation_data=test_ds, epochs=epochs, callbacks=callbacks,
+                verbose=verbose, initial_epoch=initial_epoch,
+                shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
+            ).history
+            evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
+            test_metrics = {k: float(v) for k, v in evaluation.items()}
+        history = checkpoint.merged_history(history)
+
+        config = {
+            "model": model_name, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
+            "lr": lr, "schedule": schedule, "weight_decay": weight_decay, "momentum": momentum,
+            "decay_lm_k": decay_lm_k, "seed": seed, "model_options": model_options or {},
+            "gradient": gradient, "gradient_guard": guard.reports if guard else None,
+            "dataset_info": asdict(info), "strategy": strategy_name,
+            "replicas": int(strategy.num_replicas_in_sync), "precision": precision,
+            "sync_batchnorm": sync_batchnorm, "deterministic": deterministic,
+            "resumed_from_epoch": initial_epoch,
+        }
+        model_path = os.path.join(run_logdir, "model.keras")
+        model.save(model_path)
+        metadata = model_metadata(model_name, info, model)
+        with open(os.path.join(run_logdir, "kode.json"), "w") as fh:
+            json.dump(metadata, fh, indent=2)
+        metrics_path = os.path.join(run_logdir, "metrics.json")
+        with open(metrics_path, "w") as fh:
+            json.dump({"test": test_metrics, "config": config,
+                       "history": {k: [float(x) for x in v] for k, v in history.items()}},
+                      fh, indent=2)
+
+        export = None
+        if export_dir is not None and chief:  # one export per cluster, by the chief
+            from kode.export import export_model
+
+            check_batch = next(iter(test_ds))[0][:8]
+            export = export_model(
+                model, export_dir, name=model_name, metadata=metadata,
+                check_inputs=np.asarray(check_batch),
+            )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return TrainResult(model, history, test_metrics, run_logdir, model_path, metrics_path,
                        export, config)
