@@ -336,7 +336,9 @@ def _atomic_write_json(path: str, payload: dict) -> None:
 
 
 def _variable_signature(variables: Sequence) -> list[str]:
-    return [f"{v.path}:{tuple(v.shape)}:{v.dtype}" for v in variables]
+    # Shapes and dtypes in order, not paths: Keras uniquifies names per process ("sgd_1"),
+    # so the same model built twice in one process has other paths but the same layout.
+    return [f"{tuple(v.shape)}:{v.dtype}" for v in variables]
 
 
 class EpochCheckpoint:
@@ -502,9 +504,10 @@ def fit_distributed(
         return step
 
     test_step = make_step(replica_test)
+    steps = int(train_ds.cardinality())
     callback_list = keras.callbacks.CallbackList(
         list(callbacks), add_history=True, add_progbar=verbose != 0, model=model,
-        verbose=verbose, epochs=epochs,
+        verbose=verbose, epochs=epochs, steps=steps if steps >= 0 else None,
     )
     model.stop_training = False
     callback_list.on_train_begin()

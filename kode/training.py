@@ -307,7 +307,12 @@ def train(
         ]
         guard = None
         if gradient == "adjoint":
-            x_check, y_check = next(iter(train_ds))
+            # From a second instance of the pipeline: peeking at train_ds would draw its
+            # first epoch's shuffle, and adjoint runs would see other orders than backprop's.
+            x_check, y_check = next(iter(load_dataset(
+                dataset, batch_size=batch_size, augment=augment, data_dir=data_dir,
+                manual_dir=manual_dir, seed=seed, cache=False,
+            )[0]))
             guard = GradientGuard(x_check[:32], y_check[:32], guard_tolerance, guard_every,
                                   on_inaccurate)
             callbacks.insert(0, guard)
@@ -325,12 +330,16 @@ def train(
             test_metrics = {k: float(v) for k, v in
                             evaluate_distributed(model, test_ds, strategy).items()}
         else:
-            # The shuffle of epoch k is drawn when its iterator is created: replay the
-            # interrupted run's iterator creations (see kode.distribute.skip_epochs).
+            # The shuffle of epoch k is drawn when an iterator of train_ds is created, and fit
+            # creates iterators of a finite dataset at times that depend on initial_epoch (an
+            # extra one after the first epoch). Over train_ds.repeat() with steps_per_epoch,
+            # fit keeps one iterator and repetition k is epoch k; a resumed run skips the
+            # repetitions already trained (see kode.distribute.skip_epochs).
             skip_epochs(train_ds, initial_epoch)
             history = model.fit(
-                train_ds, validation_data=test_ds, epochs=epochs, callbacks=callbacks,
-                verbose=verbose, initial_epoch=initial_epoch,
+                train_ds.repeat(), steps_per_epoch=steps_per_epoch, validation_data=test_ds,
+                epochs=epochs, callbacks=callbacks, verbose=verbose,
+                initial_epoch=initial_epoch,
                 shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
             ).history
             evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
