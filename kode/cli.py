@@ -68,13 +68,20 @@ def _cmd_train(args) -> int:
         resume=not args.no_resume, deterministic=args.deterministic,
         diagnostics=not args.no_diagnostics,
     )
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
-    print(f"test: {metrics}")
-    print(f"logs: {result.logdir} (tensorboard --logdir {result.logdir})")
-    print(f"model: {result.model_path}; metrics: {result.metrics_path}")
-    if result.export is not None:
-        _print_export(result.export)
+    _print_outcome(result.test_metrics, result.logdir, result.logdir, result.export,
+                   f"model: {result.model_path}; metrics: {result.metrics_path}")
     return 0
+
+
+def _print_outcome(test_metrics: dict, logdir: str, tensorboard_dir: str, export,
+                   extra: str | None = None) -> None:
+    """The end of a run: test metrics, where the logs are, the verified export."""
+    print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+    print(f"logs: {logdir} (tensorboard --logdir {tensorboard_dir})")
+    if extra:
+        print(extra)
+    if export is not None:
+        _print_export(export)
 
 
 def _cmd_tune(args) -> int:
@@ -96,11 +103,7 @@ def _cmd_tune(args) -> int:
     )
     print(f"best trial {result.best_trial_id}: val_accuracy {result.best_score:.4f}")
     print("best hyper-parameters: " + json.dumps(result.best_hyperparameters, sort_keys=True))
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
-    print(f"test: {metrics}")
-    print(f"logs: {result.directory} (tensorboard --logdir {result.tensorboard_dir})")
-    if result.export is not None:
-        _print_export(result.export)
+    _print_outcome(result.test_metrics, result.directory, result.tensorboard_dir, result.export)
     return 0
 
 
