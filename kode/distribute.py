@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError
+from kode.export import fsync_dir
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -325,14 +326,7 @@ def _atomic_write_json(path: str, payload: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(directory)  # make the rename itself durable
 
 
 def _variable_signature(variables: Sequence) -> list[str]:

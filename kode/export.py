@@ -523,7 +523,7 @@ def _publish(src: str, model_dir: str, version: int | None) -> tuple[int, str]:
                     f"version {chosen} already exists; refusing to overwrite {dest}"
                 ) from exc
             raise KodeError(f"cannot move export into {dest}: {_one_line(exc)}") from exc
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
         return chosen, dest
     raise KodeError(f"could not find a free version number in {model_dir}")
 
@@ -536,7 +536,8 @@ def _write_metadata(savedmodel_dir: str, meta: dict) -> None:
         fh.write("\n")
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename or new file in it survives a crash (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -558,7 +559,7 @@ def _fsync_tree(root: str) -> None:
                     os.fsync(fh.fileno())
             except OSError:
                 pass
-        _fsync_dir(dirpath)
+        fsync_dir(dirpath)
 
 
 def _is_savedmodel(path: str) -> bool:
