@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.reproduce.runner import main
+
+sys.exit(main())
