@@ -468,7 +468,12 @@ def _r(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def plot(table: dict, out: Path) -> list[str]:
+def plot(table: dict, out: Path, prefix: str = "gradients", footer: str | None = None
+         ) -> list[str]:
+    """Memory and step time vs N per stage integrator: ``<prefix>_memory.png``/``_time.png``.
+
+    ``footer`` (e.g. the command and seeds of the run) is printed in the figure's corner.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -481,8 +486,8 @@ def plot(table: dict, out: Path) -> list[str]:
     ns = sorted({k[2] for k in keys})
     files = []
     for field, ylabel, fname in (
-        ("increment_mb", "peak RSS increment over the built model (MB)", "gradients_memory.png"),
-        ("step_s", "median training-step time (s)", "gradients_time.png"),
+        ("increment_mb", "peak RSS increment over the built model (MB)", f"{prefix}_memory.png"),
+        ("step_s", "median training-step time (s)", f"{prefix}_time.png"),
     ):
         fig, axes = plt.subplots(1, len(integrators), figsize=(5.5 * len(integrators), 4.2),
                                  sharey=True, squeeze=False)
@@ -509,7 +514,10 @@ def plot(table: dict, out: Path) -> list[str]:
         axes[0][0].set_ylabel(ylabel)
         axes[0][0].legend()
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
+        if footer:
+            # Below the axes (bbox "tight" grows the canvas to include it).
+            fig.text(0.005, -0.01, footer, fontsize=7, color="0.4", ha="left", va="top")
+        fig.savefig(out / fname, dpi=100, bbox_inches="tight" if footer else None)
         plt.close(fig)
         files.append(fname)
     return files

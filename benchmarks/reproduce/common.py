@@ -38,8 +38,9 @@ class Context:
     def save_figure(self, fig, tag: str) -> str:
         """Save ``fig`` as ``docs/results_<experiment>_<tag>.png``; return that file name."""
         seeds = ", ".join(str(s) for s in self.seeds)
-        fig.text(0.005, 0.005, f"{self.command} · seeds {seeds}", fontsize=7, color="0.4",
-                 ha="left", va="bottom")
+        # Below the axes: bbox "tight" grows the canvas to include it.
+        fig.text(0.005, -0.01, f"{self.command} · seeds {seeds}", fontsize=7, color="0.4",
+                 ha="left", va="top")
         name = self.figure_name(tag)
         self.out.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.out / name, dpi=110, bbox_inches="tight")
