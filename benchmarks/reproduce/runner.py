@@ -36,6 +36,7 @@ def run_worker(name: str, quick: bool, seeds: list[int], out: Path, command: str
                result_path: Path) -> None:
     """Run one experiment in this process and write its result JSON (the child's job)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    out.mkdir(parents=True, exist_ok=True)
     ctx = Context(name=name, quick=quick, seeds=seeds, out=out, command=command)
     result = experiment_module(name).run(ctx)
     result_path.write_text(json.dumps(result, indent=1, default=float))
@@ -65,7 +66,10 @@ def _spawn(name: str, args, command: str) -> dict:
 
 
 def _section(index: int, name: str, entry: dict | None) -> list[str]:
-    module = experiment_module(name)
+    try:
+        module = experiment_module(name)
+    except ModuleNotFoundError:  # a checkout from before the experiment existed
+        return [f"## {index}. {name}", "", "Not available in this checkout.", ""]
     lines = [f"## {index}. {module.TITLE}", ""]
     if entry is None or "result" not in entry and "error" not in entry:
         return lines + ["Not run yet: `kode reproduce --only " + name + "`.", ""]
@@ -79,6 +83,7 @@ def _section(index: int, name: str, entry: dict | None) -> list[str]:
 
 def write_document(store: dict, out: Path) -> Path:
     """Render ``<out>/results.md`` from the stored results of every experiment."""
+    import kode  # noqa: F401  (imports TensorFlow without its start-up banner)
     from benchmarks.gradient_memory import machine_description
 
     lines = [
