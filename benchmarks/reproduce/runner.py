@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import shlex
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) ->
                    Path(args.result))
         return 0
 
+    if importlib.util.find_spec("matplotlib") is None:
+        parser_class(prog="kode reproduce").error(
+            "the figures need matplotlib: pip install -e '.[bench]'")
     given = sys.argv[1:] if argv is None else argv
     command = "kode reproduce" + ("" if not given else " " + shlex.join(given))
     store_path = args.out / "results.json"
