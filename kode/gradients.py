@@ -21,12 +21,14 @@ while recomputation normalizes with the same batch statistics as the forward did
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 from tensorflow.python.eager import record
+from tensorflow.python.ops import control_flow_util
 
 from kode.errors import KodeError
 
@@ -83,6 +85,14 @@ def integrate(dynamics: Dynamics, x, history=None, mode: str = BACKPROP):
         for n in range(dynamics.num_steps):
             state = dynamics.step(n, state)
         return dynamics.output(state)
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        # Measured (docs/gradients.md): XLA drops the control dependencies that sequence the
+        # rebuilds, so the states pile up again. Keras' jit_compile="auto" picks XLA on GPUs.
+        warnings.warn(
+            f"gradient='{mode}' is compiled with XLA (jit_compile=True): its memory is not "
+            "O(1)/O(√N) under XLA, which reorders the backward's recomputations; compile with "
+            "jit_compile=False to keep the memory savings",
+            UserWarning, stacklevel=2)
     segments = (
         [(n, n + 1) for n in range(dynamics.num_steps)]
         if mode == ADJOINT

@@ -230,3 +230,16 @@ def test_momentum_adjoint_depth_limit_is_enforced_and_accurate_below_it():
     adj(x)
     adj.set_weights(ref.get_weights())
     assert _rel_err(_grads(adj, x), _grads(ref, x)) <= 1e-4
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_adjoint_under_xla_warns_that_memory_is_not_flat(jit):
+    import warnings
+
+    stage = _stage("reversible_heun", "adjoint", num=3)
+    x = _x()
+    stage(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tf.function(lambda x: stage(x, training=True), jit_compile=jit)(x)
+    assert sum("jit_compile=False" in str(w.message) for w in caught) == (1 if jit else 0)
