@@ -43,11 +43,13 @@ MODIFIED_KS = (-0.5, 0.25, 0.75)
 MODIFIED_NS = tuple(8 * 2**i for i in range(8))  # 8 … 1024
 FIT_FROM = 64  # slopes over N ≥ 64: parasitic mode (|k|^N) gone, O(h) terms small
 ERRORS = {
-    "lead_euler": "u_N vs leading order e^{λT/(1+k)} (Euler start)",
-    "mod_euler": "u_N vs modified eq. e^{μT} (Euler start)",
-    "mod_physical": "u_N vs modified eq. e^{μT} (start on the slow mode)",
+    "lead_euler": "u_N vs leading order exp(λT/(1+k)) (Euler start)",
+    "mod_euler": "u_N vs modified eq. exp(μT) (Euler start)",
+    "mod_physical": "u_N vs modified eq. exp(μT) (start on the slow mode)",
     "rate_euler": "growth rate vs μ (Euler start)",
 }
+SHORT = {"lead_euler": "leading, Euler start", "mod_euler": "modified, Euler start",
+         "mod_physical": "modified, slow-mode start", "rate_euler": "rate, Euler start"}
 EXPECTED_ORDER = {"lead_euler": 1, "mod_euler": 1, "mod_physical": 2, "rate_euler": 2}
 
 # (b) k grid (step 0.01, contains ±1 exactly) and the step counts compared.
@@ -280,53 +282,81 @@ def k_summary(training: dict) -> dict:
 def plot_modified(ctx: Context, modified: dict) -> str:
     plt = pyplot()
     ks = modified["ks"]
-    fig, axes = plt.subplots(1, len(ks), figsize=(4.3 * len(ks), 4.0), sharey=True)
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.3 * len(ks), 4.0), sharey=True,
+                             squeeze=False)
     ns = np.asarray(modified["ns"], float)
     styles = {"lead_euler": ("C0", "o-"), "mod_euler": ("C1", "s-"),
               "mod_physical": ("C2", "^-"), "rate_euler": ("C3", "d--")}
-    for ax, k in zip(np.atleast_1d(axes), ks, strict=True):
+    for ax, k in zip(axes[0], ks, strict=True):
         errs, orders = modified["errors"][str(k)], modified["orders"][str(k)]
         for key, (color, style) in styles.items():
-            ax.loglog(ns, errs[key], style, color=color, ms=4,
-                      label=f"{ERRORS[key]}: order {orders[key]:.2f}")
+            ax.loglog(ns, errs[key], style, color=color, ms=4, label=ERRORS[key])
         anchor = errs["mod_physical"][0]
-        ax.loglog(ns, anchor * 3 * (ns / ns[0]) ** -1.0, ":", color="0.5", lw=1)
-        ax.loglog(ns, anchor * 0.3 * (ns / ns[0]) ** -2.0, ":", color="0.2", lw=1)
-        ax.text(ns[-1], anchor * 3 * (ns[-1] / ns[0]) ** -1.0, " N⁻¹", va="center", fontsize=8)
-        ax.text(ns[-1], anchor * 0.3 * (ns[-1] / ns[0]) ** -2.0, " N⁻²", va="center",
-                fontsize=8)
+        for factor, power in ((3.0, 1), (0.3, 2)):
+            ref = anchor * factor * (ns / ns[0]) ** -power
+            ax.loglog(ns, ref, ":", color="0.4", lw=1)
+            ax.text(ns[-1], ref[-1], " N⁻¹" if power == 1 else " N⁻²", va="center",
+                    fontsize=8, color="0.3")
+        ax.text(0.03, 0.03, "fitted orders:\n" + "\n".join(
+            f"{SHORT[key]}: {orders[key]:.2f}" for key in ERRORS),
+            transform=ax.transAxes, fontsize=7, va="bottom",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
         ax.set_title(f"k = {k}")
         ax.set_xlabel(f"N (h = T/N, T = {modified['horizon']:g})")
-        ax.legend(fontsize=6.5, loc="lower left")
         ax.grid(True, which="major", alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("relative error at t = T")
-    fig.suptitle(f"LM scheme on u' = λu (λ = {modified['lambda']:g}): first order to "
-                 "(1+k)u' = λu, second order to (1+k)u' + (1−k)(h/2)u'' = λu; "
-                 f"orders fitted on N ≥ {modified['fit_from']}", fontsize=9.5)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("relative error at t = T")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"LM scheme on u' = λu (λ = {modified['lambda']:g}) vs the leading-order "
+                 "equation (1+k)u' = λu and the modified equation (1+k)u' + (1−k)(h/2)u'' = λu"
+                 f"; orders fitted on N ≥ {modified['fit_from']}", fontsize=9.5)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return ctx.save_figure(fig, "modified_equation")
 
 
 def plot_stability(ctx: Context, stability: dict) -> str:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.3))
     ks = np.asarray(stability["ks"])
-    top = 6.0
-    ax.axvspan(-1.0, 1.0, color="C2", alpha=0.12, label="root condition: −1 < k ≤ 1")
-    for case, style, what in (("f0", "-", "f ≡ 0"), ("decay", "--", "f(u) = −u on [0, 1]")):
-        for color, n in zip(("C0", "C3"), stability["steps"], strict=True):
-            growth = np.minimum(stability["log10_growth"][case][str(n)], top + 1)
-            ax.plot(ks, growth, style, color=color, lw=1.3, label=f"{what}, {n} steps")
-    ax.axvline(-1.0, color="C2", ls=":", lw=1)
-    ax.axvline(1.0, color="C2", lw=1)
-    ax.set_ylim(-0.2, top)
-    ax.set_xlim(ks[0], ks[-1])
-    ax.set_xlabel("k")
-    ax.set_ylabel("log10 max_n |e_n|  (e_0 = 0, e_1 = 1)")
-    ax.set_title("Growth of a starting perturbation of the LM scheme (curves clipped at 10^6): "
-                 "bounded iff it does not grow with the number of steps", fontsize=9)
-    ax.legend(fontsize=7.5, loc="upper center")
-    ax.grid(True, alpha=0.3)
+    lo, hi = (str(n) for n in (stability["steps"][0], stability["steps"][-1]))
+    top, top_ratio = 6.0, 2.5
+    cases = (("f0", "-", "f ≡ 0"), ("decay", "--", "f(u) = −u on [0, 1]"))
+    cases_names = [(c, what) for c, _, what in cases]
+    for ax in (left, right):
+        ax.axvspan(-1.0, 1.0, color="C2", alpha=0.12, label="root condition: −1 < k ≤ 1")
+        ax.axvline(-1.0, color="C2", ls=":", lw=1)
+        ax.axvline(1.0, color="C2", lw=1)
+        ax.set_xlim(ks[0], ks[-1])
+        ax.set_xlabel("k")
+        ax.grid(True, alpha=0.3)
+    for case, style, what in cases:
+        growth = stability["log10_growth"][case]
+        for color, n in zip(("C0", "C3"), (lo, hi), strict=True):
+            left.plot(ks, np.minimum(growth[n], top + 1), style, color=color, lw=1.3,
+                      label=f"{what}, {n} steps")
+        increase = np.asarray(growth[hi]) - np.asarray(growth[lo])
+        right.plot(ks, np.minimum(increase, top_ratio + 1), style, marker=".", ms=3,
+                   color="C0" if case == "f0" else "C1", lw=1, label=what)
+    right.axhline(math.log10(BOUNDED_RATIO), color="0.3", lw=0.8, ls="-.",
+                  label=f"threshold ×{BOUNDED_RATIO:g}: bounded below it")
+    if -1.0 in stability["ks"]:
+        i = stability["ks"].index(-1.0)
+        for case, dy in (("f0", 0.25), ("decay", 0.45)):
+            g = stability["log10_growth"][case]
+            value = g[hi][i] - g[lo][i]
+            right.annotate(f"k = −1, {dict(cases_names)[case]}: ×{10 ** value:.3g}",
+                           (-1.0, value), (-0.75, value + dy), fontsize=7.5,
+                           bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+                           arrowprops={"arrowstyle": "->", "lw": 0.7})
+    left.set_ylim(-0.2, top)
+    left.set_ylabel("log10 max_n |e_n|   (e_0 = 0, e_1 = 1)")
+    left.set_title(f"Growth of a starting perturbation (clipped at 10^{top:g})", fontsize=9.5)
+    right.set_ylim(-0.1, top_ratio)
+    right.set_ylabel(f"log10 [growth({hi} steps) / growth({lo} steps)]")
+    right.set_title(f"Increase from {lo} to {hi} steps (0: bounded; clipped)", fontsize=9.5)
+    left.legend(fontsize=7.5, loc="upper center")
+    right.legend(fontsize=7.5, loc="upper center")
     fig.tight_layout()
     return ctx.save_figure(fig, "stability")
 
@@ -405,7 +435,7 @@ def run(ctx: Context) -> dict:
 
 def _growth_text(log10_growth: float) -> str:
     if log10_growth < 4:
-        return fmt(10.0**log10_growth, 3)
+        return f"{10.0**log10_growth:.4g}"
     return f"10^{log10_growth:.1f}"
 
 
@@ -425,7 +455,7 @@ def _report_modified(m: dict) -> list[str]:
                        for key in ("mod_physical", "rate_euler"))
     amp = m["amplitude_predicted"]
     n_last = m["ns"][-1]
-    amp_rows = ", ".join(f"k = {k:g}: {fmt(amp[str(k)], 2)} predicted vs "
+    amp_rows = ", ".join(f"k = {k:g}: {fmt(abs(amp[str(k)]), 2)} predicted vs "
                          f"{fmt(m['errors'][str(k)]['mod_euler'][-1], 2)} measured"
                          for k in m["ks"])
     return [
@@ -439,9 +469,11 @@ def _report_modified(m: dict) -> list[str]:
         "scheme's second characteristic root ≈ −k is a parasitic mode with no counterpart in "
         f"the equation; it decays like |k|^N, so orders are fitted on N ≥ {m['fit_from']}.",
         "",
-        *markdown_table(["k", *[f"order: {v}" for v in ERRORS.values()],
-                         f"error vs modified eq. at N = {n_last} (slow-mode start)"],
-                        rows),
+        *markdown_table(["k", *[f"order: {SHORT[key]}" for key in ERRORS],
+                         f"error at N = {n_last}: modified, slow-mode start"], rows),
+        "",
+        "Columns: " + "; ".join(f"*{SHORT[key]}*: {text}" for key, text in ERRORS.items())
+        + ".",
         "",
         f"Expected orders, column by column: {exp}. The largest deviation from order 1 "
         f"against the leading-order equation is {fmt(worst_first, 2)}; from order 2 against "
@@ -450,9 +482,10 @@ def _report_modified(m: dict) -> list[str]:
         "What the columns say: with the network's Euler first step, u_N follows the modified "
         "equation's *rate* to second order (growth-rate column), but its amplitude is off "
         "at O(h), because that Euler step solves u' = f rather than (1+k)u' = f: the "
-        "slow mode starts with amplitude 1 + hλk/(1+k)² instead of 1, so u_N itself agrees "
-        "with e^{μT} only to first order (except k = 0, where LM is Euler). At "
-        f"N = {n_last} that offset is {amp_rows}. Started on the slow mode instead "
+        "slow mode starts with amplitude c_1 = 1 + hλk/(1+k)² + O(h²) instead of 1, so u_N "
+        "itself agrees with e^{μT} only to first order (except k = 0, where LM is Euler). At "
+        f"N = {n_last}, |c_1 − 1| vs the relative error of u_N against e^{{μT}} (Euler "
+        f"start): {amp_rows}. Started on the slow mode instead "
         "(u_1 = e^{μh}), u_N matches the modified equation to second order. This refines, "
         "and does not contradict, Lu et al.'s modified-equation claim.",
         "",
@@ -484,9 +517,11 @@ def _report_stability(s: dict) -> list[str]:
     decay_text = (
         "With f = −u the same criterion gives the same interval." if not off else
         f"With f = −u the same criterion disagrees at k = {', '.join(f'{k:g}' for k in off)}: "
-        "there hλ = −1/N is not yet small against (1+k)² (the slow root is "
-        "≈ 1 + hλ/(1+k)), so these N are not yet in the h → 0 regime the root condition "
-        "is about."
+        "there |hλ| = 1/N is not small against (1+k)²/(2(1−k)) ("
+        + ", ".join(f"{(1 + k) ** 2 / (2 * (1 - k)):.2g} at k = {k:g}" for k in off)
+        + "), the discriminant of ζ² − (1−k+hλ)ζ − k is negative and the roots are a "
+        "complex pair near the double root of k = −1: these N are not yet in the h → 0 "
+        "regime the root condition is about."
     )
     return [
         "### (b) Stability interval −1 < k ≤ 1",
@@ -541,6 +576,19 @@ def _report_training(t: dict) -> list[str]:
     k = t["k"]
     decay = "also applied to the k_n" if t["decay_lm_k"] else "not applied to the k_n " \
         "(kode's default, decay_lm_k=False; the authors' code decays them)"
+    moved_far = k["max_abs_change"] > 0.5
+    k_text = (
+        f"On digits with {t['epochs']} epochs the k_n move by {fmt(k['mean_abs_change'], 2)} "
+        f"on average from their initialization and span [{fmt(k['min'], 2)}, "
+        f"{fmt(k['max'], 2)}]"
+        + (", a small part of the published spread: this run does not reproduce the wide "
+           "range of learned k_n reported by replications (a small dataset, few epochs)."
+           if not moved_far and k["max"] - k["min"] < 1.5 else
+           ", comparable in spread to the published range.")
+        + (" None leaves the stability interval." if k["in_stability"] == k["count"] else
+           f" {k['count'] - k['in_stability']} leave the stability interval: the trained "
+           "network need not be a stable discretization.")
+    )
     return [
         "### (c) LM-ResNet vs ResNet at equal depth on digits",
         "",
@@ -565,13 +613,7 @@ def _report_training(t: dict) -> list[str]:
         f"{k['in_init_range']} of {k['count']} still in the init range [−0.1, 0], "
         f"{k['in_stability']} of {k['count']} inside the stability interval (−1, 1], "
         f"{k['in_published']} of {k['count']} inside the published range ≈ [−2.5, 1] "
-        "(REFERENCE.md §2, learned k_n reported by replications on CIFAR after 160 epochs). "
-        + ("The k_n stay well inside both intervals: on a small dataset with few epochs they "
-           "move only by tenths from their initialization, far less than the published "
-           "spread, which this run does not reproduce."
-           if k["min"] > -1.0 and k["mean_abs_change"] < 0.5 else
-           "Some k_n leave the stability interval, as in the published range.")
-        ,
+        "(REFERENCE.md §2: learned k_n reported by replications). " + k_text,
         "",
         f"![learned k_n per LM block, with init range, stability interval and published "
         f"range]({t['figure']})",
