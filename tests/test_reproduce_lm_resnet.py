@@ -120,3 +120,15 @@ def test_report_renders_the_numbers_and_figures(tmp_path):
     assert "range [-1.300, 0.200]" in text
     assert "Bounded on the grid for k in [-0.9, 1]" in text
     assert "LM-ResNet20: 8.33%" in text
+
+
+def test_lm_k_values_reads_every_lm_step_of_a_zoo_model():
+    import zoo
+
+    lm_model = zoo.create_model("lm_resnet20", depth=14, input_shape=(8, 8, 1), classes=10)
+    labels, values = lm.lm_k_values(lm_model)
+    # 2 blocks per stage: stage 1's first step is Euler, stages 2–3 start with a transition.
+    assert labels == ["stage1/lm_k_1", "stage2/lm_k_0", "stage3/lm_k_0"]
+    assert all(lm.K_INIT_RANGE[0] <= k <= lm.K_INIT_RANGE[1] for k in values)
+    plain = zoo.create_model("resnet20", depth=14, input_shape=(8, 8, 1), classes=10)
+    assert lm.lm_k_values(plain) == ([], [])
