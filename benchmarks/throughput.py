@@ -1,0 +1,626 @@
+"""Training throughput of the zoo against a hand-written Keras ResNet-56 and against the
+machine's dense matmul rate; input-pipeline rates of the named datasets.
+
+    python -m benchmarks.throughput [--quick] [--out docs]
+
+Writes ``<out>/performance.md``. Every configuration runs in its own Python process
+(``--worker JSON``); the training processes of a comparison alternate, in an order rotated
+from one repetition to the next, so drift of a shared machine reaches every side alike.
+
+Definitions (all in the generated doc):
+
+- images/s = batch / median step time over the timed steps of ``model.fit`` (after warm-up);
+- MACs per image: multiply-adds of every Conv2D / MatMul op of the traced forward graph at
+  batch 1 (:func:`count_macs`), so a function that Heun evaluates twice counts twice;
+- training FLOP/s = images/s × MACs × 2 (a multiply-add is 2 FLOPs) × 3 (forward, and a
+  backward that costs two forwards: gradients w.r.t. inputs and weights);
+- matmul FLOP/s = 2 n³ / t of a float32 ``tf.matmul`` of two n×n matrices (best n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from benchmarks.gradient_memory import (
+    RESULT_PREFIX,
+    _release_free_heap,
+    _reset_peak_rss,
+    _rotated,
+    _status_kib,
+    machine_description,
+)
+
+if TYPE_CHECKING:
+    import keras
+
+BATCH = 128
+IMAGE = (32, 32, 3)
+CLASSES = 10
+REFERENCE = "reference_resnet56"
+#: (model, baseline, target ratio, what the ratio is): the comparisons and their targets.
+COMPARISONS = (
+    ("resnet56", REFERENCE, 0.97, "images/s"),
+    ("lm_resnet56", "resnet56", 0.95, "images/s"),
+    ("heun_resnet56", "resnet56", 0.95, "images/s × MACs per image (per evaluation)"),
+)
+TRAIN_MODELS = ("resnet56", REFERENCE, "lm_resnet56", "heun_resnet56")
+#: Published MACs per 32×32 image (REFERENCE.md §2), for the count check in the doc.
+PUBLISHED_MACS = {"resnet20": 40.8e6, "resnet56": 125.7e6, "resnet110": 253.1e6}
+#: Digits are trained with this model and batch (README / kode.training.RECIPES["digits"]).
+DIGITS_MODEL, DIGITS_BATCH = "lm_resnet20", 64
+MATMUL_SIZES = (1024, 2048, 4096)
+PIPELINE_TARGET = 5.0
+
+# ------------------------------------------------------------------------ the models
+
+
+def reference_resnet(depth: int = 56, input_shape: tuple[int, int, int] = IMAGE,
+                     classes: int = CLASSES) -> keras.Model:
+    """The plain functional Keras pre-activation ResNet a user would write, with exactly the
+    layers of ``zoo.create_model(f"resnet{depth}")``: stem conv3×3(16); stages of widths
+    16/32/64 with x ← x + f(x), f = conv3×3(ReLU(BN(conv3×3(ReLU(BN(x)))))); the first block
+    of stages 2 and 3 is x ← P(x) + f(x) with P = conv1×1/2(ReLU(BN(x))) (its own BN) and f's
+    first conv of stride 2; head BN-ReLU-average pool-dense softmax. No bias in convs."""
+    import keras
+    from keras import layers
+
+    n = (depth - 2) // 6
+    init = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+    def conv(x, filters, kernel, stride=1):
+        return layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                             kernel_initializer=init)(x)
+
+    def bn_relu(x):
+        return layers.ReLU()(layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x))
+
+    inputs = keras.Input(input_shape)
+    x = conv(inputs, 16, 3)
+    channels = 16
+    for width, stride in zip((16, 32, 64), (1, 2, 2), strict=True):
+        for i in range(n):
+            s = stride if i == 0 else 1
+            f = conv(bn_relu(conv(bn_relu(x), width, 3, s)), width, 3)
+            shortcut = x
+            if s != 1 or width != channels:
+                shortcut = conv(bn_relu(x), width, 1, s)
+            x = layers.Add()([shortcut, f])
+            channels = width
+    x = layers.GlobalAveragePooling2D()(bn_relu(x))
+    outputs = layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name=f"reference_resnet{depth}")
+
+
+def build_model(name: str, input_shape=IMAGE, classes: int = CLASSES):
+    """``reference_resnet<depth>`` (:func:`reference_resnet`) or a zoo model name."""
+    if name.startswith("reference_resnet"):
+        return reference_resnet(int(name.removeprefix("reference_resnet")), tuple(input_shape),
+                                classes)
+    import zoo
+
+    return zoo.create_model(name, input_shape=tuple(input_shape), classes=classes)
+
+
+def count_macs(model, input_shape=None) -> int:
+    """Multiply-adds per image of a forward pass (inference mode, batch 1), read from the
+    traced graph: Σ over Conv2D ops of |output| · k_h · k_w · c_in/groups (the kernel's
+    input-channel dimension already is c_in/groups), Σ over MatMul ops of m · k · n."""
+    import numpy as np
+    import tensorflow as tf
+
+    shape = tuple(input_shape or model.input_shape[1:])
+    fn = tf.function(lambda x: model(x, training=False))
+    graph = fn.get_concrete_function(tf.TensorSpec((1, *shape), tf.float32)).graph
+    total = 0
+    for op in graph.get_operations():
+        if op.type in ("Conv2D", "DepthwiseConv2dNative"):
+            out = op.outputs[0].shape.as_list()
+            kh, kw, cin, mult = op.inputs[1].shape.as_list()
+            per_out = kh * kw * (cin if op.type == "Conv2D" else 1)
+            total += int(np.prod(out)) * per_out
+        elif op.type in ("MatMul", "BatchMatMulV2"):
+            a, b = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+            k = a[-2] if op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x") \
+                else a[-1]
+            total += int(np.prod(op.outputs[0].shape.as_list())) * k
+            del b
+    return total
+
+
+def function_evaluations(model) -> int:
+    """Residual-function evaluations per forward: Σ over stages of steps × evaluations per
+    step (Heun: 2, the others: 1), plus one per transition block."""
+    from kode.integrators import Heun
+    from kode.stage import IntegratorStage, TransitionBlock
+
+    total = 0
+    for layer in model._flatten_layers():
+        if isinstance(layer, IntegratorStage):
+            total += layer.num_steps * (2 if isinstance(layer.integrator, Heun) else 1)
+        elif isinstance(layer, TransitionBlock):
+            total += 1
+    return total
+
+
+def trainable_parameters(model) -> int:
+    import numpy as np
+
+    return int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _synthetic(batch: int, shape, classes: int, batches: int = 4):
+    """An in-memory, cached, prefetched tf.data stream: the model never waits for Python."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch * batches, *shape)).astype("float32")
+    y = rng.integers(0, classes, batch * batches).astype("int32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+    return ds.cache().repeat().prefetch(tf.data.AUTOTUNE)
+
+
+def run_train_worker(cfg: dict) -> dict:
+    """Train ``cfg["model"]`` as ``kode train`` does (compiled model, SGD momentum 0.9, weight
+    decay 1e-4, sparse cross-entropy + accuracy, ``jit_compile=False``, ``model.fit`` on a
+    prefetched ``tf.data`` stream) for ``warmup`` + ``steps`` steps; time each step between
+    the batch callbacks; reset VmHWM after the warm-up so the peak is the timed steps'."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from kode.training import make_optimizer
+
+    keras.utils.set_random_seed(0)
+    shape, classes, batch = tuple(cfg.get("shape", IMAGE)), cfg.get("classes", CLASSES), \
+        cfg.get("batch", BATCH)
+    warmup, steps = cfg.get("warmup", 2), cfg.get("steps", 8)
+    t0 = time.perf_counter()
+    model = build_model(cfg["model"], shape, classes)
+    model.compile(optimizer=make_optimizer(0.1, 0.9, 1e-4),
+                  loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=False)
+    build_s = time.perf_counter() - t0
+    begins, ends, marks = {}, {}, {}
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch_index, logs=None):
+            if batch_index == warmup:
+                _release_free_heap()
+                marks["rss_mb"] = _status_kib("VmRSS") / 1024
+                _reset_peak_rss()
+            begins[batch_index] = time.perf_counter()
+
+        def on_train_batch_end(self, batch_index, logs=None):
+            ends[batch_index] = time.perf_counter()
+
+    t1 = time.perf_counter()
+    history = model.fit(_synthetic(batch, shape, classes), epochs=1,
+                        steps_per_epoch=warmup + steps, verbose=0, callbacks=[Timer()])
+    peak_mb = _status_kib("VmHWM") / 1024
+    fit_s = time.perf_counter() - t1
+    times = [ends[i] - begins[i] for i in range(warmup, warmup + steps)]
+    step_s = statistics.median(times)
+    result = {
+        **cfg,
+        "images_per_s": batch / step_s,
+        "step_s": step_s,
+        "step_times_s": times,
+        "first_step_s": ends[0] - begins[0],
+        "peak_mb": peak_mb,
+        "rss_after_warmup_mb": marks.get("rss_mb"),
+        "trainable_params": trainable_parameters(model),
+        "build_s": build_s,
+        "fit_s": fit_s,
+        "loss": float(history.history["loss"][-1]),
+    }
+    if cfg.get("count"):
+        result["macs"] = count_macs(model, shape)
+        result["evaluations"] = function_evaluations(model)
+    return result
+
+
+def run_matmul_worker(cfg: dict) -> dict:
+    """FLOP/s of a float32 ``tf.matmul`` of n×n matrices in a ``tf.function``: 2n³ / median
+    time of ``repeats`` calls after one warm-up call, for each n in ``sizes``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    # The sum keeps the product inside the function (no 64 MiB copy out per call).
+    matmul = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
+    rates = {}
+    for n in cfg.get("sizes", MATMUL_SIZES):
+        a = tf.random.normal((n, n), seed=1)
+        b = tf.random.normal((n, n), seed=2)
+        float(matmul(a, b))
+        times = []
+        for _ in range(cfg.get("repeats", 5)):
+            t = time.perf_counter()
+            float(matmul(a, b))
+            times.append(time.perf_counter() - t)
+        rates[str(n)] = 2 * n**3 / statistics.median(times)
+    return {**cfg, "flops": rates, "best_flops": max(rates.values())}
+
+
+def run_pipeline_worker(cfg: dict) -> dict:
+    """Images/s of iterating a train pipeline of :func:`kode.data.load_dataset` alone
+    (augmentation as in training, ``.repeat()`` as ``kode train`` uses it), after one epoch
+    that fills the cache. cifar10 runs under ``tfds.testing.mock_data`` (random images in
+    the real format, through the real loading code)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import contextlib
+
+    from kode.data import load_dataset
+
+    context = contextlib.nullcontext()
+    if cfg["dataset"] != "digits":
+        import tensorflow_datasets as tfds
+
+        context = tfds.testing.mock_data(num_examples=cfg.get("mock_examples", 2560))
+    with context:
+        train, _, info = load_dataset(cfg["dataset"], batch_size=cfg["batch"])
+        for _ in train:  # first epoch: decode, normalize, fill the cache
+            pass
+        seen, t = 0, time.perf_counter()
+        for x, _y in train.repeat():
+            seen += int(x.shape[0])
+            if seen >= cfg.get("images", 50_000) or time.perf_counter() - t > 20:
+                break
+        elapsed = time.perf_counter() - t
+    return {**cfg, "images_per_s": seen / elapsed, "images": seen, "train_size": info.train_size,
+            "image_shape": list(info.input_shape)}
+
+
+WORKERS = {"train": run_train_worker, "matmul": run_matmul_worker,
+           "pipeline": run_pipeline_worker}
+
+
+# ------------------------------------------------------------------------------ parent
+
+
+def measure(cfg: dict, timeout: float = 900.0) -> dict:
+    """Run ``cfg`` in a fresh ``python -m benchmarks.throughput --worker`` process."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.update(cfg.get("env", {}))
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.throughput", "--worker", json.dumps(cfg)],
+            capture_output=True, text=True, env=env, cwd=root, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"timeout {timeout:g} s", "wall_s": time.monotonic() - start}
+    wall = time.monotonic() - start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return {**json.loads(line[len(RESULT_PREFIX):]), "wall_s": wall}
+    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+    return {**cfg, "error": f"exit {proc.returncode}: {tail}", "wall_s": wall}
+
+
+def plan(quick: bool, repeats: int | None = None) -> list[dict]:
+    """The run order: per repetition the four training models (rotated) and a matmul
+    process; then the digits model and the two pipelines."""
+    repeats = repeats or (1 if quick else 3)
+    steps, warmup = (3, 1) if quick else (8, 2)
+    configs = []
+    for rep in range(repeats):
+        for model in _rotated(TRAIN_MODELS, rep):
+            configs.append({"kind": "train", "model": model, "batch": BATCH, "steps": steps,
+                            "warmup": warmup, "rep": rep, "count": rep == 0})
+        configs.append({"kind": "matmul", "sizes": list(MATMUL_SIZES), "repeats": 3 if quick
+                        else 5, "rep": rep})
+    if not quick:
+        configs.append({"kind": "macs", "models": list(PUBLISHED_MACS), "rep": 0})
+    configs.append({"kind": "train", "model": DIGITS_MODEL, "shape": [8, 8, 1],
+                    "batch": DIGITS_BATCH, "steps": steps, "warmup": warmup, "rep": 0,
+                    "count": True})
+    for dataset, batch in (("digits", DIGITS_BATCH), ("cifar10", BATCH)):
+        configs.append({"kind": "pipeline", "dataset": dataset, "batch": batch,
+                        "images": 20_000 if quick else 50_000, "rep": 0})
+    return configs
+
+
+def summarize(results: list[dict]) -> dict:
+    """Medians over processes, per-repetition ratios of each comparison, FLOP/s analysis."""
+    ok = [r for r in results if "error" not in r]
+    train = {}
+    for r in ok:
+        if r["kind"] == "train":
+            train.setdefault(r["model"], []).append(r)
+    models = {}
+    for name, rs in train.items():
+        counted = next((r for r in rs if "macs" in r), {})
+        models[name] = {
+            "images_per_s": statistics.median(r["images_per_s"] for r in rs),
+            "all_images_per_s": [r["images_per_s"] for r in rs],
+            "step_s": statistics.median(r["step_s"] for r in rs),
+            "peak_mb": statistics.median(r["peak_mb"] for r in rs),
+            "trainable_params": rs[0]["trainable_params"],
+            "macs": counted.get("macs"), "evaluations": counted.get("evaluations"),
+            "batch": rs[0]["batch"], "steps": rs[0]["steps"], "warmup": rs[0]["warmup"],
+            "processes": len(rs),
+        }
+    comparisons = []
+    for model, base, target, what in COMPARISONS:
+        if model not in models or base not in models:
+            comparisons.append({"model": model, "base": base, "target": target,
+                                "what": what, "ratio": None})
+            continue
+        scale = 1.0
+        if "MACs" in what:
+            scale = models[model]["macs"] / models[base]["macs"]
+        by_rep = {}
+        for r in ok:
+            if r["kind"] == "train" and r["model"] in (model, base):
+                by_rep.setdefault(r["rep"], {})[r["model"]] = r["images_per_s"]
+        per_rep = [v[model] / v[base] * scale for v in by_rep.values() if len(v) == 2]
+        comparisons.append({
+            "model": model, "base": base, "target": target, "what": what, "scale": scale,
+            "per_rep": per_rep, "ratio": statistics.median(per_rep) if per_rep else None,
+            "ratio_of_medians": models[model]["images_per_s"] / models[base]["images_per_s"]
+            * scale,
+        })
+    matmul = [r for r in ok if r["kind"] == "matmul"]
+    sizes = sorted({int(n) for r in matmul for n in r["flops"]})
+    matmul_flops = {n: statistics.median(r["flops"][str(n)] for r in matmul) for n in sizes}
+    pipelines = {r["dataset"]: r for r in ok if r["kind"] == "pipeline"}
+    return {"models": models, "comparisons": comparisons, "matmul": matmul_flops,
+            "pipelines": pipelines, "errors": [r for r in results if "error" in r]}
+
+
+# ----------------------------------------------------------------------------- the doc
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def training_flops(model: dict) -> float | None:
+    """images/s × MACs per image × 2 FLOPs per MAC × 3 (forward + backward)."""
+    if not model or not model.get("macs"):
+        return None
+    return model["images_per_s"] * model["macs"] * 6
+
+
+def write_doc(summary: dict, meta: dict, out: Path) -> Path:
+    """``<out>/performance.md`` from the measured ``summary`` (no hand-typed measurements)."""
+    models, comps = summary["models"], summary["comparisons"]
+    lines = [
+        "# Performance baseline: training throughput",
+        "",
+        "Generated by the command below; re-running it regenerates this page. All numbers "
+        "are measured in that run except the published MAC counts (REFERENCE.md §2), which "
+        "are labelled.",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        f"- Date (UTC): {meta['date']}; wall time of the command: {meta['wall_s'] / 60:.1f} min.",
+        f"- Machine: {meta['machine']}.",
+        f"- Load: 1-minute load average {meta['load_before']:.2f} before and "
+        f"{meta['load_after']:.2f} after the run on {os.cpu_count()} cores"
+        + (" — **a shared machine: other jobs ran during the measurement**, so absolute "
+           "rates are low and noisy; the alternated ratios are the robust numbers."
+           if max(meta["load_before"], meta["load_after"]) > 1.5 else "."),
+        *([f"- Note: {meta['note']}"] if meta.get("note") else []),
+        "",
+        "## Method",
+        "",
+        "- **Each configuration runs in its own process** (`python -m benchmarks.throughput "
+        "--worker JSON`). The training processes of the four models run one after another in "
+        f"each of {meta['repeats']} repetitions, in an order rotated from one repetition to "
+        "the next (A B C D, B C D A, …), followed by a matmul process. A comparison's ratio "
+        "is the median over repetitions of the ratio of the two processes of the same "
+        "repetition, so slow drift of the machine cancels.",
+        "- **A training step is what `kode train` runs**: the model is compiled with "
+        "`kode.training.make_optimizer` (SGD, momentum 0.9, weight decay 1e-4), sparse "
+        "cross-entropy and an accuracy metric, `jit_compile=False` (XLA measured 2–6× slower "
+        "on this CPU), and trained with `model.fit` on a cached, prefetched in-memory "
+        f"`tf.data` stream of random images (batch {BATCH}, 32×32×3, 10 classes): no Python "
+        "runs between steps except Keras' callbacks. Step time: between the "
+        "`on_train_batch_begin`/`_end` callbacks of the timed steps after the warm-up "
+        "steps; images/s = batch / median step time.",
+        "- **Peak memory**: `VmHWM` of the process (kernel's peak resident set), reset to the "
+        "current RSS after the warm-up steps, read after the timed steps. TensorFlow's "
+        "allocator keeps its pool, so this is the process's whole footprint during training.",
+        "- **MACs per image** (`count_macs`): the forward graph at batch 1 is traced and every "
+        "Conv2D (|output| · k_h · k_w · c_in/groups) and MatMul (m · k · n) op is counted; "
+        "functions that an integrator evaluates twice are counted twice.",
+        "- **Training FLOP/s** = images/s × MACs × 2 (FLOPs per multiply-add) × 3 (forward + "
+        "a backward of about two forwards). **Matmul FLOP/s** = 2n³ / median time of a "
+        "float32 `tf.matmul` of two n×n matrices inside a `tf.function` (best n).",
+        "",
+        "## Training throughput",
+        "",
+        "| model | trainable params | MACs / image | function evaluations | images/s (median) "
+        "| per process | step s | peak RSS MB | processes |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for name in (*TRAIN_MODELS, DIGITS_MODEL):
+        m = models.get(name)
+        if not m:
+            continue
+        label = name + (f" (8×8×1 digits, batch {m['batch']})" if name == DIGITS_MODEL else "")
+        macs = f"{m['macs'] / 1e6:.1f}M" if m.get("macs") else "—"
+        lines.append(
+            f"| {label} | {m['trainable_params']:,} | {macs} | {m.get('evaluations') or '—'} | "
+            f"{m['images_per_s']:.1f} | "
+            + ", ".join(f"{v:.1f}" for v in m["all_images_per_s"])
+            + f" | {m['step_s']:.3f} | {m['peak_mb']:.0f} | {m['processes']} |")
+    any_model = next(iter(models.values()), None)
+    if any_model:
+        lines += ["", f"Per process: {any_model['warmup']} warm-up and {any_model['steps']} "
+                  "timed steps. `reference_resnet56` is `benchmarks.throughput."
+                  "reference_resnet`: a plain functional Keras model (Conv2D, "
+                  "BatchNormalization, ReLU, Add) with the same layers, initializers and "
+                  "trainable parameter count as the zoo's `resnet56` (checked by "
+                  "`tests/test_throughput.py`)."]
+    lines += ["", "### MAC counts against the published ones", "",
+              "| model | counted | published (REFERENCE.md §2) |", "|---|---:|---:|"]
+    for name, macs in meta.get("mac_check", {}).items():
+        lines.append(f"| {name} | {macs / 1e6:.1f}M | {PUBLISHED_MACS[name] / 1e6:.1f}M |")
+    lines += ["", "## Targets", "",
+              "| comparison | ratio (median of per-repetition ratios) | per repetition | "
+              "ratio of medians | target | verdict |", "|---|---:|---|---:|---:|---|"]
+    for c in comps:
+        if c["ratio"] is None:
+            lines.append(f"| {c['model']} / {c['base']} | — | | | ≥ {c['target']} | not "
+                         "measured |")
+            continue
+        verdict = "**met**" if c["ratio"] >= c["target"] else "**missed**"
+        lines.append(
+            f"| {c['model']} / {c['base']} ({c['what']}) | {c['ratio']:.3f} | "
+            + ", ".join(f"{v:.3f}" for v in c["per_rep"])
+            + f" | {c['ratio_of_medians']:.3f} | ≥ {c['target']} | {verdict} |")
+    heun = next((c for c in comps if c["model"] == "heun_resnet56" and c["ratio"]), None)
+    if heun and models.get("heun_resnet56", {}).get("evaluations"):
+        h, r = models["heun_resnet56"], models["resnet56"]
+        lines += ["", "Heun normalization: `heun_resnet56` holds the same residual functions "
+                  "as `resnet56` but evaluates each inner one twice (k1 and k2; N functions "
+                  "give N−1 steps of 2 evaluations), so an image costs more work. Its "
+                  "images/s are multiplied by the work per image relative to `resnet56`: "
+                  f"counted MACs {h['macs'] / 1e6:.1f}M / {r['macs'] / 1e6:.1f}M = "
+                  f"{heun['scale']:.3f} (residual-function evaluations "
+                  f"{h['evaluations']} / {r['evaluations']} = "
+                  f"{h['evaluations'] / r['evaluations']:.3f}; the MAC ratio is the exact "
+                  "one, as stem, projections and head are not evaluated twice). A ratio of 1 "
+                  "means Heun's extra evaluations cost exactly what they compute."]
+    lines += ["", "## Against the machine: FLOP/s", "",
+              "| n | float32 matmul GFLOP/s (median over processes) |", "|---:|---:|"]
+    for n, f in summary["matmul"].items():
+        lines.append(f"| {n} | {f / 1e9:.1f} |")
+    peak = max(summary["matmul"].values(), default=None)
+    lines.append("")
+    for name in TRAIN_MODELS:
+        f = training_flops(models.get(name))
+        if f and peak:
+            lines.append(f"- `{name}`: {f / 1e9:.1f} GFLOP/s achieved in training = "
+                         f"**{f / peak:.2f}** of the best matmul rate ({peak / 1e9:.1f} "
+                         "GFLOP/s).")
+    lines += ["", "## Input pipelines", "",
+              "| dataset | source | batch | pipeline images/s | model trained on it | "
+              "model images/s | pipeline / model | target | verdict |",
+              "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    for dataset, model_name in (("digits", DIGITS_MODEL), ("cifar10", "resnet56")):
+        p = summary["pipelines"].get(dataset)
+        m = models.get(model_name)
+        if not p:
+            continue
+        source = ("scikit-learn's bundled digits (real data)" if dataset == "digits" else
+                  f"`tfds.testing.mock_data` ({p.get('mock_examples', 2560)} random images in "
+                  "CIFAR-10's format; this machine cannot download CIFAR)")
+        ratio = p["images_per_s"] / m["images_per_s"] if m else None
+        verdict = "—" if ratio is None else ("**met**" if ratio >= PIPELINE_TARGET
+                                              else "**missed**")
+        lines.append(f"| {dataset} | {source} | {p['batch']} | {p['images_per_s']:,.0f} | "
+                     f"{model_name} | {_fmt(m and m['images_per_s'], 1)} | {_fmt(ratio, 1)} | "
+                     f"≥ {PIPELINE_TARGET:g} | {verdict} |")
+    lines += ["", "Pipeline rate: `kode.data.load_dataset(name, batch_size=…)` train split "
+              "with the training augmentation (digits: none by default; CIFAR: pad-4 random "
+              "crop and flip), `.repeat()` as `kode train` uses it, iterated alone in its own "
+              "process after one epoch that fills the cache (`cache → shuffle → parallel "
+              "map → batch → prefetch`)."]
+    lines += ["", *meta.get("findings", [])]
+    if summary["errors"]:
+        lines += ["", "## Failed processes", ""]
+        lines += [f"- `{json.dumps({k: v for k, v in e.items() if k != 'error'})}`: "
+                  f"{e['error']}" for e in summary["errors"]]
+    path = out / "performance.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+
+
+def _load1() -> float:
+    return os.getloadavg()[0]
+
+
+def run_all(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = ("python -m benchmarks.throughput " + shlex.join(sys.argv[1:])).strip()
+    started, load_before = time.monotonic(), _load1()
+    configs = plan(args.quick, args.repeats)
+    results = []
+    for i, cfg in enumerate(configs):
+        r = measure(cfg)
+        results.append(r)
+        if "error" in r:
+            status = r["error"]
+        elif r["kind"] == "train":
+            status = f"{r['images_per_s']:.1f} img/s, peak {r['peak_mb']:.0f} MB"
+        elif r["kind"] == "matmul":
+            status = ", ".join(f"{n}: {f / 1e9:.1f} GFLOP/s" for n, f in r["flops"].items())
+        elif r["kind"] == "macs":
+            status = ", ".join(f"{n}: {m / 1e6:.1f}M MACs" for n, m in r["macs"].items())
+        else:
+            status = f"{r['images_per_s']:.0f} img/s"
+        desc = " ".join(str(cfg[k]) for k in ("kind", "model", "dataset", "rep") if k in cfg)
+        print(f"[{i + 1}/{len(configs)} {time.monotonic() - started:.0f}s] {desc}: {status} "
+              f"(process {r['wall_s']:.0f} s)", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    summary = summarize(results)
+    mac_check = next((r for r in results if r["kind"] == "macs" and "error" not in r), {})
+    meta = {
+        "command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "wall_s": time.monotonic() - started, "machine": machine_description(),
+        "load_before": load_before, "load_after": _load1(),
+        "repeats": args.repeats or (1 if args.quick else 3), "note": args.note,
+        "mac_check": mac_check.get("macs", {}),
+        "findings": findings(summary),
+    }
+    path = write_doc(summary, meta, out)
+    print(f"wrote {path}", flush=True)
+
+
+def run_macs_worker(cfg: dict) -> dict:
+    """MACs per image of each zoo model in ``cfg["models"]`` (32×32×3, 10 classes)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return {**cfg, "macs": {name: count_macs(build_model(name)) for name in cfg["models"]}}
+
+
+WORKERS["macs"] = run_macs_worker
+
+
+def findings(summary: dict) -> list[str]:
+    """The findings section: measured facts computed from ``summary``."""
+    return []
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Training throughput baseline.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repetition of 1+3 steps, no MAC check (≤ 5 min, quiet 2 cores)")
+    parser.add_argument("--out", default="docs", help="directory for performance.md")
+    parser.add_argument("--repeats", type=int, help="repetitions of the alternated processes")
+    parser.add_argument("--json", help="write the raw per-process results here")
+    parser.add_argument("--note", help="a sentence added to the doc")
+    args = parser.parse_args(argv)
+    if args.worker:
+        cfg = json.loads(args.worker)
+        print(RESULT_PREFIX + json.dumps(WORKERS[cfg["kind"]](cfg)), flush=True)
+        return
+    run_all(args)
+
+
+if __name__ == "__main__":
+    main()

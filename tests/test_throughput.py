@@ -1,0 +1,85 @@
+"""Fast checks of benchmarks/throughput.py: MAC counts against REFERENCE.md §2, the
+hand-written reference ResNet-56 against the zoo's, and that a tiny worker reports its
+fields. No timing assertions: the numbers themselves are the benchmark's business."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from benchmarks import throughput  # noqa: E402
+
+
+@pytest.mark.parametrize(("name", "published"), [("resnet20", 40.8), ("resnet56", 125.7),
+                                                 ("resnet110", 253.1)])
+def test_mac_count_matches_published(name, published):
+    macs = throughput.count_macs(throughput.build_model(name))
+    assert round(macs / 1e6, 1) == published
+
+
+def test_reference_resnet56_has_the_zoo_layers():
+    zoo_model = throughput.build_model("resnet56")
+    reference = throughput.reference_resnet(56)
+    assert throughput.trainable_parameters(reference) == \
+        throughput.trainable_parameters(zoo_model) == 855_674
+    assert throughput.count_macs(reference) == throughput.count_macs(zoo_model)
+
+    def kinds(model):
+        counts = {}
+        for layer in model._flatten_layers(include_self=False):
+            kind = type(layer).__name__
+            if kind in ("Conv2D", "BatchNormalization", "Dense"):
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    assert kinds(reference) == kinds(zoo_model) == {"Conv2D": 57, "BatchNormalization": 57,
+                                                    "Dense": 1}
+
+
+def test_heun_counts_each_inner_function_twice():
+    heun = throughput.build_model("heun_resnet56")
+    plain = throughput.build_model("resnet56")
+    # Stage 1: 9 functions → 8 Heun steps × 2; stages 2, 3: transition + 8 functions → 7 × 2.
+    assert throughput.function_evaluations(plain) == 27
+    assert throughput.function_evaluations(heun) == 16 + 2 * (1 + 14)
+    assert throughput.count_macs(heun) > throughput.count_macs(plain)
+
+
+def test_tiny_train_worker_reports_the_fields():
+    result = throughput.run_train_worker({
+        "kind": "train", "model": "resnet20", "shape": [8, 8, 1], "batch": 4, "steps": 2,
+        "warmup": 1, "rep": 0, "count": True,
+    })
+    for field in ("images_per_s", "step_s", "peak_mb", "trainable_params", "macs",
+                  "evaluations", "loss"):
+        assert field in result
+    assert len(result["step_times_s"]) == 2 and result["images_per_s"] > 0
+    assert result["peak_mb"] > 0 and result["evaluations"] == 9
+
+
+def test_summary_and_doc_from_fake_results(tmp_path):
+    results = []
+    for rep in range(2):
+        for model, rate in (("resnet56", 90.0), ("reference_resnet56", 100.0),
+                            ("lm_resnet56", 85.5), ("heun_resnet56", 54.0)):
+            results.append({"kind": "train", "model": model, "rep": rep, "batch": 128,
+                            "steps": 3, "warmup": 1, "images_per_s": rate + rep,
+                            "step_s": 128 / (rate + rep), "peak_mb": 1400.0,
+                            "trainable_params": 855_674, "macs": 125.7e6 * (
+                                1.7 if model.startswith("heun") else 1), "evaluations": 27})
+        results.append({"kind": "matmul", "rep": rep, "flops": {"1024": 8e10, "4096": 1e11}})
+    results.append({"kind": "pipeline", "dataset": "cifar10", "batch": 128,
+                    "images_per_s": 1e4})
+    summary = throughput.summarize(results)
+    ratios = {c["model"]: c["ratio"] for c in summary["comparisons"]}
+    assert ratios["resnet56"] == pytest.approx((0.9 + 91 / 101) / 2)
+    assert ratios["heun_resnet56"] == pytest.approx((54 / 90 + 55 / 91) / 2 * 1.7)
+    meta = {"command": "python -m benchmarks.throughput", "date": "today", "wall_s": 60.0,
+            "machine": "test", "load_before": 0.1, "load_after": 0.2, "repeats": 2,
+            "mac_check": {"resnet56": 125.7e6}, "findings": throughput.findings(summary)}
+    text = throughput.write_doc(summary, meta, tmp_path).read_text()
+    assert "python -m benchmarks.throughput" in text and "**missed**" in text
+    assert "| cifar10 |" in text
