@@ -31,7 +31,7 @@ LEARNING_RATE = 0.25  # on the ODE-scaled weights: each A_n moves by η · N · 
 IID_STD = 0.5
 MAIN_N = 100
 QUICK = {"ns": [25, 50, 100], "gd_steps": 300}
-FULL = {"ns": [25, 50, 100, 200, 400], "gd_steps": 800}
+FULL = {"ns": [25, 50, 100, 200], "gd_steps": 400}
 
 
 def problem(seed: int, dim: int = DIM, samples: int = SAMPLES) -> tuple[np.ndarray, np.ndarray]:
