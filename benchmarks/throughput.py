@@ -284,7 +284,80 @@ def run_pipeline_worker(cfg: dict) -> dict:
             "image_shape": list(info.input_shape)}
 
 
-WORKERS = {"train": run_train_worker, "matmul": run_matmul_worker,
+def _op_category(name: str, op_type: str) -> str:
+    """Where a profiled op's time goes: conv, batchnorm, relu, optimizer or other
+    (residual adds, integrator arithmetic, loss, head)."""
+    segments = name.split("/")
+    if "Conv2D" in op_type:
+        return "conv"
+    if any(seg.startswith(("bn", "head_bn", "batch_normalization")) for seg in segments):
+        return "batchnorm"
+    if op_type in ("Relu", "ReluGrad"):
+        return "relu"
+    if "sgd" in name.lower() or op_type.startswith("Assign"):
+        return "optimizer"
+    return "other"
+
+
+PROFILE_CATEGORIES = ("conv", "batchnorm", "relu", "other", "optimizer")
+
+
+def run_profile_worker(cfg: dict) -> dict:
+    """Profile ``steps`` training steps (after ``warmup``) with TensorFlow's profiler
+    (``tf.profiler.experimental``) and sum the host op events of the trace by category and
+    direction (ops under ``gradient_tape/`` are the backward): op time in ms per step, summed
+    over the threads that ran the ops."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import glob
+    import tempfile
+
+    import keras
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from kode.training import make_optimizer
+
+    keras.utils.set_random_seed(0)
+    batch, steps = cfg.get("batch", BATCH), cfg.get("steps", 3)
+    model = build_model(cfg["model"])
+    model.compile(optimizer=make_optimizer(0.1, 0.9, 1e-4),
+                  loss=keras.losses.SparseCategoricalCrossentropy(),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=False)
+    data = _synthetic(batch, IMAGE, CLASSES)
+    model.fit(data, epochs=1, steps_per_epoch=cfg.get("warmup", 2), verbose=0)
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        t = time.perf_counter()
+        model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
+        wall = time.perf_counter() - t
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        path = sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1]
+        space.ParseFromString(Path(path).read_bytes())
+    times: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for plane in space.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith(("tf_Compute", "tf_numa")):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ":" not in name:  # executor bookkeeping, not an op
+                    continue
+                op_name, op_type = name.rsplit(":", 1)
+                direction = "bwd" if "gradient_tape/" in op_name else "fwd"
+                key = f"{direction} {_op_category(op_name, op_type)}"
+                times[key] = times.get(key, 0.0) + event.duration_ps / 1e9 / steps
+                if op_type in ("Mul", "AddV2", "Sub", "AddN", "Sum", "Tile"):
+                    counts[op_type] = counts.get(op_type, 0) + 1
+    return {**cfg, "op_ms": times, "wall_ms": 1e3 * wall / steps,
+            "elementwise_ops_per_step": {k: v / steps for k, v in counts.items()}}
+
+
+WORKERS = {"train": run_train_worker, "profile": run_profile_worker, "matmul": run_matmul_worker,
            "pipeline": run_pipeline_worker}
 
 
