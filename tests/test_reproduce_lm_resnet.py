@@ -79,7 +79,8 @@ def _fake_training() -> dict:
                      "params": 102, "cpu_s": 1.0, "k_labels": ["stage1/lm_k_1", "stage2/lm_k_0"],
                      "k_init": [-0.05, -0.02], "k_final": [-0.3 - seed, 0.2]})
     t = {"depths": [20], "epochs": 3, "batch_size": 64, "lr": 0.05, "schedule": "step",
-         "momentum": 0.9, "weight_decay": 5e-4, "decay_lm_k": False, "runs": runs}
+         "momentum": 0.9, "weight_decay": 5e-4, "decay_lm_k": False, "train_size": 1437,
+         "test_size": 360, "runs": runs}
     t["accuracy"] = lm.accuracy_summary(t)
     t["k"] = lm.k_summary(t)
     return t
@@ -117,6 +118,7 @@ def test_report_renders_the_numbers_and_figures(tmp_path):
     assert f"{order:.2f}" in text
     assert "94.50 ± 0.71" in text  # ResNet mean ± std from the fake runs
     assert "+2.00 ± 1.41" in text
+    assert "+7.2 test images" in text and "1437 train / 360 test" in text
     assert "range [-1.300, 0.200]" in text
     assert "Bounded on the grid for k in [-0.9, 1]" in text
     assert "LM-ResNet20: 8.33%" in text

@@ -560,7 +560,7 @@ def _report_stability(s: dict) -> list[str]:
 
 def _report_training(t: dict) -> list[str]:
     rows, verdicts = [], []
-    test_size = t.get("test_size", 360)  # results stored before the field existed: digits
+    test_size = t["test_size"]
     for row in t["accuracy"]:
         params = {r["model"]: r["params"] for r in t["runs"] if r["depth"] == row["depth"]}
         d_mean, d_sd = row["difference"]
@@ -600,7 +600,7 @@ def _report_training(t: dict) -> list[str]:
     return [
         "### (c) LM-ResNet vs ResNet at equal depth on digits",
         "",
-        f"`kode.train` on the embedded digits data ({t.get('train_size', 1437)} train / "
+        f"`kode.train` on the embedded digits data ({t['train_size']} train / "
         f"{test_size} test 8×8 images), "
         f"{t['epochs']} epochs, batch {t['batch_size']}, SGD momentum {t['momentum']:g}, "
         f"lr {t['lr']:g} ({t['schedule']} schedule: ÷10 at 50% and 75%), weight decay "
