@@ -380,7 +380,8 @@ def plot_learned_k(ctx: Context, training: dict) -> str:
         ax.axhspan(*PUBLISHED_K_RANGE, color="0.85", alpha=0.6,
                    label="published learned range ≈ [−2.5, 1]")
         ax.axhspan(*K_INIT_RANGE, color="C2", alpha=0.35, label="init U(−0.1, 0)")
-        ax.axhline(1.0, color="C3", lw=1.2, label="stability interval (−1, 1]")
+        ax.axhline(1.0, color="C3", lw=1.2,
+                   label="stability interval (−1, 1] (dashed end excluded)")
         ax.axhline(-1.0, color="C3", lw=1.2, ls="--")
         for i, run in enumerate(runs):
             x = np.arange(len(run["k_final"])) + (i - (len(runs) - 1) / 2) * 0.12
@@ -396,8 +397,9 @@ def plot_learned_k(ctx: Context, training: dict) -> str:
         ax.set_ylim(y_low, y_high)
         ax.set_xlabel("LM block (stage · step)")
         ax.set_ylabel("k_n")
-        ax.set_title(f"LM-ResNet{depth} on digits, {training['epochs']} epochs: learned k_n",
-                     fontsize=9.5)
+        decay = "weight decay on k" if training["decay_lm_k"] else "no weight decay on k"
+        ax.set_title(f"LM-ResNet{depth} on digits, {training['epochs']} epochs ({decay}): "
+                     "learned k_n", fontsize=9.5)
         ax.legend(fontsize=6.5, loc="lower right")
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
