@@ -47,13 +47,17 @@ BATCH = 128
 IMAGE = (32, 32, 3)
 CLASSES = 10
 REFERENCE = "reference_resnet56"
+#: resnet56 as built before the fix of kode.integrators.scale: every step multiplies f by h = 1.
+PRE_FIX = "resnet56_with_h_mul"
 #: (model, baseline, target ratio, what the ratio is): the comparisons and their targets.
 COMPARISONS = (
     ("resnet56", REFERENCE, 0.97, "images/s"),
     ("lm_resnet56", "resnet56", 0.95, "images/s"),
     ("heun_resnet56", "resnet56", 0.95, "images/s × MACs per image (per evaluation)"),
+    ("resnet56", PRE_FIX, None, "images/s (the fix: skip h·f when h = 1)"),
 )
-TRAIN_MODELS = ("resnet56", REFERENCE, "lm_resnet56", "heun_resnet56")
+TRAIN_MODELS = ("resnet56", REFERENCE, "lm_resnet56", "heun_resnet56", PRE_FIX)
+PROFILED = ("resnet56", REFERENCE, "lm_resnet56", "heun_resnet56")
 #: Published MACs per 32×32 image (REFERENCE.md §2), for the count check in the doc.
 PUBLISHED_MACS = {"resnet20": 40.8e6, "resnet56": 125.7e6, "resnet110": 253.1e6}
 #: Digits are trained with this model and batch (README / kode.training.RECIPES["digits"]).
@@ -103,6 +107,11 @@ def reference_resnet(depth: int = 56, input_shape: tuple[int, int, int] = IMAGE,
 
 def build_model(name: str, input_shape=IMAGE, classes: int = CLASSES):
     """``reference_resnet<depth>`` (:func:`reference_resnet`) or a zoo model name."""
+    if name == PRE_FIX:  # only ever in a worker process of its own
+        import kode.integrators
+
+        kode.integrators.scale = lambda h, y: h * y
+        name = "resnet56"
     if name.startswith("reference_resnet"):
         return reference_resnet(int(name.removeprefix("reference_resnet")), tuple(input_shape),
                                 classes)
@@ -345,10 +354,12 @@ def run_profile_worker(cfg: dict) -> dict:
                 continue
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
-                if ":" not in name:  # executor bookkeeping, not an op
+                if ":" not in name or "::" in name:  # executor bookkeeping, not an op
                     continue
                 op_name, op_type = name.rsplit(":", 1)
-                direction = "bwd" if "gradient_tape/" in op_name else "fwd"
+                # AddN sums the gradients of a tensor used twice (x feeds f and the skip).
+                backward = "gradient_tape/" in op_name or op_type == "AddN"
+                direction = "bwd" if backward else "fwd"
                 key = f"{direction} {_op_category(op_name, op_type)}"
                 times[key] = times.get(key, 0.0) + event.duration_ps / 1e9 / steps
                 if op_type in ("Mul", "AddV2", "Sub", "AddN", "Sum", "Tile"):
@@ -399,6 +410,8 @@ def plan(quick: bool, repeats: int | None = None) -> list[dict]:
                         else 5, "rep": rep})
     if not quick:
         configs.append({"kind": "macs", "models": list(PUBLISHED_MACS), "rep": 0})
+        configs += [{"kind": "profile", "model": model, "steps": 2, "warmup": 1, "rep": 0}
+                    for model in PROFILED]
     configs.append({"kind": "train", "model": DIGITS_MODEL, "shape": [8, 8, 1],
                     "batch": DIGITS_BATCH, "steps": steps, "warmup": warmup, "rep": 0,
                     "count": True})
@@ -452,8 +465,10 @@ def summarize(results: list[dict]) -> dict:
     sizes = sorted({int(n) for r in matmul for n in r["flops"]})
     matmul_flops = {n: statistics.median(r["flops"][str(n)] for r in matmul) for n in sizes}
     pipelines = {r["dataset"]: r for r in ok if r["kind"] == "pipeline"}
+    profiles = {r["model"]: r for r in ok if r["kind"] == "profile"}
     return {"models": models, "comparisons": comparisons, "matmul": matmul_flops,
-            "pipelines": pipelines, "errors": [r for r in results if "error" in r]}
+            "pipelines": pipelines, "profiles": profiles,
+            "errors": [r for r in results if "error" in r]}
 
 
 # ----------------------------------------------------------------------------- the doc
@@ -552,15 +567,16 @@ def write_doc(summary: dict, meta: dict, out: Path) -> Path:
               "| comparison | ratio (median of per-repetition ratios) | per repetition | "
               "ratio of medians | target | verdict |", "|---|---:|---|---:|---:|---|"]
     for c in comps:
+        target = "—" if c["target"] is None else f"≥ {c['target']}"
         if c["ratio"] is None:
-            lines.append(f"| {c['model']} / {c['base']} | — | | | ≥ {c['target']} | not "
-                         "measured |")
+            lines.append(f"| {c['model']} / {c['base']} | — | | | {target} | not measured |")
             continue
-        verdict = "**met**" if c["ratio"] >= c["target"] else "**missed**"
+        verdict = ("before/after" if c["target"] is None else
+                   "**met**" if c["ratio"] >= c["target"] else "**missed**")
         lines.append(
             f"| {c['model']} / {c['base']} ({c['what']}) | {c['ratio']:.3f} | "
             + ", ".join(f"{v:.3f}" for v in c["per_rep"])
-            + f" | {c['ratio_of_medians']:.3f} | ≥ {c['target']} | {verdict} |")
+            + f" | {c['ratio_of_medians']:.3f} | {target} | {verdict} |")
     heun = next((c for c in comps if c["model"] == "heun_resnet56" and c["ratio"]), None)
     if heun and models.get("heun_resnet56", {}).get("evaluations"):
         h, r = models["heun_resnet56"], models["resnet56"]
@@ -609,6 +625,7 @@ def write_doc(summary: dict, meta: dict, out: Path) -> Path:
               "crop and flip), `.repeat()` as `kode train` uses it, iterated alone in its own "
               "process after one epoch that fills the cache (`cache → shuffle → parallel "
               "map → batch → prefetch`)."]
+    lines += profile_table(summary.get("profiles", {}))
     lines += ["", *meta.get("findings", [])]
     if summary["errors"]:
         lines += ["", "## Failed processes", ""]
@@ -621,17 +638,64 @@ def write_doc(summary: dict, meta: dict, out: Path) -> Path:
 
 
 
+def _profile_share(profile: dict, key: str) -> float:
+    return profile["op_ms"].get(key, 0.0) / sum(profile["op_ms"].values())
+
+
+def profile_table(profiles: dict) -> list[str]:
+    """Op time per category from the profiler traces (one process per model)."""
+    if not profiles:
+        return []
+    keys = [f"{d} {c}" for d in ("fwd", "bwd") for c in PROFILE_CATEGORIES]
+    keys = [k for k in keys if any(k in p["op_ms"] for p in profiles.values())]
+    lines = ["", "## Where the time goes (TensorFlow profiler)", "",
+             "`tf.profiler.experimental` trace of training steps after a warm-up step, one "
+             "process per model; host op events summed by category, in ms of op time per "
+             "step (summed over the threads that ran them, so it exceeds the wall time on 2 "
+             "cores), and as a share of all op time. `bwd`: ops under `gradient_tape/` and "
+             "the gradient sums (AddN). `other`: residual adds, integrator arithmetic "
+             "(h·f, LM mixing, Heun's averaging), loss, pooling and dense head.",
+             "", "| model | wall ms/step | " + " | ".join(keys) + " | Mul/Add/Sub/Sum ops per "
+             "step |", "|---|---:|" + "---:|" * len(keys) + "---:|"]
+    for name, p in profiles.items():
+        ops = sum(v for k, v in p["elementwise_ops_per_step"].items()
+                  if k in ("Mul", "AddV2", "Sub", "Sum"))
+        lines.append(f"| {name} | {p['wall_ms']:.0f} | " + " | ".join(
+            f"{p['op_ms'].get(k, 0):.0f} ({100 * _profile_share(p, k):.0f}%)" for k in keys)
+            + f" | {ops:.0f} |")
+    return lines
+
+
 def _load1() -> float:
     return os.getloadavg()[0]
 
 
 def run_all(args) -> None:
+    """Run the plan (or read ``--merge`` results of an earlier run) and write the doc."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        results = json.loads(Path(args.merge).read_text())
+        meta = next(r for r in results if r["kind"] == "meta")
+        results = [r for r in results if r["kind"] != "meta"]
+    else:
+        results, meta = run_plan(args)
+    summary = summarize(results)
+    mac_check = next((r for r in results if r["kind"] == "macs" and "error" not in r), {})
+    meta = {**meta, "mac_check": mac_check.get("macs", {}), "findings": findings(summary)}
+    path = write_doc(summary, meta, out)
+    print(f"wrote {path}", flush=True)
+
+
+def run_plan(args) -> tuple[list[dict], dict]:
+    """Every configuration of :func:`plan` in its own process, in order."""
     command = ("python -m benchmarks.throughput " + shlex.join(sys.argv[1:])).strip()
     started, load_before = time.monotonic(), _load1()
     configs = plan(args.quick, args.repeats)
-    results = []
+    results: list[dict] = []
+    meta = {"kind": "meta", "command": command, "machine": machine_description(),
+            "load_before": load_before, "repeats": args.repeats or (1 if args.quick else 3),
+            "note": args.note}
     for i, cfg in enumerate(configs):
         r = measure(cfg)
         results.append(r)
@@ -643,25 +707,18 @@ def run_all(args) -> None:
             status = ", ".join(f"{n}: {f / 1e9:.1f} GFLOP/s" for n, f in r["flops"].items())
         elif r["kind"] == "macs":
             status = ", ".join(f"{n}: {m / 1e6:.1f}M MACs" for n, m in r["macs"].items())
+        elif r["kind"] == "profile":
+            status = f"{r['wall_ms']:.0f} ms/step profiled"
         else:
             status = f"{r['images_per_s']:.0f} img/s"
         desc = " ".join(str(cfg[k]) for k in ("kind", "model", "dataset", "rep") if k in cfg)
         print(f"[{i + 1}/{len(configs)} {time.monotonic() - started:.0f}s] {desc}: {status} "
               f"(process {r['wall_s']:.0f} s)", flush=True)
+        meta.update(wall_s=time.monotonic() - started, load_after=_load1(),
+                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"))
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
-    summary = summarize(results)
-    mac_check = next((r for r in results if r["kind"] == "macs" and "error" not in r), {})
-    meta = {
-        "command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "wall_s": time.monotonic() - started, "machine": machine_description(),
-        "load_before": load_before, "load_after": _load1(),
-        "repeats": args.repeats or (1 if args.quick else 3), "note": args.note,
-        "mac_check": mac_check.get("macs", {}),
-        "findings": findings(summary),
-    }
-    path = write_doc(summary, meta, out)
-    print(f"wrote {path}", flush=True)
+            Path(args.json).write_text(json.dumps([meta, *results], indent=1))
+    return results, meta
 
 
 def run_macs_worker(cfg: dict) -> dict:
@@ -687,6 +744,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, help="repetitions of the alternated processes")
     parser.add_argument("--json", help="write the raw per-process results here")
     parser.add_argument("--note", help="a sentence added to the doc")
+    parser.add_argument("--merge", metavar="JSON",
+                        help="write the doc from the --json file of an earlier run, run nothing")
     args = parser.parse_args(argv)
     if args.worker:
         cfg = json.loads(args.worker)
