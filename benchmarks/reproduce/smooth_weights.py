@@ -209,9 +209,12 @@ def report(result: dict) -> list[str]:
            "**This disagrees with the paper's O(1/N) claim** at these sizes."),
         "",
         f"**From i.i.d. N(0, {result['iid_std']}²) weights (contrast):** max|ΔA| is "
-        f"{fmt(min(iid_diff))}…{fmt(max(iid_diff))} for every N (slope {fmt(slope_iid)}, "
-        "i.e. no decay): gradient descent adds a smooth correction, the initial noise stays. "
-        "The smoothness is a property of the initialization plus training, not of training "
-        "alone, which is why the adjoint section below compares smooth and i.i.d. weights.",
+        f"{fmt(min(iid_diff))}…{fmt(max(iid_diff))} over N = {ns[0]}…{ns[-1]} (slope "
+        f"{fmt(slope_iid)}"
+        + (", i.e. no decay): gradient descent adds a smooth correction, the initial noise "
+           "stays. The smoothness is a property of the initialization plus training, not of "
+           "training alone, which is why the adjoint section below compares smooth and "
+           "i.i.d. weights." if slope_iid > -0.3 else
+           "): **unexpectedly, training removes the initial noise** at these sizes."),
     ]
     return lines
