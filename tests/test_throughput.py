@@ -4,6 +4,7 @@ fields. No timing assertions: the numbers themselves are the benchmark's busines
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,15 +14,20 @@ import pytest  # noqa: E402
 from benchmarks import throughput  # noqa: E402
 
 
+@functools.cache
+def _model(name: str):
+    return throughput.build_model(name)
+
+
 @pytest.mark.parametrize(("name", "published"), [("resnet20", 40.8), ("resnet56", 125.7),
                                                  ("resnet110", 253.1)])
 def test_mac_count_matches_published(name, published):
-    macs = throughput.count_macs(throughput.build_model(name))
+    macs = throughput.count_macs(_model(name))
     assert round(macs / 1e6, 1) == published
 
 
 def test_reference_resnet56_has_the_zoo_layers():
-    zoo_model = throughput.build_model("resnet56")
+    zoo_model = _model("resnet56")
     reference = throughput.reference_resnet(56)
     assert throughput.trainable_parameters(reference) == \
         throughput.trainable_parameters(zoo_model) == 855_674
@@ -40,8 +46,8 @@ def test_reference_resnet56_has_the_zoo_layers():
 
 
 def test_heun_counts_each_inner_function_twice():
-    heun = throughput.build_model("heun_resnet56")
-    plain = throughput.build_model("resnet56")
+    heun = _model("heun_resnet56")
+    plain = _model("resnet56")
     # Stage 1: 9 functions → 8 Heun steps × 2; stages 2, 3: transition + 8 functions → 7 × 2.
     assert throughput.function_evaluations(plain) == 27
     assert throughput.function_evaluations(heun) == 16 + 2 * (1 + 14)
@@ -49,15 +55,17 @@ def test_heun_counts_each_inner_function_twice():
 
 
 def test_tiny_train_worker_reports_the_fields():
+    # The smallest plain model (stem, one block per stage, head) keeps fit's tracing short.
     result = throughput.run_train_worker({
-        "kind": "train", "model": "resnet20", "shape": [8, 8, 1], "batch": 4, "steps": 2,
-        "warmup": 1, "rep": 0, "count": True,
+        "kind": "train", "model": "reference_resnet8", "shape": [8, 8, 1], "batch": 4,
+        "steps": 2, "warmup": 1, "rep": 0, "count": True,
     })
     for field in ("images_per_s", "step_s", "peak_mb", "trainable_params", "macs",
                   "evaluations", "loss"):
         assert field in result
     assert len(result["step_times_s"]) == 2 and result["images_per_s"] > 0
-    assert result["peak_mb"] > 0 and result["evaluations"] == 9
+    assert result["peak_mb"] > 0 and result["evaluations"] == 0
+    assert result["macs"] == throughput.count_macs(throughput.reference_resnet(8, (8, 8, 1)))
 
 
 def test_summary_and_doc_from_fake_results(tmp_path):
@@ -73,13 +81,33 @@ def test_summary_and_doc_from_fake_results(tmp_path):
         results.append({"kind": "matmul", "rep": rep, "flops": {"1024": 8e10, "4096": 1e11}})
     results.append({"kind": "pipeline", "dataset": "cifar10", "batch": 128,
                     "images_per_s": 1e4})
+    for model, other in (("resnet56", 50.0), ("lm_resnet56", 150.0)):
+        results.append({"kind": "profile", "model": model, "wall_ms": 1500.0,
+                        "op_ms": {"fwd conv": 600.0, "bwd conv": 1200.0, "fwd batchnorm": 300.0,
+                                  "bwd other": other},
+                        "elementwise_ops_per_step": {"Mul": 10, "Sum": 2}})
     summary = throughput.summarize(results)
-    ratios = {c["model"]: c["ratio"] for c in summary["comparisons"]}
-    assert ratios["resnet56"] == pytest.approx((0.9 + 91 / 101) / 2)
-    assert ratios["heun_resnet56"] == pytest.approx((54 / 90 + 55 / 91) / 2 * 1.7)
-    meta = {"command": "python -m benchmarks.throughput", "date": "today", "wall_s": 60.0,
+    ratios = {(c["model"], c["base"]): c["ratio"] for c in summary["comparisons"]}
+    assert ratios["resnet56", "reference_resnet56"] == pytest.approx((0.9 + 91 / 101) / 2)
+    assert ratios["resnet56", throughput.PRE_FIX] is None  # not in these results
+    assert ratios["heun_resnet56", "resnet56"] == pytest.approx((54 / 90 + 55 / 91) / 2 * 1.7)
+    meta = {"commands": ["python -m benchmarks.throughput"], "date": "today", "wall_s": 60.0,
             "machine": "test", "load_before": 0.1, "load_after": 0.2, "repeats": 2,
             "mac_check": {"resnet56": 125.7e6}, "findings": throughput.findings(summary)}
     text = throughput.write_doc(summary, meta, tmp_path).read_text()
     assert "python -m benchmarks.throughput" in text and "**missed**" in text
+    assert "## Where the time goes" in text and "| lm_resnet56 | 1500 |" in text
+    assert "100 ms more" in text
+    assert "## Findings" in text and "LM-ResNet-56 vs ResNet-56** (0.950" in text
     assert "| cifar10 |" in text
+
+
+def test_profiler_op_categories():
+    cat = throughput._op_category
+    assert cat("m/stage1_1/stage1_f0_1/conv1_1/convolution", "_MklNativeConv2D") == "conv"
+    assert cat("gradient_tape/m/stage1_1/stage1_f0_1/bn1_1/moments/mean", "Mean") == \
+        "batchnorm"
+    assert cat("m/batch_normalization_3_1/batchnorm/mul", "Mul") == "batchnorm"
+    assert cat("m/head_bn_1/batchnorm/sub", "Sub") == "batchnorm"
+    assert cat("m/stage1_1/add", "AddV2") == "other"
+    assert cat("SGD/AssignSubVariableOp", "AssignSubVariableOp") == "optimizer"
