@@ -298,9 +298,10 @@ def findings(result: dict) -> list[str]:
                    f"N = {catch['euler']}.")
     else:
         verdict = (f"**disagrees** with the paper: Heun's adjoint catches up at N = "
-                   f"{catch['heun']}, Euler's at N = {catch['euler']} (None: not within the "
-                   "sweep; the depths are powers of two apart), so Heun does not need fewer "
-                   "layers here.")
+                   f"{catch['heun']}, Euler's at N = {catch['euler']}"
+                   + (" (None: not within the sweep)" if None in catch.values() else
+                      " (the sweep's depths are powers of two apart)")
+                   + ", so Heun does not need fewer layers here.")
     out.append("- Heun reaches backprop with fewer layers than Euler: " + verdict)
     lower = [d for d in depths if _cell(summary, "heun", "adjoint", d)["err_init"]
              < _cell(summary, "euler", "adjoint", d)["err_init"]]
