@@ -781,7 +781,7 @@ def findings(summary: dict) -> list[str]:
         if fix:
             text += (" The profiler found the one difference there was: every Euler step "
                      "computed x + h·f(x) with h = 1, an extra multiply of the whole state "
-                     "forward and backward (24 per step of ResNet-56). "
+                     "forward and backward (25 Euler steps in ResNet-56). "
                      "`kode.integrators.scale` now skips it when h = 1 (bitwise the same "
                      "result: 1·y = y for every float); measured in this run, "
                      f"`resnet56` trains at {fix['ratio']:.3f}× the speed of "
@@ -846,8 +846,9 @@ def findings(summary: dict) -> list[str]:
                      "fused_batch_norm` would change the layer class (saved `.keras` files) "
                      "and the variance's rounding, so kode keeps Keras' layer.")
         text += (" The convolutions themselves are small (16–64 channels), where oneDNN "
-                 "reaches a fraction of its matmul rate. Data layout: NHWC is the layout "
-                 "TensorFlow's CPU kernels (oneDNN) take natively; the input pipeline is not "
+                 "reaches a fraction of its matmul rate. Data layout: the models are NHWC "
+                 "(Keras' default, what TensorFlow's CPU convolutions take; no other layout "
+                 "was measured); the input pipeline is not "
                  "the limit (below; training here reads a cached, prefetched in-memory "
                  "stream); `jit_compile` stays off (XLA measured 2–6× slower on this CPU, "
                  "README).")
