@@ -117,7 +117,7 @@ def test_report_renders_the_numbers_and_figures(tmp_path):
     order = modified["orders"]["0.5"]["mod_physical"]
     assert f"{order:.2f}" in text
     assert "94.50 ± 0.71" in text  # ResNet mean ± std from the fake runs
-    assert "+2.00 ± 1.41" in text
+    assert "+2.00 ± 1.41" in text and "not significant over 2 seed(s)" in text
     assert "+7.2 test images" in text and "1437 train / 360 test" in text
     assert "range [-1.300, 0.200]" in text
     assert "Bounded on the grid for k in [-0.9, 1]" in text
@@ -134,3 +134,10 @@ def test_lm_k_values_reads_every_lm_step_of_a_zoo_model():
     assert all(lm.K_INIT_RANGE[0] <= k <= lm.K_INIT_RANGE[1] for k in values)
     plain = zoo.create_model("resnet20", depth=14, input_shape=(8, 8, 1), classes=10)
     assert lm.lm_k_values(plain) == ([], [])
+
+
+def test_paired_difference_test_uses_student_t():
+    # t = 0.83 / (0.28/√3) ≈ 5.1 > t_{0.975, 2} ≈ 4.30; 0.93 / (0.70/√3) ≈ 2.3 is not.
+    assert lm.paired_difference_significant(0.0083, 0.0028, 3)
+    assert not lm.paired_difference_significant(0.0093, 0.0070, 3)
+    assert not lm.paired_difference_significant(0.01, 0.001, 1)

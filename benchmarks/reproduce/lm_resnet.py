@@ -267,6 +267,18 @@ def accuracy_summary(training: dict) -> list[dict]:
     return rows
 
 
+def paired_difference_significant(mean: float, std: float, n: int,
+                                  level: float = 0.95) -> bool:
+    """Two-sided paired t-test of mean ≠ 0: |mean| / (std/√n) > t_{(1+level)/2, n−1}."""
+    if n < 2:
+        return False
+    if std == 0:
+        return mean != 0
+    from scipy.stats import t as student_t
+
+    return abs(mean) / (std / math.sqrt(n)) > float(student_t.ppf((1 + level) / 2, n - 1))
+
+
 def k_summary(training: dict) -> dict:
     """Range of the learned k_n, how far they moved from init, and where they sit."""
     final = [k for r in training["runs"] if r["model"] == "lm_resnet" for k in r["k_final"]]
@@ -393,7 +405,7 @@ def plot_learned_k(ctx: Context, training: dict) -> str:
         labels = runs[0]["k_labels"] if runs else []
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels([lab.replace("stage", "s").replace("/lm_k_", "·") for lab in labels],
-                           rotation=90 if len(labels) > 8 else 0, fontsize=7)
+                           rotation=90 if len(labels) > 16 else 0, fontsize=7)
         ax.set_ylim(y_low, y_high)
         ax.set_xlabel("LM block (stage · step)")
         ax.set_ylabel("k_n")
@@ -567,20 +579,22 @@ def _report_training(t: dict) -> list[str]:
         params = {r["model"]: r["params"] for r in t["runs"] if r["depth"] == row["depth"]}
         d_mean, d_sd = row["difference"]
         n = len(row["seeds"])
-        resolved = n > 1 and abs(d_mean) > 2 * d_sd / math.sqrt(n)
+        resolved = paired_difference_significant(d_mean, d_sd, n)
         rows.append([row["depth"], _pct(row["resnet"]), _pct(row["lm_resnet"]),
                      f"{100 * d_mean:+.2f} ± {100 * d_sd:.2f}", n,
                      f"{params.get('resnet', 0):,} / {params.get('lm_resnet', 0):,}"])
         if not resolved:
             verdicts.append(f"at depth {row['depth']} the difference ({100 * d_mean:+.2f} pp, "
-                            f"{d_mean * test_size:+.1f} test images) is not resolved by {n} "
-                            "seed(s) (|mean| ≤ 2·std/√n)")
+                            f"{d_mean * test_size:+.1f} test images) is not significant "
+                            f"over {n} seed(s) (paired t-test, 95%)")
         elif d_mean > 0:
             verdicts.append(f"at depth {row['depth']} LM-ResNet is better by "
-                            f"{100 * d_mean:.2f} pp, as the paper claims")
+                            f"{100 * d_mean:.2f} pp (significant over {n} seeds, paired t-test, "
+                            "95%), as the paper claims")
         else:
             verdicts.append(f"at depth {row['depth']} LM-ResNet is *worse* by "
-                            f"{100 * -d_mean:.2f} pp, against the paper's claim")
+                            f"{100 * -d_mean:.2f} pp (significant over {n} seeds, paired "
+                            "t-test, 95%), against the paper's claim")
     published = "; ".join(f"LM-ResNet{d}: {PUBLISHED_LM_ERROR[d]:.2f}%" for d in t["depths"]
                           if d in PUBLISHED_LM_ERROR)
     k = t["k"]
@@ -592,7 +606,7 @@ def _report_training(t: dict) -> list[str]:
         f"on average from their initialization and span [{fmt(k['min'], 2)}, "
         f"{fmt(k['max'], 2)}]"
         + (", a small part of the published spread: this run does not reproduce the wide "
-           "range of learned k_n reported by replications (a small dataset, few epochs)."
+           f"range of learned k_n reported by replications (small data, {t['epochs']} epochs)."
            if not moved_far and k["max"] - k["min"] < 1.5 else
            ", comparable in spread to the published range.")
         + (" None leaves the stability interval." if k["in_stability"] == k["count"] else
