@@ -689,11 +689,15 @@ def run_all(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        records = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+        # Repetitions of different runs are different repetitions: pair processes per run.
+        records = [{**r, "rep": f"{i}:{r.get('rep', 0)}"} for i, path in enumerate(args.merge)
+                   for r in json.loads(Path(path).read_text())]
         metas = [r for r in records if r["kind"] == "meta"]
         results = [r for r in records if r["kind"] != "meta"]
         meta = {**metas[0], "commands": [m["command"] for m in metas],
                 "wall_s": sum(m["wall_s"] for m in metas),
+                "repeats": len({r["rep"] for r in results if r["kind"] == "train"
+                                and r["model"] == "resnet56"}),
                 "load_before": max(m["load_before"] for m in metas),
                 "load_after": max(m["load_after"] for m in metas),
                 "merge": "python -m benchmarks.throughput " + shlex.join(sys.argv[1:])}
@@ -714,7 +718,8 @@ def run_plan(args) -> tuple[list[dict], dict]:
     configs = plan(args.quick, args.repeats, args.parts)
     results: list[dict] = []
     meta = {"kind": "meta", "command": command, "machine": machine_description(),
-            "load_before": load_before, "repeats": args.repeats or (1 if args.quick else 3),
+            "load_before": load_before,
+            "repeats": len({c["rep"] for c in configs if c["kind"] == "train"}),
             "note": args.note}
     for i, cfg in enumerate(configs):
         r = measure(cfg)
@@ -783,10 +788,21 @@ def findings(summary: dict) -> list[str]:
                      "computed x + h·f(x) with h = 1, an extra multiply of the whole state "
                      "forward and backward (25 Euler steps in ResNet-56). "
                      "`kode.integrators.scale` now skips it when h = 1 (bitwise the same "
-                     "result: 1·y = y for every float); measured in this run, "
-                     f"`resnet56` trains at {fix['ratio']:.3f}× the speed of "
-                     f"`{PRE_FIX}` (the model with the multiply, alternated in the same "
-                     "repetitions).")
+                     "result: 1·y = y for every float), and the op counts above are now "
+                     "equal. Measured in this run, `resnet56` trains at "
+                     f"{fix['ratio']:.3f}× the speed of `{PRE_FIX}` (the model with the "
+                     "multiply, alternated in the same repetitions: per repetition "
+                     + ", ".join(f"{v:.2f}" for v in fix["per_rep"]) + ").")
+            spread = statistics.pstdev(models["resnet56"]["all_images_per_s"]) / \
+                models["resnet56"]["images_per_s"] if models["resnet56"]["processes"] > 1 \
+                else None
+            if spread is None or spread > abs(fix["ratio"] - 1):
+                text += (" That ratio is within the process-to-process noise of this run "
+                         + ("(one repetition)" if spread is None else
+                            f"(ResNet-56's images/s vary by ±{100 * spread:.0f}% between its "
+                            "processes)")
+                         + ": 25 elementwise passes are small next to 57 convolutions, and "
+                         "the equal op counts are the firm evidence.")
         out.append(text)
     lm = _comparison(summary, "lm_resnet56", "resnet56")
     if lm:
@@ -798,20 +814,21 @@ def findings(summary: dict) -> list[str]:
                 "Σ g·u_prev − Σ g·u (two multiplies and two full sums per block), plus the "
                 "scaled gradients (1−k)g and k·g and the sum of u's three uses.")
         if pl and pz:
-            extra = _op_ms(pl, "bwd other", "fwd other") - _op_ms(pz, "bwd other", "fwd other")
-            total = sum(pz["op_ms"].values())
+            # Shares of each process's own op time: robust to load, unlike absolute times.
+            s_lm = _op_ms(pl, "fwd other", "bwd other") / sum(pl["op_ms"].values())
+            s_rn = _op_ms(pz, "fwd other", "bwd other") / sum(pz["op_ms"].values())
             text += (f" Profiled, the `other` ops (where that arithmetic sits) take "
-                     f"{_op_ms(pl, 'fwd other', 'bwd other'):.0f} ms of op time per step "
-                     f"against {_op_ms(pz, 'fwd other', 'bwd other'):.0f} ms for ResNet-56: "
-                     f"{extra:.0f} ms more, {100 * extra / total:.0f}% of ResNet-56's op "
-                     "time, i.e. the miss.")
+                     f"{100 * s_lm:.0f}% of LM-ResNet-56's op time against {100 * s_rn:.0f}% "
+                     "of ResNet-56's; if everything else costs the same, that alone predicts "
+                     f"a ratio of (1 − {s_lm:.3f}) / (1 − {s_rn:.3f}) = "
+                     f"{(1 - s_lm) / (1 - s_rn):.2f}.")
         text += (" These are memory-bound elementwise passes over a 128×32×32×16 float32 "
                  "state (8 MiB) that TensorFlow runs as separate kernels. They cannot be "
                  "removed at the library's level without changing the model's numerics: "
                  "rewriting the step as u + k(u_prev − u) + f, or the k gradient as one "
                  "Σ g·(u_prev − u), rounds differently; fusing them needs XLA, which is "
-                 "2–6× slower overall on this CPU (README). The cost is the model's, not "
-                 "the abstraction's.")
+                 "2–6× slower overall on this CPU (README). The cost is the LM scheme's "
+                 "(a trainable mixing per block), not kode's abstraction's.")
         out.append(text)
     heun = _comparison(summary, "heun_resnet56", "resnet56")
     if heun:
@@ -845,8 +862,7 @@ def findings(summary: dict) -> list[str]:
                      "model pays exactly the same. Replacing it with `tf.nn."
                      "fused_batch_norm` would change the layer class (saved `.keras` files) "
                      "and the variance's rounding, so kode keeps Keras' layer.")
-        text += (" The convolutions themselves are small (16–64 channels), where oneDNN "
-                 "reaches a fraction of its matmul rate. Data layout: the models are NHWC "
+        text += (" Data layout: the models are NHWC "
                  "(Keras' default, what TensorFlow's CPU convolutions take; no other layout "
                  "was measured); the input pipeline is not "
                  "the limit (below; training here reads a cached, prefetched in-memory "
