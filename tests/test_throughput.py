@@ -98,7 +98,7 @@ def test_summary_and_doc_from_fake_results(tmp_path):
     text = throughput.write_doc(summary, meta, tmp_path).read_text()
     assert "python -m benchmarks.throughput" in text and "**missed**" in text
     assert "## Where the time goes" in text and "| lm_resnet56 | 1500 |" in text
-    assert "100 ms more" in text
+    assert "predicts a ratio of" in text
     assert "## Findings" in text and "LM-ResNet-56 vs ResNet-56** (0.950" in text
     assert "| cifar10 |" in text
 
