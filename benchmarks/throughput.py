@@ -789,6 +789,12 @@ def findings(summary: dict) -> list[str]:
                 "57 convolutions and 57 batch normalizations; kode's layers (nested "
                 "`IntegratorStage`, `BasicBlock`, `TransitionBlock`) cost graph-tracing time "
                 "(the first step), not step time.")
+        if min(zoo["per_rep"]) > 1.05:
+            text += (" The hand-written model was slower in every repetition (per "
+                     "repetition " + ", ".join(f"{v:.2f}" for v in zoo["per_rep"]) + "), "
+                     "although its graph has the same ops; the cause (Keras' `Add`/`ReLU` "
+                     "layers against kode's inline ops, or op scheduling) is not "
+                     "established by this benchmark.")
         pz, pr = profiles.get("resnet56"), profiles.get(REFERENCE)
         if pz and pr:
             count = {name: sum(p["elementwise_ops_per_step"].get(k, 0)
