@@ -219,6 +219,11 @@ def plot(ctx: Context, result: dict) -> str:
     return ctx.save_figure(fig, "accuracy")
 
 
+def _loses(gap: float) -> str:
+    """'loses 1.2 points' / 'gains 0.1 points' for a backprop − adjoint accuracy gap."""
+    return f"{'loses' if gap >= 0 else 'gains'} {abs(100 * gap):.1f} points"
+
+
 def report(result: dict) -> list[str]:
     summary, depths = result["summary"], result["depths"]
     lines = [
@@ -283,9 +288,9 @@ def findings(result: dict) -> list[str]:
         where = (f"from N = {catch[i]} on it stays within {tol} points of backprop"
                  if catch[i] is not None else f"it is never within {tol} points of backprop "
                  "from some depth on")
-        out.append(f"- {i.capitalize()}: adjoint training loses "
-                   f"{100 * _gap(result, i, lo):.1f} points of test accuracy at N = {lo} and "
-                   f"{100 * _gap(result, i, hi):.1f} at N = {hi}; {where}.")
+        out.append(f"- {i.capitalize()}: adjoint training {_loses(_gap(result, i, lo))} "
+                   f"of test accuracy at N = {lo} and {_loses(_gap(result, i, hi))} at "
+                   f"N = {hi}; {where}.")
     approaches = all(_gap(result, i, hi) < _gap(result, i, lo) for i in INTEGRATORS) and all(
         catch[i] is not None for i in INTEGRATORS)
     out.append("- The adjoint approaches backprop as depth grows: "

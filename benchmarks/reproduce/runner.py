@@ -120,6 +120,8 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                         help=f"seeds (default {QUICK_SEEDS} with --quick, else {FULL_SEEDS})")
     parser.add_argument("--out", default=str(ROOT / "docs"),
                         help="directory for results.md, results.json and the figures")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite results.md from the stored results.json, run nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--command", help=argparse.SUPPRESS)
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) ->
     command = "kode reproduce" + ("" if not given else " " + shlex.join(given))
     store_path = args.out / "results.json"
     store = json.loads(store_path.read_text()) if store_path.exists() else {}
-    names = list(args.only or EXPERIMENTS)
+    names = [] if args.render else list(args.only or EXPERIMENTS)
     started, failed = time.monotonic(), []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)} {time.monotonic() - started:5.0f}s] {name}: "
