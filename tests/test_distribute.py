@@ -152,21 +152,33 @@ def _tf_config(ports: list[int], index: int) -> str:
                        "task": {"type": "worker", "index": index}})
 
 
-def test_two_workers_on_localhost_match_one_worker_with_the_same_global_batch(tmp_path):
-    ports = _free_ports(3)
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+def _run_two_workers(logdir, env):
+    ports = _free_ports(2)
     workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "two")], cwd=ROOT,
+        subprocess.Popen([sys.executable, "-c", WORKER, str(logdir)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **env, "TF_CONFIG": _tf_config(ports[:2], i)})
+                         env={**os.environ, **env, "TF_CONFIG": _tf_config(ports, i)})
         for i in range(2)
     ]
-    outputs = [w.communicate(timeout=400) for w in workers]
+    return workers, [w.communicate(timeout=400) for w in workers]
+
+
+def test_two_workers_on_localhost_match_one_worker_with_the_same_global_batch(tmp_path):
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    two = tmp_path / "two"
+    workers, outputs = _run_two_workers(two, env)
+    if any(w.returncode and "stopped sending heartbeats" in err
+           for w, (_, err) in zip(workers, outputs, strict=True)):
+        # Seen once with other TensorFlow jobs on the 2 cores: a worker starved past the
+        # coordination service's heartbeat timeout. A machine-load failure, not a result:
+        # run the pair once more in a fresh directory.
+        two = tmp_path / "two-again"
+        workers, outputs = _run_two_workers(two, env)
     for w, (_, err) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, err[-3000:]
     single = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "one")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **env, "TF_CONFIG": _tf_config(ports[2:], 0)})
+                            env={**os.environ, **env, "TF_CONFIG": _tf_config(_free_ports(1), 0)})
     assert single.returncode == 0, single.stderr[-3000:]
     chief, other, one = (_result(o) for o in (outputs[0][0], outputs[1][0], single.stdout))
     for mode in ("backprop", "adjoint"):
@@ -184,8 +196,8 @@ def test_two_workers_on_localhost_match_one_worker_with_the_same_global_batch(tm
         assert worst < 1e-2, f"{mode}: max |w_2workers - w_1worker| = {worst}"
         # Both workers hold the same (mirrored) weights; only the chief writes to the logdir.
         np.testing.assert_array_equal(chief[mode]["weights"][0], other[mode]["weights"][0])
-        assert chief[mode]["logdir"] == str(tmp_path / "two" / mode)
-        assert other[mode]["logdir"] == str(tmp_path / "two" / mode / "worker-1")
+        assert chief[mode]["logdir"] == str(two / mode)
+        assert other[mode]["logdir"] == str(two / mode / "worker-1")
         assert os.path.isfile(os.path.join(chief[mode]["logdir"], "model.keras"))
 
 
