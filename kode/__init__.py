@@ -11,14 +11,17 @@ import_tensorflow_quietly()
 from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth  # noqa: E402
 from kode.errors import KodeError  # noqa: E402
 from kode.gradients import GRADIENT_MODES, set_gradient_mode  # noqa: E402
-from kode.integrators import (  # noqa: E402
+from kode.integrators import (  # noqa: E402  # noqa: E402
     INTEGRATORS,
     Euler,
+    FractalNet,
     Heun,
     Integrator,
     LinearMultistep,
     Momentum,
+    PolyNet,
     ReversibleHeun,
+    RevNet,
     get_integrator,
 )
 from kode.stage import IntegratorStage, TransitionBlock  # noqa: E402
@@ -30,6 +33,7 @@ __all__ = [
     "IntegratorStage", "KodeError", "LinearMultistep", "Momentum", "Projection",
     "ReversibleHeun", "StochasticDepth", "TransitionBlock", "export_model", "get_integrator",
     "check_gradients", "load_dataset", "predict_files", "set_gradient_mode", "train",
+    "FractalNet", "PolyNet", "RevNet",
 ]
 
 _LAZY = {"train": "kode.training", "export_model": "kode.export",

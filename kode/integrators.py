@@ -49,6 +49,13 @@ class Integrator:
     #: Steps per stage beyond which the reversal's float32 rounding growth makes the adjoint
     #: inaccurate (None: no limit).
     max_adjoint_steps: int | None = None
+    #: Residual functions one step evaluates with their own weights (RevNet's F and G: 2).
+    functions_per_step: ClassVar[int] = 1
+
+    def residual_shape(self, state_shape: tuple) -> tuple:
+        """The shape a residual function maps to itself, given the stage's (concatenated)
+        state shape: the state's own shape unless the scheme splits it (RevNet's halves)."""
+        return tuple(state_shape)
 
     def num_steps(self, num_functions: int) -> int:
         """Steps taken by a stage holding ``num_functions`` residual functions."""
@@ -272,8 +279,118 @@ class ReversibleHeun(_FunctionsOnGrid):
         return (y_next - 0.5 * h * (fz + fz_next), z, fz)
 
 
+class _PairedFunctions(Integrator):
+    """Schemes whose step evaluates two residual functions of its own: 2N functions, N steps."""
+
+    functions_per_step = 2
+
+    def num_steps(self, num_functions):
+        if num_functions % 2:
+            raise ValueError(
+                f"integrator '{self.name}' takes two residual functions per step; got an odd "
+                f"number ({num_functions})"
+            )
+        return num_functions // 2
+
+
+class PolyNet(Integrator):
+    """PolyNet's poly-2 module (Lu et al.'s reading): with F_n = h f_n,
+
+    u_{n+1} = u_n + F_n(u_n) + F_n(F_n(u_n)) = (I + F_n + F_n²) u_n,
+
+    the truncated Neumann series of (I − F_n)^{-1}: an approximation of backward Euler
+    u_{n+1} = u_n + F_n(u_{n+1}). Order 1 when f_n(0) = 0 (a linear f); otherwise
+    F_n(F_n(u)) ≈ h f_n(0) and the scheme is not consistent with u' = f(u) as h → 0.
+    """
+
+    name = "polynet"
+    order = 1
+    reversal = APPROXIMATE
+
+    def step(self, n, state, fns, h, params):
+        (u,) = state
+        fu = scale(h, fns[n](u))
+        return (u + fu + scale(h, fns[n](fu)),)
+
+    def reverse_step(self, n, state, fns, h, params):
+        # Backward Euler's exact inverse u_n = u_{n+1} − F(u_{n+1}); for the poly-2 step
+        # (I − F)(I + F + F²) = I − F³ (linear F): local error O(h³), O(h²) for nonlinear f.
+        (u,) = state
+        return (u - scale(h, fns[n](u)),)
+
+
+class FractalNet(_PairedFunctions):
+    """FractalNet's two-column join (Lu et al.'s reading), a 2nd-order Runge–Kutta step:
+
+    u_{n+1} = k1 u_n + k2 (k3 u_n + f1(u_n)) + f2(k3 u_n + f1(u_n)), with FractalNet's
+    averaging join (the mean of the shallow column u_n and the deep column v + h g2(v)):
+    k1 = k2 = 1/2, k3 = 1, f1 = h g1, f2 = (h/2) g2, i.e. v = u_n + h g1(u_n),
+    u_{n+1} = (u_n + v + h g2(v)) / 2 = u_n + (h/2)(g1(u_n) + g2(v)): Heun's method with the
+    two stages' functions g1 = f_{2n} (at t_n) and g2 = f_{2n+1} (at t_{n+1}) apart.
+    """
+
+    name = "fractalnet"
+    order = 2
+    reversal = APPROXIMATE
+
+    def step(self, n, state, fns, h, params):
+        (u,) = state
+        v = u + scale(h, fns[2 * n](u))
+        return (0.5 * (u + v + scale(h, fns[2 * n + 1](v))),)
+
+    def reverse_step(self, n, state, fns, h, params):
+        # The join run with step −h, stages swapped (as Heun's reversal): local error O(h³)
+        # when g1 ≈ g2, O(h²) otherwise.
+        (u,) = state
+        w = scale(h, fns[2 * n + 1](u))
+        return (u - 0.5 * (w + scale(h, fns[2 * n](u - w))),)
+
+
+class RevNet(_PairedFunctions):
+    """RevNet (Gomez et al. 2017; Lu et al.: forward Euler on a coupled system). The state is
+    the pair of channel halves (X, Y) of x; F_n = f_{2n} and G_n = f_{2n+1} act on half the
+    channels:
+
+    X_{n+1} = X_n + h F_n(Y_n);  Y_{n+1} = Y_n + h G_n(X_{n+1}).
+
+    Exactly reversible, no division: Y_n = Y_{n+1} − h G_n(X_{n+1}); X_n = X_{n+1} − h F_n(Y_n).
+    """
+
+    name = "revnet"
+    order = 1
+    reversal = EXACT
+
+    def residual_shape(self, state_shape):
+        channels = state_shape[-1]
+        if channels is not None and channels % 2:
+            raise ValueError(
+                f"integrator 'revnet' splits the state's channels in two halves; got an odd "
+                f"number of channels ({channels})"
+            )
+        return (*state_shape[:-1], None if channels is None else channels // 2)
+
+    def init_state(self, x, history, fns, h):
+        half = x.shape[-1] // 2
+        return (x[..., :half], x[..., half:])
+
+    def output(self, state):
+        return keras.ops.concatenate(state, axis=-1)
+
+    def step(self, n, state, fns, h, params):
+        x, y = state
+        x = x + scale(h, fns[2 * n](y))
+        return (x, y + scale(h, fns[2 * n + 1](x)))
+
+    def reverse_step(self, n, state, fns, h, params):
+        x, y = state
+        y = y - scale(h, fns[2 * n + 1](x))
+        return (x - scale(h, fns[2 * n](y)), y)
+
+
 INTEGRATORS: dict[str, type[Integrator]] = {
-    cls.name: cls for cls in (Euler, Heun, LinearMultistep, Momentum, ReversibleHeun)
+    cls.name: cls
+    for cls in (Euler, Heun, LinearMultistep, Momentum, ReversibleHeun, PolyNet, FractalNet,
+                RevNet)
 }
 
 

@@ -86,13 +86,15 @@ class IntegratorStage(layers.Layer):
             input_shape[0], (list, tuple)
         )
         x_shape = tuple(input_shape[0]) if has_history else tuple(input_shape)
+        # The shape each residual function sees: the state's, or a part of it (RevNet's halves).
+        f_shape = self.integrator.residual_shape(x_shape)
         for f in self.residual_functions:
             if not f.built:
-                f.build(x_shape)
-            out = tuple(f.compute_output_shape(x_shape))
-            if out[1:] != x_shape[1:]:
+                f.build(f_shape)
+            out = tuple(f.compute_output_shape(f_shape))
+            if out[1:] != f_shape[1:]:
                 raise ValueError(
-                    f"residual function '{f.name}' maps shape {x_shape[1:]} to {out[1:]}: "
+                    f"residual function '{f.name}' maps shape {f_shape[1:]} to {out[1:]}: "
                     "a stage's residual functions must keep the state's shape"
                 )
         self.integrator_variables = self.integrator.create_variables(

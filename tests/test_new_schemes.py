@@ -1,0 +1,166 @@
+"""PolyNet, FractalNet and RevNet as integrators (Lu et al.'s readings): formulas, orders on a
+linear ODE, reversals, the split state of RevNet in a stage, and the adjoint on zoo models."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy.linalg import expm
+
+from kode import BasicBlock, IntegratorStage, get_integrator
+from kode.errors import KodeError
+from kode.gradients import check_gradient_mode
+
+WIDTH = 4
+
+
+def _matrices(seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [tf.constant(scale * rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH), "float64")
+            for _ in range(2)]
+
+
+def _x0(seed=1, width=WIDTH, dtype="float64"):
+    return tf.constant(np.random.default_rng(seed).standard_normal((3, width)), dtype)
+
+
+def _linear_problem(name):
+    """Functions, initial state and exact x(1) of a linear ODE the scheme discretizes.
+
+    PolyNet, FractalNet: x' = x A (row vectors), x(1) = x0 expm(A).
+    RevNet: X' = Y A, Y' = X B, i.e. z' = z M with z = [X, Y], M = [[0, B], [A, 0]].
+    """
+    a, b = _matrices()
+    if name == "revnet":
+        z0 = _x0(width=2 * WIDTH)
+        m = np.block([[np.zeros((WIDTH, WIDTH)), b.numpy()], [a.numpy(), np.zeros((WIDTH, WIDTH))]])
+        return [lambda y: y @ a, lambda x: x @ b], z0, z0.numpy() @ expm(m)
+    x0 = _x0()
+    return [lambda x: x @ a] * 2, x0, x0.numpy() @ expm(a.numpy())
+
+
+def _run(integrator, fns_per_step, x, n):
+    """Integrate n steps of size 1/n; returns every state."""
+    h = 1.0 / n
+    fns = fns_per_step * n if integrator.functions_per_step == 2 else fns_per_step[:1] * n
+    state = integrator.init_state(x, None, fns, h)
+    states = [state]
+    for k in range(integrator.num_steps(len(fns))):
+        state = integrator.step(k, state, fns, h, [])
+        states.append(state)
+    return fns, h, states
+
+
+@pytest.mark.parametrize("name, order", [("polynet", 1), ("fractalnet", 2), ("revnet", 1)])
+def test_convergence_order_on_a_linear_ode_in_float64(name, order):
+    integrator = get_integrator(name)
+    assert integrator.order == order
+    fns, x0, exact = _linear_problem(name)
+    steps = [8, 16, 32, 64]
+    errors = [float(np.max(np.abs(integrator.output(_run(integrator, fns, x0, n)[2][-1]) - exact)))
+              for n in steps]
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert slope == pytest.approx(-order, abs=0.15), errors
+
+
+def _tanh(seed, width):
+    w = tf.constant(np.random.default_rng(seed).standard_normal((width, width)) / np.sqrt(width),
+                    "float32")
+    return lambda x: tf.tanh(x @ w)
+
+
+def test_step_formulas():
+    x = _x0(dtype="float32")
+    f, g = _tanh(0, WIDTH), _tanh(1, WIDTH)
+    (poly,) = get_integrator("polynet").step(0, (x,), [f], 0.5, [])
+    np.testing.assert_allclose(poly, x + 0.5 * f(x) + 0.5 * f(0.5 * f(x)), rtol=1e-6)
+    # FractalNet: k1 u + k2 (k3 u + f1(u)) + f2(k3 u + f1(u)), k1 = k2 = 1/2, k3 = 1,
+    # f1 = h g1, f2 = (h/2) g2 (the averaging join).
+    (frac,) = get_integrator("fractalnet").step(0, (x,), [f, g], 0.5, [])
+    v = x + 0.5 * f(x)
+    np.testing.assert_allclose(frac, 0.5 * x + 0.5 * v + 0.25 * g(v), rtol=1e-6)
+    rev = get_integrator("revnet")
+    z = _x0(width=2 * WIDTH, dtype="float32")
+    state = rev.init_state(z, None, [f, g], 0.5)
+    np.testing.assert_array_equal(rev.output(state), z)
+    big_x, big_y = rev.step(0, state, [f, g], 0.5, [])
+    want_x = z[:, :WIDTH] + 0.5 * f(z[:, WIDTH:])
+    np.testing.assert_allclose(big_x, want_x, rtol=1e-6)
+    np.testing.assert_allclose(big_y, z[:, WIDTH:] + 0.5 * g(want_x), rtol=1e-6)
+
+
+def test_revnet_reversal_is_exact_over_many_steps_in_float32():
+    rev = get_integrator("revnet")
+    fns = [_tanh(s, WIDTH) for s in range(64)]
+    z = _x0(width=2 * WIDTH, dtype="float32")
+    states = [rev.init_state(z, None, fns, 0.125)]
+    for n in range(32):
+        states.append(rev.step(n, states[-1], fns, 0.125, []))
+    state = states[-1]
+    for n in reversed(range(32)):
+        state = rev.reverse_step(n, state, fns, 0.125, [])
+        for got, want in zip(state, states[n], strict=True):
+            assert float(tf.reduce_max(tf.abs(got - want))) <= 1e-5
+    assert float(tf.reduce_max(tf.abs(rev.output(states[-1]) - z))) > 0.1  # the steps moved x
+
+
+@pytest.mark.parametrize("name, slope", [("polynet", 2), ("fractalnet", 3)])
+def test_approximate_reversal_error_falls_with_h(name, slope):
+    # Rebuilding x_0 from x_N by N reverse steps on a linear ODE. PolyNet:
+    # (I − F)(I + F + F²) = I − F³, local O(h³), global O(h²). FractalNet (Heun run backwards):
+    # R(−hA) R(hA) = I + h⁴A⁴/4 with R(z) = 1 + z + z²/2, local O(h⁴), global O(h³).
+    integrator = get_integrator(name)
+    fns, x0, _ = _linear_problem(name)
+    errors = []
+    for n in (8, 16, 32):
+        all_fns, h, states = _run(integrator, fns, x0, n)
+        state = states[-1]
+        for k in reversed(range(n)):
+            state = integrator.reverse_step(k, state, all_fns, h, [])
+        errors.append(float(tf.reduce_max(tf.abs(integrator.output(state) - x0))))
+    measured = np.polyfit(np.log([8, 16, 32]), np.log(errors), 1)[0]
+    assert measured == pytest.approx(-slope, abs=0.2), errors
+    assert integrator.reversal == "approximate"
+
+
+def test_revnet_stage_runs_its_functions_on_half_the_channels():
+    keras.utils.set_random_seed(0)
+    stage = IntegratorStage([BasicBlock(4, name=f"f{i}") for i in range(4)], "revnet")
+    x = np.random.default_rng(0).standard_normal((2, 5, 5, 8)).astype("float32")
+    y = stage(x)
+    assert stage.num_steps == 2 and tuple(y.shape) == x.shape
+    assert stage.residual_functions[0].bn1.gamma.shape == (4,)
+    with pytest.raises(ValueError, match="keep the state's shape"):
+        IntegratorStage([BasicBlock(8), BasicBlock(8)], "revnet")(x)
+    with pytest.raises(ValueError, match="odd number of channels"):
+        IntegratorStage([BasicBlock(2), BasicBlock(2)], "revnet")(x[..., :5])
+    with pytest.raises(ValueError, match="two residual functions per step"):
+        IntegratorStage([BasicBlock(4)] * 3, "revnet")
+
+
+def test_gradient_modes_where_a_reversal_exists_or_not():
+    for name in ("polynet", "fractalnet", "revnet"):
+        assert check_gradient_mode("adjoint", get_integrator(name)) == "adjoint"
+    with pytest.raises(KodeError, match="'lm' has no stable reversal"):
+        check_gradient_mode("adjoint", get_integrator("lm"))
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_revnet_stage_adjoint_equals_backprop(graph):
+    x = tf.constant(np.random.default_rng(0).standard_normal((2, 5, 5, 8)), "float32")
+    grads = {}
+    for mode in ("backprop", "adjoint"):
+        keras.utils.set_random_seed(0)
+        stage = IntegratorStage([BasicBlock(4, name=f"f{i}") for i in range(8)], "revnet",
+                                gradient=mode)
+
+        def compute(x, stage=stage):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(stage(x, training=True) ** 2)
+            return tape.gradient(loss, [x, *stage.trainable_variables])
+
+        grads[mode] = np.concatenate(
+            [np.ravel(g) for g in (tf.function(compute) if graph else compute)(x)])
+    error = np.linalg.norm(grads["adjoint"] - grads["backprop"]) / np.linalg.norm(grads["backprop"])
+    assert error <= 1e-5
