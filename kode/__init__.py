@@ -11,7 +11,7 @@ import_tensorflow_quietly()
 from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth  # noqa: E402
 from kode.errors import KodeError  # noqa: E402
 from kode.gradients import GRADIENT_MODES, set_gradient_mode  # noqa: E402
-from kode.integrators import (  # noqa: E402  # noqa: E402
+from kode.integrators import (  # noqa: E402
     INTEGRATORS,
     Euler,
     FractalNet,
