@@ -8,6 +8,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from kode.tracking import CheckpointTracked
+
 _PACKAGE = "kode"
 
 
@@ -32,7 +34,7 @@ def _bn(name: str, zero_gamma: bool = False):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class BasicBlock(layers.Layer):
+class BasicBlock(CheckpointTracked, layers.Layer):
     """Pre-activation basic block: f(x) = conv3×3(ReLU(BN(conv3×3(ReLU(BN(x)))))).
 
     ``zero_init`` zeroes the last convolution (a pre-activation block has no BN after it to
@@ -73,7 +75,7 @@ class BasicBlock(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class Bottleneck(layers.Layer):
+class Bottleneck(CheckpointTracked, layers.Layer):
     """Pre-activation bottleneck: BN-ReLU-1×1(w) → BN-ReLU-3×3(w, stride, groups) →
     BN-ReLU-1×1(out). ``groups > 1`` gives the ResNeXt block (cardinality = groups)."""
 
@@ -128,7 +130,7 @@ class Bottleneck(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class Projection(layers.Layer):
+class Projection(CheckpointTracked, layers.Layer):
     """The transition's shortcut P(x) = conv1×1(ReLU(BN(x))), stride s, no bias, own BN."""
 
     def __init__(self, filters: int, stride: int = 1, **kwargs):
@@ -152,7 +154,7 @@ class Projection(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class StochasticDepth(layers.Layer):
+class StochasticDepth(CheckpointTracked, layers.Layer):
     """LM stochastic depth on a residual function: f̃(x) = η f(x), η ~ Bernoulli(p) drawn once
     per batch in training; at inference f̃(x) = p f(x) (the expectation, Lu et al.).
     """

@@ -13,6 +13,7 @@ from keras import layers
 
 from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, integrate
 from kode.integrators import Integrator, get_integrator, serialize_integrator
+from kode.tracking import CheckpointTracked
 
 _PACKAGE = "kode"
 
@@ -37,7 +38,7 @@ def _split_inputs(inputs):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class IntegratorStage(layers.Layer):
+class IntegratorStage(CheckpointTracked, layers.Layer):
     """N residual functions f_0…f_{N−1} integrated by one integrator with step size h.
 
     Input: x, or [x, x_prev] when the integrator uses a history (LM after a transition).
@@ -152,7 +153,7 @@ class IntegratorStage(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class TransitionBlock(layers.Layer):
+class TransitionBlock(CheckpointTracked, layers.Layer):
     """Shape-changing block between stages: u_{n+1} = P(u_n) + f(u_n), not invertible.
 
     Returns ``[u_{n+1}, P(u_n)]``: LM's next step takes u_{n−1} := P(u_n) (Lu et al.);

