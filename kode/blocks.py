@@ -8,6 +8,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from kode.normalization import BatchNormalization
 from kode.tracking import CheckpointTracked
 
 _PACKAGE = "kode"
@@ -28,7 +29,8 @@ def _conv(filters: int, kernel: int, stride: int = 1, groups: int = 1, name: str
 
 
 def _bn(name: str, zero_gamma: bool = False):
-    return layers.BatchNormalization(
+    # Keras' BatchNormalization on TensorFlow's fused kernel (kode/normalization.py).
+    return BatchNormalization(
         momentum=0.9, epsilon=1e-5, gamma_initializer="zeros" if zero_gamma else "ones", name=name
     )
 
