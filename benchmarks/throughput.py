@@ -299,7 +299,8 @@ def _op_category(name: str, op_type: str) -> str:
     segments = name.split("/")
     if "Conv2D" in op_type:
         return "conv"
-    if any(seg.startswith(("bn", "head_bn", "batch_normalization")) for seg in segments):
+    if op_type.startswith("FusedBatchNorm") or any(
+            seg.startswith(("bn", "head_bn", "batch_normalization")) for seg in segments):
         return "batchnorm"
     if op_type in ("Relu", "ReluGrad"):
         return "relu"

@@ -110,5 +110,7 @@ def test_profiler_op_categories():
         "batchnorm"
     assert cat("m/batch_normalization_3_1/batchnorm/mul", "Mul") == "batchnorm"
     assert cat("m/head_bn_1/batchnorm/sub", "Sub") == "batchnorm"
+    assert cat("gradient_tape/m/stage1_1/FusedBatchNormGradV3", "FusedBatchNormGradV3") == \
+        "batchnorm"
     assert cat("m/stage1_1/add", "AddV2") == "other"
     assert cat("SGD/AssignSubVariableOp", "AssignSubVariableOp") == "optimizer"
