@@ -20,17 +20,20 @@ from kode.integrators import (  # noqa: E402
     LinearMultistep,
     Momentum,
     PolyNet,
+    PostActivationEuler,
     ReversibleHeun,
     RevNet,
     get_integrator,
 )
+from kode.port import LayerChain, port_model  # noqa: E402
 from kode.stage import IntegratorStage, TransitionBlock  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GRADIENT_MODES", "INTEGRATORS", "BasicBlock", "Bottleneck", "Euler", "Heun", "Integrator",
-    "IntegratorStage", "KodeError", "LinearMultistep", "Momentum", "Projection",
+    "IntegratorStage", "KodeError", "LayerChain", "LinearMultistep", "Momentum",
+    "PostActivationEuler", "Projection", "port_model",
     "ReversibleHeun", "StochasticDepth", "TransitionBlock", "export_model", "get_integrator",
     "check_gradients", "load_dataset", "predict_files", "set_gradient_mode", "train",
     "FractalNet", "PolyNet", "RevNet",

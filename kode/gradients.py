@@ -59,8 +59,8 @@ def check_gradient_mode(mode: str, integrator, num_steps: int | None = None) -> 
         )
     if mode == ADJOINT and not integrator.reversible:
         raise KodeError(
-            f"gradient='adjoint' needs a reversible integrator; '{integrator.name}' has no "
-            "stable reversal (LM's exact inverse divides by k_n): use gradient='checkpoint'"
+            f"gradient='adjoint' needs a reversible integrator; '{integrator.name}': "
+            f"{integrator.no_reversal_reason}: use gradient='checkpoint'"
         )
     limit = integrator.max_adjoint_steps
     if mode == ADJOINT and num_steps is not None and limit is not None and num_steps > limit:

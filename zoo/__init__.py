@@ -3,8 +3,10 @@
 Importing the package registers every family (one folder each).
 """
 
+from kode.port import port_model
 from zoo import (  # noqa: F401  (importing a family registers it)
     heun_resnet,
+    keras_resnet,
     lm_resnet,
     lm_resnext,
     momentum_resnet,
@@ -13,4 +15,5 @@ from zoo import (  # noqa: F401  (importing a family registers it)
 )
 from zoo.registry import create_model, get_entry, list_families, list_models, register_model
 
-__all__ = ["create_model", "get_entry", "list_families", "list_models", "register_model"]
+__all__ = ["create_model", "get_entry", "list_families", "list_models", "port_model",
+           "register_model"]

@@ -1,0 +1,124 @@
+"""Porting keras.applications ResNets (and kode models) into kode stages: same function."""
+
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras.src.legacy.saving import legacy_h5_format
+
+import zoo
+from kode.errors import KodeError
+from kode.port import LayerChain, port_model, port_summary
+from kode.stage import IntegratorStage
+
+# The smallest input keras.applications accepts: the ported graph is the same at 224×224.
+SIZE = (32, 32, 3)
+ARCHITECTURES = {
+    # name: (builder, integrator, identity blocks per stage (conv2…conv5))
+    "ResNet50V2": (keras.applications.ResNet50V2, "euler", (1, 2, 4, 2)),
+    "ResNet101V2": (keras.applications.ResNet101V2, "euler", (1, 2, 21, 2)),
+    "ResNet152V2": (keras.applications.ResNet152V2, "euler", (1, 6, 34, 2)),
+    "ResNet50": (keras.applications.ResNet50, "post_activation_euler", (2, 3, 5, 2)),
+    "ResNet101": (keras.applications.ResNet101, "post_activation_euler", (2, 3, 22, 2)),
+    "ResNet152": (keras.applications.ResNet152, "post_activation_euler", (2, 7, 35, 2)),
+}
+
+
+def _scramble(model: keras.Model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.standard_normal(w.shape).astype(w.dtype) for w in
+                       model.get_weights()])
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_ported_keras_resnet_computes_the_same_function(arch, tmp_path):
+    """Random weights (weights=None), saved to an ImageNet-format .h5 file (the file
+    keras.applications downloads for weights='imagenet') and loaded back by the same
+    ``model.load_weights`` call keras.applications makes; then ported: ≤ 1e-5 in inference
+    and training mode."""
+    builder, integrator, identity_blocks = ARCHITECTURES[arch]
+    original = builder(weights=None, input_shape=SIZE, classes=10)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, *SIZE)).astype("float32")
+    # Training mode first: it updates the BN moving statistics that inference then uses.
+    want = {mode: np.array(original(x, training=mode)) for mode in (True, False)}
+    path = os.path.join(tmp_path, "weights.h5")
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, original)
+    _scramble(original, seed=1)
+    original.load_weights(path)
+
+    # The deep variants reuse the source's layers (copy=False, what kode.finetune does): same
+    # graph rewrite, half the build time in CI.
+    copy = arch.startswith("ResNet50")
+    ported = port_model(original, copy=copy)
+    stages = [lay for lay in ported.layers if isinstance(lay, IntegratorStage)]
+    assert [s.num_steps for s in stages] == list(identity_blocks)
+    assert {s.integrator.name for s in stages} == {integrator}
+    assert all(isinstance(f, LayerChain) for s in stages for f in s.residual_functions)
+    assert ported.count_params() == original.count_params()
+    assert port_summary(ported).stages[2] == ("conv4_stage", integrator, identity_blocks[2])
+    for mode in (False, True):
+        got = np.array(ported(x, training=mode))
+        assert np.max(np.abs(got - want[mode])) <= 1e-5, (arch, mode)
+    shared = {id(v) for v in ported.weights} & {id(v) for v in original.weights}
+    assert len(shared) == (0 if copy else len(original.weights))
+    if copy:  # the port owns copies: changing it leaves the source as it was
+        stages[0].residual_functions[0].chain[0].weights[0].assign(
+            np.zeros(stages[0].residual_functions[0].chain[0].weights[0].shape))
+        np.testing.assert_array_equal(np.array(original(x, training=False)), want[False])
+    if integrator == "post_activation_euler":
+        with pytest.raises(KodeError, match="relu.*not invertible.*checkpoint"):
+            stages[0].gradient = "adjoint"
+        stages[0].gradient = "checkpoint"
+
+
+def test_ported_model_saves_trains_with_the_adjoint_and_reloads(tmp_path):
+    """A small pre-activation network written with keras layers: x + f(x) blocks become an
+    Euler stage; the port round-trips through .keras and trains with gradient='adjoint'."""
+    inputs = keras.Input((8, 8, 4))
+    x = inputs
+    for i in range(3):
+        y = keras.layers.BatchNormalization(name=f"b{i}_bn")(x)
+        y = keras.layers.Activation("relu", name=f"b{i}_relu")(y)
+        y = keras.layers.Conv2D(4, 3, padding="same", name=f"b{i}_conv")(y)
+        x = keras.layers.Add(name=f"b{i}_add")([x, y])
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    source = keras.Model(inputs, out)
+    ported = port_model(source, gradient="adjoint")
+    (stage,) = [lay for lay in ported.layers if isinstance(lay, IntegratorStage)]
+    assert stage.num_steps == 3 and stage.gradient == "adjoint"
+    batch = np.random.default_rng(0).standard_normal((4, 8, 8, 4)).astype("float32")
+    np.testing.assert_allclose(ported(batch), source(batch), atol=1e-6)
+    path = os.path.join(tmp_path, "ported.keras")
+    ported.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(restored(batch), source(batch), atol=1e-6)
+    restored.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    before = [np.array(w) for w in restored.trainable_weights]
+    assert np.isfinite(restored.train_on_batch(batch, np.arange(4) % 3))
+    assert sum(not np.array_equal(b, np.array(w)) for b, w in
+               zip(before, restored.trainable_weights, strict=True)) == len(before)
+
+
+def test_kode_models_port_to_a_copy(tmp_path):
+    """A zoo model (and the same model read from .keras): stages already, nothing to replace;
+    the port is an independent copy computing the same function."""
+    model = zoo.create_model("resnet8" if "resnet8" in zoo.list_models() else "resnet20",
+                             depth=8, input_shape=(8, 8, 3))
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    batch = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype("float32")
+    for source in (model, keras.saving.load_model(path)):
+        ported = port_model(source)
+        assert port_summary(ported).stages == ()
+        assert "kode stages already" in port_summary(ported).format()
+        np.testing.assert_array_equal(ported(batch, training=False),
+                                      model(batch, training=False))
+        assert not {id(v) for v in ported.weights} & {id(v) for v in source.weights}
+
+
+def test_port_refuses_what_it_cannot_read():
+    with pytest.raises(KodeError, match="only functional Keras models"):
+        port_model(keras.Sequential([keras.layers.Dense(2)]))
