@@ -122,3 +122,28 @@ def test_kode_models_port_to_a_copy(tmp_path):
 def test_port_refuses_what_it_cannot_read():
     with pytest.raises(KodeError, match="only functional Keras models"):
         port_model(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_post_activation_euler_step_checkpoint_and_refused_adjoint():
+    """x_{n+1} = relu(x_n + h f_n(x_n)); checkpoint gives backprop's gradients; the adjoint is
+    refused, saying why."""
+    import tensorflow as tf
+
+    fns = [keras.layers.Dense(4, name=f"f{i}") for i in range(3)]
+    stage = IntegratorStage(fns, "post_activation_euler", step_size=0.5)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype("float32")
+    want = x
+    stage(x)
+    for f in fns:
+        want = np.maximum(want + 0.5 * np.asarray(f(want)), 0.0)
+    np.testing.assert_allclose(stage(x), want, rtol=1e-6, atol=1e-6)
+    grads = {}
+    for mode in ("backprop", "checkpoint"):
+        stage.gradient = mode
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(stage(x, training=True)))
+        grads[mode] = tape.gradient(loss, stage.trainable_variables)
+    for a, b in zip(grads["backprop"], grads["checkpoint"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(KodeError, match="'post_activation_euler': relu.*not invertible"):
+        stage.gradient = "adjoint"
