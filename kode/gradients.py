@@ -59,7 +59,7 @@ def check_gradient_mode(mode: str, integrator, num_steps: int | None = None) -> 
         )
     if mode == ADJOINT and not integrator.reversible:
         raise KodeError(
-            f"gradient='adjoint' needs a reversible integrator; '{integrator.name}': "
+            f"gradient='adjoint' needs a reversible integrator; '{integrator.name}' "
             f"{integrator.no_reversal_reason}: use gradient='checkpoint'"
         )
     limit = integrator.max_adjoint_steps

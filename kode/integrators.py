@@ -47,7 +47,7 @@ class Integrator:
     #: True when the scheme needs x_{n-1} (LM): a transition then hands over P(x_n).
     uses_history: ClassVar[bool] = False
     #: Why the adjoint is refused when ``reversal == "none"`` (shown to the user).
-    no_reversal_reason: ClassVar[str] = "it has no reversal"
+    no_reversal_reason: ClassVar[str] = "has no reversal"
     #: Steps per stage beyond which the reversal's float32 rounding growth makes the adjoint
     #: inaccurate (None: no limit).
     max_adjoint_steps: int | None = None
@@ -173,7 +173,7 @@ class LinearMultistep(Integrator):
     # The exact inverse u_{n−1} = (u_{n+1} − (1−k_n) u_n − h f_n(u_n)) / k_n divides by
     # k_n ≈ −0.05 and amplifies rounding ~20× per step: no usable reversal.
     reversal = NO_REVERSAL
-    no_reversal_reason = "it has no stable reversal (LM's exact inverse divides by k_n)"
+    no_reversal_reason = "has no stable reversal (LM's exact inverse divides by k_n)"
     uses_history = True
 
     def __init__(self, k_init_range: tuple[float, float] = (-0.1, 0.0)):
@@ -400,8 +400,8 @@ class PostActivationEuler(Integrator):
     order = None
     reversal = NO_REVERSAL
     no_reversal_reason = (
-        "relu(x + f(x)) is not invertible (the ReLU after the sum maps every negative "
-        "coordinate to 0, so x_n cannot be rebuilt from x_{n+1})"
+        "cannot be reversed: relu(x + f(x)) is not invertible (the ReLU after the sum maps "
+        "every negative coordinate to 0, so x_n cannot be rebuilt from x_{n+1})"
     )
 
     def step(self, n, state, fns, h, params):

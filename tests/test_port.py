@@ -145,5 +145,6 @@ def test_post_activation_euler_step_checkpoint_and_refused_adjoint():
         grads[mode] = tape.gradient(loss, stage.trainable_variables)
     for a, b in zip(grads["backprop"], grads["checkpoint"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    with pytest.raises(KodeError, match="'post_activation_euler': relu.*not invertible"):
+    with pytest.raises(KodeError,
+                       match="'post_activation_euler' cannot be reversed: relu.*not invertible"):
         stage.gradient = "adjoint"
