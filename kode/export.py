@@ -4,36 +4,54 @@ Layout written by :func:`export_model`::
 
     <export_dir>/<name>/<version>/saved_model.pb
                                  /variables/...
-                                 /assets/
                                  /assets.extra/kode.json     # metadata (see below)
 
 ``<version>`` is an integer folder, as TensorFlow Serving expects. A version is never
-overwritten. It is written to a hidden temporary sibling folder (``<name>/.tmp-...``, which
-Serving ignores because the name is not an integer), verified against the Keras model, and only
-then renamed into place, so Serving never sees a half-written or unverified version.
+overwritten. It is written to a hidden temporary sibling folder (``<name>/.tmp-export-...``,
+which Serving ignores because the name is not an integer), every file is fsync'ed, the result
+is verified against the Keras model, and only then renamed into place, so Serving never sees a
+half-written or unverified version. The exporting process holds an ``flock`` on
+``.tmp-export-*/owner`` while it works; a temporary folder whose lock is free was left by a
+killed export and is removed by the next export into the same model folder (never one in
+flight). A SavedModel that fails verification is moved to ``<name>/.refused-*`` (not a
+version) and the error names that folder.
 
-The SavedModel comes from ``model.export(..., format="tf_saved_model")``: a forward-only
-(inference) graph with two signatures, ``serve`` and ``serving_default``. The signature's input
-key is the Keras input *layer name* (``"keras_tensor"`` for an unnamed ``keras.Input``,
-``"args_0"`` for a subclassed model) and its output key is ``"output_0"``, whatever the output
-layer is called; both keys are recorded in ``kode.json`` under ``"serving"``.
+Serving contract (the same for ``kode train --export``, ``kode.train(export_dir=...)`` and
+``kode export``; recorded in ``kode.json`` under ``"serving"``)::
+
+    signature              input "images"                          preprocessing
+    serving_default        float32 [batch, H, W, C], pixels 0-255  in the graph
+    serving_uint8          uint8   [batch, H, W, C], pixels 0-255  in the graph  (images only)
+    serving_preprocessed   float32 [batch, H, W, C], preprocessed  none (what Keras takes)
+
+    outputs: "probabilities" float32 [batch, classes] (a softmax is applied in the graph when
+             the model outputs logits) and "class_ids" int64 [batch] (argmax).
+             A model that is not a classifier (no softmax/sigmoid/linear last layer, or several
+             outputs) returns its raw output as "outputs" (or "output_0", "output_1", ...).
+
+H x W x C is the model's input size (the graph does not resize). The in-graph preprocessing is
+``kode.json["preprocessing"]`` (see :mod:`kode.preprocessing`): from ``metadata`` key
+``"preprocessing"``, else from ``"mean"``/``"std"`` ((x / 255 - mean) / std, as every kode
+dataset), else ``{"kind": "identity"}``: a model exported without preprocessing information
+gets its inputs unchanged, so ``serving_default`` computes exactly ``model(images)``.
 
 ``kode.json`` holds whatever the caller passes as ``metadata`` (JSON-serializable; numpy scalars
 and arrays are converted) plus what is known from the model: ``name`` (the export name),
-``model_name``, ``input_shape`` (per example, without the batch axis), ``serving`` (signature
-name, input key, output key), ``keras_version``, ``tensorflow_version`` and, unless given,
+``model_name``, ``input_shape`` (per example, without the batch axis), ``preprocessing``,
+``serving``, ``keras_version``, ``tensorflow_version`` and, unless given,
 ``classifier_activation`` (inferred from the last layer when it has an ``activation``).
-Keys read back by :func:`predict_files`: ``class_names`` (list of str), ``mean`` and ``std``
-(per channel, or one number, on the [0, 1] pixel scale) and ``classifier_activation``.
+:func:`predict_files` also reads ``class_names`` (list of str).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,25 +60,37 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError
+from kode.preprocessing import IDENTITY, apply_preprocessing, check_preprocessing, mean_std
 
 __all__ = [
     "ExportResult",
     "Prediction",
+    "INPUT_KEY",
     "export_model",
     "verify_export",
     "load_metadata",
     "predict_files",
 ]
 
-SIGNATURE = "serving_default"
+SIGNATURE = "serving_default"  # raw pixels, float32
+SIGNATURE_UINT8 = "serving_uint8"  # raw pixels, uint8
+SIGNATURE_PREPROCESSED = "serving_preprocessed"  # what the Keras model takes
+INPUT_KEY = "images"
 METADATA_DIR = "assets.extra"
 METADATA_FILE = "kode.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TMP_PREFIX = ".tmp-export-"
+_REFUSED_PREFIX = ".refused-"
+_OWNER_FILE = "owner"
+# A temporary folder without an owner lock (only an older kode writes those) is stale once
+# nothing in it changed for this long.
+_UNLOCKED_STALE_SECONDS = 3600.0
 _CHECK_BATCH = 4
 _CHECK_SEED = 0
-# Activations whose outputs are already probabilities (used as is by predict_files).
+# Activations whose outputs are already probabilities, and those that give logits.
 _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+_LOGIT_ACTIVATIONS = ("linear", "none", "logits")
+_PIXEL_MAX = 255
 
 
 @dataclass(frozen=True)
@@ -69,7 +99,7 @@ class ExportResult:
 
     path: str  # .../<name>/<version>
     version: int
-    max_abs_diff: float  # SavedModel vs Keras model on the check batch
+    max_abs_diff: float  # SavedModel vs Keras model on the check batches, all signatures
 
 
 @dataclass(frozen=True)
@@ -106,11 +136,14 @@ def export_model(
         version: integer version folder (>= 0). ``None`` picks the next free one (1 if there is
             none, else the largest existing version + 1). An existing version is never
             overwritten.
-        metadata: extra JSON-serializable information (class names, mean/std, dataset, ...)
-            stored in ``<version>/assets.extra/kode.json`` together with what is known from the
-            model.
-        check_inputs: batch used to compare the SavedModel with the Keras model. Default: a
-            deterministic standard-normal float32 batch of 4 with the model's input shape.
+        metadata: extra JSON-serializable information (class names, ``preprocessing`` or
+            ``mean``/``std``, dataset, ...) stored in ``<version>/assets.extra/kode.json``
+            together with what is known from the model.
+        check_inputs: a *preprocessed* batch (what the Keras model takes) used to compare
+            ``serving_preprocessed`` with the Keras model. Default: a deterministic
+            standard-normal float32 batch of 4 with the model's input shape. The raw-pixel
+            signatures are checked on deterministic random pixels 0-255 of the same shape
+            (on ``check_inputs`` itself for the identity preprocessing).
         atol: largest accepted absolute difference between SavedModel and Keras outputs.
 
     Returns:
@@ -118,8 +151,9 @@ def export_model(
 
     Raises:
         KodeError: bad arguments, an unwritable export folder, an existing version, or a
-            SavedModel that does not reproduce the Keras model within ``atol`` (the exported
-            folder is then kept, outside the Serving layout, for inspection).
+            SavedModel that does not reproduce the Keras model within ``atol`` (the SavedModel
+            is then moved to ``<name>/.refused-*``, outside the Serving layout, for inspection,
+            and the message names it).
     """
     if not isinstance(model, keras.Model):
         raise KodeError(f"expected a keras.Model to export, got {type(model).__name__}")
@@ -131,66 +165,72 @@ def export_model(
         _check_version(version)
     atol = _check_atol(atol)
     user_meta = _jsonable_metadata(metadata)
+    spec = _model_input_spec(model)
+    input_shape = [None if d is None else int(d) for d in spec.shape[1:]]
     if check_inputs is not None:
         check_inputs = _as_float_array(check_inputs, "check_inputs")
-        known = _model_input_shape(model)
-        if known is not None:
-            _check_batch_shape(check_inputs.shape, known, "check_inputs")
-    elif (known := _model_input_shape(model)) is not None and None in known:
+        _check_batch_shape(check_inputs.shape, input_shape, "check_inputs")
+    elif None in input_shape:
         raise KodeError(
-            f"model input shape {_fmt_shape(known)} has unknown dimensions; pass check_inputs"
+            f"model input shape {_fmt_shape(input_shape)} has unknown dimensions; pass check_inputs"
         )
+    else:
+        rng = np.random.default_rng(_CHECK_SEED)
+        check_inputs = rng.standard_normal((_CHECK_BATCH, *input_shape)).astype(np.float32)
+    preprocessing = _preprocessing_from_metadata(user_meta, input_shape)
+    # Each signature with its check batch: preprocessed, raw float pixels, raw uint8 pixels.
+    batches = {SIGNATURE_PREPROCESSED: check_inputs}
+    batches[SIGNATURE] = _raw_check_inputs(check_inputs, preprocessing)
+    if SIGNATURE_UINT8 in _raw_signatures(spec):
+        batches[SIGNATURE_UINT8] = np.clip(np.round(batches[SIGNATURE]), 0, _PIXEL_MAX)
+    try:
+        reference = model(tf.constant(check_inputs, dtype=spec.dtype), training=False)
+        head = _head_kind(user_meta, model, reference)
+        expected = {SIGNATURE_PREPROCESSED: _head_outputs(reference, head)}
+        for sig in _raw_signatures(spec):
+            x = tf.cast(apply_preprocessing(preprocessing, batches[sig]), spec.dtype)
+            expected[sig] = _head_outputs(model(x, training=False), head)
+    except KodeError:
+        raise
+    except Exception as exc:
+        raise KodeError(
+            f"Keras model {model.name!r} failed on the check inputs: {_one_line(exc)}"
+        ) from exc
+    outputs = expected[SIGNATURE_PREPROCESSED]
+    meta = _full_metadata(user_meta, model, name, input_shape, preprocessing,
+                          _serving_description(spec, head, outputs))
+    _check_class_names(meta, outputs)
 
     # Up front: the folder exists, is a folder, is writable, and the version is free.
     model_dir = _prepare_model_dir(export_dir, name)
     if version is not None:
         _refuse_existing(model_dir, version)
-    tmp = _make_tmp_dir(model_dir, version)
-
-    keep_tmp = False
+    remove_stale_exports(model_dir)
+    tmp, owner = _make_tmp_dir(model_dir, version)
     try:
         # Export into a fresh subfolder rather than into ``tmp`` itself: mkdtemp creates ``tmp``
         # with mode 0700, which a Serving process running as another user could not read.
         export_path = os.path.join(tmp, "model")
-        try:
-            model.export(export_path, format="tf_saved_model", verbose=False)
-        except Exception as exc:  # Keras raises ValueError/TypeError/... for unexportable models
-            raise KodeError(
-                f"model {model.name!r} could not be exported: {_one_line(exc)}"
-            ) from exc
+        _write_savedmodel(model, export_path, spec, preprocessing, head)
+        _write_metadata(export_path, meta)
+        _fsync_tree(tmp)
 
         loaded = _load_savedmodel(export_path)
-        input_key, input_spec, output_keys = _signature_info(loaded, export_path)
-        input_shape = [None if d is None else int(d) for d in input_spec.shape[1:]]
-
-        meta = _full_metadata(user_meta, model, name, input_shape, input_key, output_keys)
-        _check_preprocessing_metadata(meta, input_shape, _output_width(loaded))
-        _write_metadata(export_path, meta)
-
-        if check_inputs is None:
-            if None in input_shape:
-                raise KodeError(
-                    f"model input shape {_fmt_shape(input_shape)} has unknown dimensions; "
-                    "pass check_inputs"
-                )
-            rng = np.random.default_rng(_CHECK_SEED)
-            check_inputs = rng.standard_normal((_CHECK_BATCH, *input_shape)).astype(np.float32)
-        diff = _compare(loaded, export_path, model, check_inputs)
+        diffs = [_compare_outputs(loaded, export_path, sig, batches[sig], expected[sig])
+                 for sig in batches]
+        diff = float("nan") if np.isnan(diffs).any() else max(diffs)
         if not diff <= atol:  # also catches NaN
-            keep_tmp = True
+            refused = _keep_refused(export_path, model_dir, tmp)
             raise KodeError(
                 f"exported SavedModel differs from the Keras model by max |diff| = {diff:.3g} "
                 f"> atol = {atol:g}; not published as a version, kept for inspection at "
-                f"{export_path}"
+                f"{refused}"
             )
-
-        _fsync_tree(tmp)
         final_version, final_path = _publish(export_path, model_dir, version)
-    except BaseException:
-        if not keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        # Remove the folder while still holding its lock, so no cleaner sees it unlocked.
+        shutil.rmtree(tmp, ignore_errors=True)
+        owner.close()
     return ExportResult(path=final_path, version=final_version, max_abs_diff=float(diff))
 
 
@@ -198,18 +238,72 @@ def check_export_dir(export_dir: str, name: str) -> None:
     """Fail now, before a long training run, if ``export_dir/name`` cannot take a new version."""
     _check_name(name)
     model_dir = _prepare_model_dir(export_dir, name)
-    os.rmdir(_make_tmp_dir(model_dir, None))
+    remove_stale_exports(model_dir)
+    tmp, owner = _make_tmp_dir(model_dir, None)
+    shutil.rmtree(tmp, ignore_errors=True)
+    owner.close()
+
+
+def remove_stale_exports(model_dir: str) -> list[str]:
+    """Remove ``.tmp-export-*`` folders of ``model_dir`` left by killed exports; return them.
+
+    A folder is stale when no process holds the ``flock`` on its ``owner`` file (the kernel
+    releases it when the exporting process dies, however it dies); folders of exports in
+    flight are never touched. A folder without an ``owner`` file is stale once nothing in it
+    changed for an hour.
+    """
+    removed = []
+    try:
+        entries = sorted(os.listdir(model_dir))
+    except OSError:
+        return removed
+    for entry in entries:
+        path = os.path.join(model_dir, entry)
+        if not entry.startswith(_TMP_PREFIX) or not os.path.isdir(path):
+            continue
+        try:
+            fh = open(os.path.join(path, _OWNER_FILE), "rb")  # noqa: SIM115 (held for the lock)
+        except FileNotFoundError:
+            if time.time() - _newest_mtime(path) > _UNLOCKED_STALE_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            continue
+        except OSError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # an export in flight
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        fsync_dir(model_dir)
+    return removed
 
 
 def verify_export(path: str, model: keras.Model, inputs: np.ndarray) -> float:
     """Return max |SavedModel(inputs) - model(inputs, training=False)| over all outputs.
 
-    ``path`` is a SavedModel folder (or a model folder, whose latest version is used); the
-    ``serving_default`` signature is called.
+    ``inputs`` are preprocessed (what the Keras model takes); ``path`` is a SavedModel folder
+    (or a model folder, whose latest version is used). The ``serving_preprocessed`` signature
+    is called and its outputs compared with the Keras outputs put through the same head
+    (softmax for logits).
     """
     sm_path = _resolve_savedmodel(path)
+    meta = load_metadata(sm_path)
     loaded = _load_savedmodel(sm_path)
-    return _compare(loaded, sm_path, model, _as_float_array(inputs, "inputs"))
+    inputs = _as_float_array(inputs, "inputs")
+    head = meta.get("serving", {}).get("head")
+    if head not in _HEADS:
+        raise KodeError(f"{sm_path} was exported by an older kode (no serving head); re-export")
+    try:
+        expected = _head_outputs(model(tf.constant(inputs), training=False), head)
+    except Exception as exc:
+        raise KodeError(
+            f"Keras model {model.name!r} failed on the inputs: {_one_line(exc)}"
+        ) from exc
+    return _compare_outputs(loaded, sm_path, SIGNATURE_PREPROCESSED, inputs, expected)
 
 
 def load_metadata(path: str) -> dict:
@@ -239,11 +333,10 @@ def predict_files(savedmodel_path: str, files: list[str]) -> list[Prediction]:
     """Classify image files with an exported model; returns the top-1 class per file.
 
     Each file is opened with PIL, converted to grayscale or RGB to match the model's channel
-    count, resized (bilinear) to the model's H x W, scaled to [0, 1], normalized with the
-    metadata ``mean``/``std`` and all files are sent through ``serving_default`` as one batch.
-    Outputs are passed through a softmax unless the metadata ``classifier_activation`` says they
-    are already probabilities (``softmax``/``sigmoid``); without that key, rows that are
-    non-negative and sum to 1 are taken as probabilities.
+    count, resized (bilinear) to the model's H x W and sent, as pixel values 0-255, through
+    ``serving_default`` (which preprocesses in the graph) in one batch. A model with the
+    ``"outputs"`` head (not a classifier) gets a softmax over its outputs unless the metadata
+    ``classifier_activation`` says they are probabilities.
 
     ``savedmodel_path`` is a version folder, or a model folder (its latest version is used).
     """
@@ -253,7 +346,14 @@ def predict_files(savedmodel_path: str, files: list[str]) -> list[Prediction]:
     sm_path = _resolve_savedmodel(savedmodel_path)
     meta = load_metadata(sm_path)
     loaded = _load_savedmodel(sm_path)
-    input_key, spec, output_keys = _signature_info(loaded, sm_path)
+    signatures = getattr(loaded, "signatures", {})
+    if SIGNATURE not in signatures or meta.get("serving", {}).get("input_key") != INPUT_KEY:
+        raise KodeError(
+            f"{sm_path} was exported by an older kode (its {SIGNATURE!r} signature does not "
+            "take raw pixels); re-export it with `kode export MODEL.keras`"
+        )
+    fn = signatures[SIGNATURE]
+    spec = fn.structured_input_signature[1][INPUT_KEY]
     if spec.shape.rank != 4:
         raise KodeError(f"{sm_path} does not take images (input shape {_fmt_shape(spec.shape)})")
     height, width, channels = spec.shape[1:]
@@ -264,19 +364,19 @@ def predict_files(savedmodel_path: str, files: list[str]) -> list[Prediction]:
         raise KodeError(f"{sm_path}: unknown input height/width, set input_shape in metadata")
     if channels not in (1, 3):
         raise KodeError(f"{sm_path}: images need 1 or 3 input channels, model has {channels}")
-    n_out = _output_width(loaded)
-    mean, std = _check_preprocessing_metadata(meta, [height, width, channels], n_out)
     if not files:
         return []
 
     batch = np.stack([_load_image(f, height, width, channels) for f in files])
-    batch = ((batch - mean) / std).astype(np.float32)
     try:
-        out = loaded.signatures[SIGNATURE](**{input_key: tf.constant(batch)})[output_keys[0]]
+        out = fn(**{INPUT_KEY: tf.constant(batch, tf.float32)})
     except Exception as exc:
         raise KodeError(f"{sm_path}: inference failed: {_one_line(exc)}") from exc
-    scores = np.asarray(out, dtype=np.float64).reshape(len(files), -1)
-    probs = scores if _are_probabilities(scores, meta) else _softmax(scores)
+    if "probabilities" in out:
+        probs = np.asarray(out["probabilities"], dtype=np.float64)
+    else:
+        scores = np.asarray(out["outputs"], dtype=np.float64).reshape(len(files), -1)
+        probs = scores if _are_probabilities(scores, meta) else _softmax(scores)
 
     names = meta.get("class_names")
     preds = []
@@ -287,6 +387,157 @@ def predict_files(savedmodel_path: str, files: list[str]) -> list[Prediction]:
             Prediction(file=f, class_index=idx, class_name=label, probability=float(row[idx]))
         )
     return preds
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving graph
+# ----------------------------------------------------------------------------------------------
+
+# What the signatures return: "probabilities" (the model outputs probabilities), "logits" (a
+# softmax is applied in the graph), "outputs" (not a classifier: raw outputs).
+_HEADS = ("probabilities", "logits", "outputs")
+
+
+def _head_kind(meta: dict, model: keras.Model, reference: Any) -> str:
+    flat = keras.tree.flatten(reference)
+    activation = meta.get("classifier_activation", _infer_classifier_activation(model))
+    activation = activation.lower() if isinstance(activation, str) else None
+    if len(flat) != 1 or len(flat[0].shape) != 2:
+        return "outputs"
+    if activation in _PROBABILITY_ACTIVATIONS:
+        return "probabilities"
+    if activation in _LOGIT_ACTIVATIONS:
+        return "logits"
+    return "outputs"
+
+
+def _head_outputs(outputs: Any, head: str) -> dict[str, tf.Tensor]:
+    """The signature outputs from the Keras outputs (in a graph or eagerly)."""
+    flat = keras.tree.flatten(outputs)
+    if head == "outputs":
+        if len(flat) == 1:
+            return {"outputs": flat[0]}
+        return {f"output_{i}": t for i, t in enumerate(flat)}
+    scores = tf.cast(flat[0], tf.float32)
+    probabilities = tf.nn.softmax(scores, axis=-1) if head == "logits" else scores
+    return {"probabilities": probabilities, "class_ids": tf.argmax(probabilities, axis=-1)}
+
+
+def _raw_signatures(spec: tf.TensorSpec) -> list[str]:
+    return [SIGNATURE, SIGNATURE_UINT8] if spec.shape.rank == 4 else [SIGNATURE]
+
+
+def _write_savedmodel(
+    model: keras.Model, path: str, spec: tf.TensorSpec, preprocessing: dict, head: str
+) -> None:
+    """Write the SavedModel with the three signatures of the serving contract."""
+    shape = spec.shape
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, spec.dtype, name=INPUT_KEY)])
+    def preprocessed(images):
+        return _head_outputs(model(images, training=False), head)
+
+    def raw(images):
+        return preprocessed(tf.cast(apply_preprocessing(preprocessing, images), spec.dtype))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    try:
+        archive.add_endpoint(SIGNATURE_PREPROCESSED, preprocessed)
+        archive.add_endpoint(
+            SIGNATURE, raw, input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_KEY)]
+        )
+        if SIGNATURE_UINT8 in _raw_signatures(spec):
+            archive.add_endpoint(
+                SIGNATURE_UINT8, raw,
+                input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT_KEY)],
+            )
+        archive.write_out(path, verbose=False)
+    except Exception as exc:  # Keras/TF raise ValueError/TypeError/... for unexportable models
+        raise KodeError(f"model {model.name!r} could not be exported: {_one_line(exc)}") from exc
+
+
+def _serving_description(spec: tf.TensorSpec, head: str, outputs: dict) -> dict:
+    dims = [None if d is None else int(d) for d in spec.shape]
+    size = " x ".join("?" if d is None else str(d) for d in dims[1:])
+    raw = f"batch x {size}, pixel values 0-{_PIXEL_MAX} as a client sends them; preprocessed " \
+          "in the graph as 'preprocessing' says"
+    docs = {
+        SIGNATURE: ("float32", f"float32 {raw}"),
+        SIGNATURE_UINT8: ("uint8", f"uint8 {raw}"),
+        SIGNATURE_PREPROCESSED: (
+            spec.dtype.name, f"{spec.dtype.name} batch x {size}, already preprocessed "
+            "(what the Keras model takes)"),
+    }
+    signatures = {
+        sig: {"inputs": {INPUT_KEY: {"dtype": dtype, "shape": dims}}, "description": text}
+        for sig, (dtype, text) in docs.items()
+        if sig in (*_raw_signatures(spec), SIGNATURE_PREPROCESSED)
+    }
+    out_docs = {
+        key: {"dtype": tf.as_dtype(t.dtype).name,
+              "shape": [None, *[int(d) for d in t.shape[1:]]]}
+        for key, t in outputs.items()
+    }
+    return {
+        "signature": SIGNATURE,
+        "input_key": INPUT_KEY,
+        "output_keys": list(outputs),
+        "head": head,
+        "signatures": signatures,
+        "outputs": out_docs,
+    }
+
+
+def _preprocessing_from_metadata(meta: dict, input_shape: list) -> dict:
+    channels = input_shape[-1] if input_shape else None
+    given = meta.get("preprocessing")
+    from_mean_std = None
+    if "mean" in meta or "std" in meta:
+        from_mean_std = check_preprocessing(
+            mean_std(meta.get("mean", 0.0), meta.get("std", 1.0)), channels)
+    if given is None:
+        return from_mean_std or dict(IDENTITY)
+    checked = check_preprocessing(given, channels)
+    if from_mean_std is not None and checked != from_mean_std:
+        raise KodeError(
+            f"metadata preprocessing={given!r} contradicts its mean/std (mean="
+            f"{meta.get('mean')!r}, std={meta.get('std')!r})"
+        )
+    return checked
+
+
+def _raw_check_inputs(check_inputs: np.ndarray, preprocessing: dict) -> np.ndarray:
+    if preprocessing["kind"] == "identity":
+        return check_inputs
+    rng = np.random.default_rng(_CHECK_SEED + 1)
+    return rng.integers(0, _PIXEL_MAX + 1, size=check_inputs.shape).astype(np.float32)
+
+
+def _compare_outputs(
+    loaded: Any, path: str, signature: str, inputs: np.ndarray, expected: dict
+) -> float:
+    """max |signature(inputs) - expected| over the float outputs (NaN if any is NaN)."""
+    signatures = getattr(loaded, "signatures", {})
+    if signature not in signatures:
+        raise KodeError(f"{path} has no {signature!r} signature (has {sorted(signatures)})")
+    fn = signatures[signature]
+    dtype = fn.structured_input_signature[1][INPUT_KEY].dtype
+    try:
+        served = fn(**{INPUT_KEY: tf.constant(np.asarray(inputs), dtype=dtype)})
+    except Exception as exc:
+        raise KodeError(f"{path}: SavedModel inference failed: {_one_line(exc)}") from exc
+    if sorted(served) != sorted(expected):
+        raise KodeError(f"{path}: outputs {sorted(served)}, expected {sorted(expected)}")
+    diffs = [0.0]
+    for key, ref in expected.items():
+        a = np.asarray(served[key], dtype=np.float64)
+        b = np.asarray(ref, dtype=np.float64)
+        if a.shape != b.shape:
+            raise KodeError(f"{path}: output {key} has shape {a.shape}, Keras gives {b.shape}")
+        if key != "class_ids" and a.size:  # class ids: argmax of the compared probabilities
+            diffs.append(float(np.max(np.abs(a - b))))
+    return float("nan") if any(np.isnan(diffs)) else max(diffs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,17 +588,19 @@ def _as_float_array(x: Any, what: str) -> np.ndarray:
     return arr
 
 
-def _model_input_shape(model: keras.Model) -> list[int | None] | None:
-    """Per-example input shape of a single-input functional/Sequential model, else None."""
+def _model_input_spec(model: keras.Model) -> tf.TensorSpec:
+    """The (batch-polymorphic) input spec of a single-input model, as ``model.export`` finds it."""
+    from keras.src.export.export_utils import get_input_signature
+
     try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return None
-    if not inputs:
-        return None
-    if len(inputs) != 1:
-        raise KodeError(f"model {model.name!r} has {len(inputs)} inputs; only 1 is supported")
-    return [None if d is None else int(d) for d in inputs[0].shape[1:]]
+        signature = get_input_signature(model)
+    except (TypeError, ValueError) as exc:
+        raise KodeError(f"model {model.name!r} cannot be exported: {_one_line(exc)}") from exc
+    flat = keras.tree.flatten(signature)
+    if len(flat) != 1:
+        raise KodeError(f"model {model.name!r} has {len(flat)} inputs; only 1 is supported")
+    shape = [None, *flat[0].shape[1:]]
+    return tf.TensorSpec(shape, tf.as_dtype(flat[0].dtype or "float32"))
 
 
 def _check_batch_shape(shape: tuple, expected: list, what: str) -> None:
@@ -395,12 +648,8 @@ def _infer_classifier_activation(model: keras.Model) -> str | None:
 
 
 def _full_metadata(
-    user: dict,
-    model: keras.Model,
-    name: str,
-    input_shape: list,
-    input_key: str,
-    output_keys: list[str],
+    user: dict, model: keras.Model, name: str, input_shape: list, preprocessing: dict,
+    serving: dict,
 ) -> dict:
     known = {"name": name, "model_name": model.name, "input_shape": input_shape}
     for key, value in known.items():
@@ -410,11 +659,8 @@ def _full_metadata(
             )
     meta = dict(user)
     meta.update(known)
-    meta["serving"] = {
-        "signature": SIGNATURE,
-        "input_key": input_key,
-        "output_keys": output_keys,
-    }
+    meta["preprocessing"] = preprocessing
+    meta["serving"] = serving
     meta["keras_version"] = keras.__version__
     meta["tensorflow_version"] = tf.__version__
     if "classifier_activation" not in meta:
@@ -424,35 +670,18 @@ def _full_metadata(
     return meta
 
 
-def _check_preprocessing_metadata(
-    meta: dict, input_shape: list, n_outputs: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validate class_names/mean/std against the model; return (mean, std) as arrays."""
+def _check_class_names(meta: dict, outputs: dict) -> None:
     names = meta.get("class_names")
-    if names is not None:
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise KodeError("metadata class_names must be a list of strings")
-        if n_outputs is not None and len(names) != n_outputs:
-            raise KodeError(
-                f"metadata has {len(names)} class_names but the model outputs {n_outputs} scores"
-            )
-    channels = input_shape[-1] if input_shape else None
-    out = []
-    for key, fallback in (("mean", 0.0), ("std", 1.0)):
-        value = meta.get(key, fallback)
-        try:
-            arr = np.asarray(value, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise KodeError(f"metadata {key} must be a number or a list of numbers") from None
-        if arr.size not in (1, channels) or not np.all(np.isfinite(arr)):
-            raise KodeError(
-                f"metadata {key}={value!r} must be one finite number or one per channel "
-                f"({channels})"
-            )
-        out.append(arr)
-    if np.any(out[1] == 0):
-        raise KodeError(f"metadata std={meta['std']!r} contains 0")
-    return out[0], out[1]
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise KodeError("metadata class_names must be a list of strings")
+    scores = outputs.get("probabilities", outputs.get("outputs"))
+    n_outputs = None if scores is None or len(scores.shape) != 2 else int(scores.shape[-1])
+    if n_outputs is not None and len(names) != n_outputs:
+        raise KodeError(
+            f"metadata has {len(names)} class_names but the model outputs {n_outputs} scores"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,12 +703,44 @@ def _prepare_model_dir(export_dir: str, name: str) -> str:
     return model_dir
 
 
-def _make_tmp_dir(model_dir: str, version: int | None) -> str:
+def _make_tmp_dir(model_dir: str, version: int | None) -> tuple[str, Any]:
+    """A new ``.tmp-export-*`` folder and its open, flock'ed ``owner`` file (close to unlock)."""
     prefix = f"{_TMP_PREFIX}{'next' if version is None else version}-"
     try:
-        return tempfile.mkdtemp(prefix=prefix, dir=model_dir)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=model_dir)
     except OSError as exc:
         raise KodeError(f"export directory {model_dir} is not writable: {_one_line(exc)}") from exc
+    try:
+        owner = open(os.path.join(tmp, _OWNER_FILE), "w", encoding="utf-8")  # noqa: SIM115
+        fcntl.flock(owner.fileno(), fcntl.LOCK_EX)
+        owner.write(f"pid {os.getpid()}\n")
+        owner.flush()
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KodeError(f"export directory {model_dir} is not writable: {_one_line(exc)}") from exc
+    return tmp, owner
+
+
+def _keep_refused(export_path: str, model_dir: str, tmp: str) -> str:
+    """Move a SavedModel that failed verification to ``model_dir/.refused-*``; say where."""
+    dest = os.path.join(model_dir, _REFUSED_PREFIX + os.path.basename(tmp)[len(_TMP_PREFIX):])
+    try:
+        os.rename(export_path, dest)
+    except OSError as exc:
+        return f"nowhere: it could not be moved out of the temporary folder ({_one_line(exc)})"
+    fsync_dir(model_dir)
+    return dest
+
+
+def _newest_mtime(root: str) -> float:
+    newest = 0.0
+    for dirpath, _dirs, filenames in os.walk(root):
+        for p in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
+            try:
+                newest = max(newest, os.lstat(p).st_mtime)
+            except OSError:
+                pass
+    return newest
 
 
 def _existing_versions(model_dir: str) -> list[int]:
@@ -534,6 +795,8 @@ def _write_metadata(savedmodel_dir: str, meta: dict) -> None:
     with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True, allow_nan=False)
         fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def fsync_dir(path: str) -> None:
@@ -598,74 +861,13 @@ def _load_savedmodel(path: str) -> Any:
         raise KodeError(f"cannot load SavedModel {path}: {_one_line(exc)}") from exc
 
 
-def _signature_info(loaded: Any, path: str) -> tuple[str, tf.TensorSpec, list[str]]:
-    """(input key, input spec, output keys in output order) of ``serving_default``."""
-    signatures = getattr(loaded, "signatures", {})
-    if SIGNATURE not in signatures:
-        raise KodeError(f"{path} has no {SIGNATURE!r} signature (has {sorted(signatures)})")
-    fn = signatures[SIGNATURE]
-    _args, kwargs = fn.structured_input_signature
-    if len(kwargs) != 1:
-        raise KodeError(f"{path}: expected a single-input model, signature has {sorted(kwargs)}")
-    ((input_key, spec),) = kwargs.items()
-    outputs = fn.structured_outputs
-    # Keras names the outputs output_0, output_1, ...: order them by index, not by string.
-    output_keys = sorted(outputs, key=lambda k: (_key_index(k), k))
-    return input_key, spec, output_keys
-
-
-def _key_index(key: str) -> int:
-    tail = key.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-def _output_width(loaded: Any) -> int | None:
-    fn = loaded.signatures[SIGNATURE]
-    outputs = fn.structured_outputs
-    if len(outputs) != 1:
-        return None
-    shape = next(iter(outputs.values())).shape
-    return shape[-1] if shape.rank == 2 else None
-
-
-def _compare(loaded: Any, path: str, model: keras.Model, inputs: np.ndarray) -> float:
-    input_key, spec, output_keys = _signature_info(loaded, path)
-    expected_shape = [None if d is None else int(d) for d in spec.shape[1:]]
-    _check_batch_shape(inputs.shape, expected_shape, "check inputs")
-    x = tf.constant(inputs, dtype=spec.dtype)
-    try:
-        served = loaded.signatures[SIGNATURE](**{input_key: x})
-    except Exception as exc:
-        raise KodeError(f"{path}: SavedModel inference failed: {_one_line(exc)}") from exc
-    try:
-        reference = model(x, training=False)
-    except Exception as exc:
-        raise KodeError(
-            f"Keras model {model.name!r} failed on the inputs: {_one_line(exc)}"
-        ) from exc
-    reference = keras.tree.flatten(reference)
-    if len(reference) != len(output_keys):
-        raise KodeError(
-            f"{path} has {len(output_keys)} outputs, the Keras model has {len(reference)}"
-        )
-    diffs = [0.0]
-    for key, ref in zip(output_keys, reference, strict=True):
-        a = np.asarray(served[key], dtype=np.float64)
-        b = np.asarray(keras.ops.convert_to_numpy(ref), dtype=np.float64)
-        if a.shape != b.shape:
-            raise KodeError(f"{path}: output {key} has shape {a.shape}, Keras gives {b.shape}")
-        if a.size:
-            diffs.append(float(np.max(np.abs(a - b))))
-    return float("nan") if any(np.isnan(diffs)) else max(diffs)
-
-
 # ----------------------------------------------------------------------------------------------
 # Helpers: images
 # ----------------------------------------------------------------------------------------------
 
 
 def _load_image(path: str, height: int, width: int, channels: int) -> np.ndarray:
-    """Read ``path`` as float32 (H, W, C) in [0, 1]; any failure names the file."""
+    """Read ``path`` as float32 (H, W, C), pixel values 0-255; any failure names the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -674,7 +876,7 @@ def _load_image(path: str, height: int, width: int, channels: int) -> np.ndarray
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (width, height):
                 img = img.resize((width, height), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+            arr = np.asarray(img, dtype=np.float32)
     except FileNotFoundError:
         raise KodeError(f"image file not found: {path}") from None
     except UnidentifiedImageError:

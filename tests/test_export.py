@@ -83,14 +83,24 @@ def test_export_layout_signature_and_diff(exported):
     assert os.stat(result.path).st_mode & 0o055 == 0o055
 
 
-def test_serving_default_matches_keras(exported, model):
+def test_serving_signatures_match_keras(exported, model):
+    """serving_default/uint8 take pixels 0-255 and normalize in the graph; preprocessed doesn't."""
     result, _ = exported
     meta = load_metadata(result.path)
-    sig = tf.saved_model.load(result.path).signatures["serving_default"]
-    x = np.random.default_rng(1).uniform(size=(3, 8, 8, 1)).astype(np.float32)
-    key = meta["serving"]["input_key"]
-    out = sig(**{key: tf.constant(x)})[meta["serving"]["output_keys"][0]].numpy()
-    np.testing.assert_allclose(out, model(x, training=False).numpy(), atol=1e-6)
+    assert meta["preprocessing"] == {"kind": "mean_std", "pixel_max": 255.0, "mean": [0.5],
+                                     "std": [0.25]}
+    assert meta["serving"]["input_key"] == "images"
+    signatures = tf.saved_model.load(result.path).signatures
+    pixels = np.random.default_rng(1).integers(0, 256, size=(3, 8, 8, 1)).astype(np.uint8)
+    keras_probs = model((pixels / np.float32(255) - 0.5) / 0.25, training=False).numpy()
+    for name, dtype in (("serving_default", tf.float32), ("serving_uint8", tf.uint8)):
+        out = signatures[name](images=tf.constant(pixels, dtype))
+        np.testing.assert_allclose(out["probabilities"].numpy(), keras_probs, atol=1e-6)
+        assert out["class_ids"].numpy().tolist() == keras_probs.argmax(axis=1).tolist()
+    x = np.random.default_rng(2).normal(size=(3, 8, 8, 1)).astype(np.float32)
+    out = signatures["serving_preprocessed"](images=tf.constant(x))
+    np.testing.assert_allclose(out["probabilities"].numpy(), model(x, training=False).numpy(),
+                               atol=1e-6)
 
 
 def test_verify_export_detects_changed_weights(tmp_path):
@@ -125,9 +135,9 @@ def test_existing_version_is_refused_and_nothing_changes(tmp_path, monkeypatch):
     before = _snapshot(str(tmp_path))
 
     def boom(*args, **kwargs):
-        raise AssertionError("model.export must not run when the version already exists")
+        raise AssertionError("the SavedModel must not be written when the version already exists")
 
-    monkeypatch.setattr(keras.Model, "export", boom)
+    monkeypatch.setattr(tf.saved_model, "save", boom)
     with pytest.raises(KodeError, match="already exists; refusing to overwrite"):
         export_model(m, str(tmp_path), name="net", version=first.version)
     assert _snapshot(str(tmp_path)) == before
@@ -141,7 +151,7 @@ def test_export_dir_is_a_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the export dir must be checked before exporting")
 
-    monkeypatch.setattr(keras.Model, "export", boom)
+    monkeypatch.setattr(tf.saved_model, "save", boom)
     with pytest.raises(KodeError, match="saved_models"):
         export_model(m, str(blocker))
     # A file where the model-name folder should be.
@@ -187,7 +197,7 @@ def test_export_dir_permission_errors_simulated(tmp_path, monkeypatch):
             export_model(m, str(tmp_path / "new"))
     with monkeypatch.context() as mp:
         mp.setattr(kx.tempfile, "mkdtemp", denied)
-        mp.setattr(keras.Model, "export", denied)  # must not be reached
+        mp.setattr(tf.saved_model, "save", denied)  # must not be reached
         with pytest.raises(KodeError, match="not writable"):
             export_model(m, str(tmp_path / "new"))
     assert os.listdir(tmp_path / "new" / "tiny") == []
@@ -195,14 +205,14 @@ def test_export_dir_permission_errors_simulated(tmp_path, monkeypatch):
 
 def test_failed_verification_raises_and_publishes_nothing(tmp_path, monkeypatch):
     m = _tiny_model()
-    monkeypatch.setattr(kx, "_compare", lambda *a, **k: 0.5)
+    monkeypatch.setattr(kx, "_compare_outputs", lambda *a, **k: 0.5)
     with pytest.raises(KodeError, match=r"0\.5 > atol.*kept for inspection") as info:
         export_model(m, str(tmp_path))
     kept = str(info.value).rsplit(" ", 1)[-1]
     assert os.path.isfile(os.path.join(kept, "saved_model.pb"))
     # No integer version folder: Serving must not pick up the unverified export.
     assert not [e for e in os.listdir(tmp_path / "tiny") if e.isdigit()]
-    monkeypatch.setattr(kx, "_compare", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(kx, "_compare_outputs", lambda *a, **k: float("nan"))
     with pytest.raises(KodeError, match="nan"):
         export_model(m, str(tmp_path))
 
@@ -213,7 +223,7 @@ def test_export_failure_cleans_up(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise ValueError("simulated crash")
 
-    monkeypatch.setattr(keras.Model, "export", boom)
+    monkeypatch.setattr(tf.saved_model, "save", boom)
     with pytest.raises(KodeError, match="simulated crash"):
         export_model(m, str(tmp_path))
     assert os.listdir(tmp_path / "tiny") == []
