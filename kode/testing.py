@@ -150,3 +150,29 @@ def family_model_tests(family: str):
         run_standard_model_checks(name)
 
     return test_family_is_registered, test_standard_model_checks
+
+
+def serving_contract(path: str) -> dict:
+    """What a TF Serving client sees of a SavedModel: signature -> (inputs, output keys).
+
+    ``inputs`` maps each input key to (dtype name, shape with None for unknown dims).
+    """
+    import tensorflow as tf
+
+    contract = {}
+    for name, fn in tf.saved_model.load(path).signatures.items():
+        _, kwargs = fn.structured_input_signature
+        inputs = {key: (spec.dtype.name, spec.shape.as_list()) for key, spec in kwargs.items()}
+        contract[name] = (inputs, sorted(fn.structured_outputs))
+    return contract
+
+
+def image_serving_contract(shape: tuple[int, int, int]) -> dict:
+    """The contract every kode export of an image classifier with input ``shape`` has."""
+    batch = [None, *shape]
+    outputs = ["class_ids", "probabilities"]
+    return {
+        "serving_default": ({"images": ("float32", batch)}, outputs),
+        "serving_uint8": ({"images": ("uint8", batch)}, outputs),
+        "serving_preprocessed": ({"images": ("float32", batch)}, outputs),
+    }

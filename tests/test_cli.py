@@ -49,6 +49,11 @@ def test_export_never_overwrites_and_predict_classifies(trained, tmp_path):
                   "--version", "1")
     assert refused.returncode == 2
     assert "already exists" in refused.stderr and "Traceback" not in refused.stderr
+    from kode.testing import image_serving_contract, serving_contract
+
+    contract = image_serving_contract((8, 8, 1))  # the same for kode.train (test_serving.py)
+    for version in ("1", "2"):  # kode train --export, kode export
+        assert serving_contract(str(root / "saved_models" / "lm_resnet20" / version)) == contract
 
     from sklearn.datasets import load_digits
 

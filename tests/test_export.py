@@ -384,3 +384,162 @@ def test_predict_files_bad_inputs(exported, tmp_path):
     with pytest.raises(KodeError, match="not a SavedModel"):
         predict_files(str(text), good)
     assert predict_files(result.path, []) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# In-graph preprocessing
+# ----------------------------------------------------------------------------------------------
+
+
+def test_no_preprocessing_information_means_identity(tmp_path):
+    """export_model(model) alone: serving_default computes model(images), as model.export."""
+    m = _tiny_model()
+    result = export_model(m, str(tmp_path))
+    assert load_metadata(result.path)["preprocessing"] == {"kind": "identity"}
+    x = np.random.default_rng(4).uniform(0, 255, size=(2, 8, 8, 1)).astype(np.float32)
+    out = tf.saved_model.load(result.path).signatures["serving_default"](images=tf.constant(x))
+    np.testing.assert_allclose(out["probabilities"].numpy(), m(x, training=False).numpy(),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("preprocessing", "by_hand"),
+    [
+        # keras.applications ResNetV2 ("tf" mode): [0, 255] -> [-1, 1].
+        ({"kind": "scale", "scale": 1 / 127.5, "offset": -1.0}, lambda x: x / 127.5 - 1.0),
+        # keras.applications ResNet50 V1 ("caffe" mode): RGB -> BGR, minus the BGR means.
+        ({"kind": "caffe"}, lambda x: x[..., ::-1] - np.array([103.939, 116.779, 123.68])),
+    ],
+)
+def test_source_network_preprocessing_kinds(tmp_path, preprocessing, by_hand):
+    rgb = _tiny_model(shape=(6, 6, 3), classes=4, activation=None, name="rgb")
+    result = export_model(rgb, str(tmp_path), metadata={"preprocessing": preprocessing})
+    meta = load_metadata(result.path)
+    assert meta["preprocessing"]["kind"] == preprocessing["kind"]
+    assert meta["serving"]["head"] == "logits"  # a linear last layer: softmax in the graph
+    pixels = np.random.default_rng(5).integers(0, 256, size=(3, 6, 6, 3)).astype(np.uint8)
+    expected = keras.ops.convert_to_numpy(
+        keras.ops.softmax(rgb(by_hand(pixels.astype(np.float64)).astype(np.float32))))
+    out = tf.saved_model.load(result.path).signatures["serving_uint8"](images=pixels)
+    np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+
+
+def test_mean_std_preprocessing_is_the_training_normalization():
+    from kode.data import _normalizer, dataset_info
+    from kode.preprocessing import apply_preprocessing, check_preprocessing, mean_std
+
+    info = dataset_info("digits")
+    sixteenths = np.arange(17, dtype=np.uint8).reshape(1, 17, 1, 1)  # digits' pixel values
+    training = _normalizer(16.0, info.mean, info.std)(sixteenths)
+    served = apply_preprocessing(check_preprocessing(mean_std(info.mean, info.std), 1),
+                                 sixteenths.astype(np.float32) * 255 / 16)
+    np.testing.assert_allclose(served.numpy(), training.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "pattern"),
+    [
+        ({"preprocessing": {"kind": "bogus"}}, "unknown preprocessing kind 'bogus'"),
+        ({"preprocessing": "mean_std"}, "must be an object"),
+        ({"preprocessing": {"kind": "scale", "scale": 0}}, "must not be 0"),
+        ({"preprocessing": {"kind": "scale", "scale": float("nan")}}, "not JSON-serializable"),
+        ({"preprocessing": {"kind": "caffe"}}, "3 channels"),
+        ({"preprocessing": {"kind": "identity", "mean": 1}}, "identity"),
+        ({"preprocessing": {"kind": "identity"}, "mean": 0.5, "std": 0.2}, "contradicts"),
+    ],
+)
+def test_bad_preprocessing_is_refused_before_writing(tmp_path, metadata, pattern):
+    with pytest.raises(KodeError, match=pattern):
+        export_model(_tiny_model(), str(tmp_path), metadata=metadata)
+    assert not (tmp_path / "tiny").exists() or os.listdir(tmp_path / "tiny") == []
+
+
+def test_feature_extractor_returns_raw_outputs(tmp_path):
+    inputs = keras.Input((4, 4, 2))
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 1)(inputs))
+    model = keras.Model(inputs, features, name="features")
+    result = export_model(model, str(tmp_path))
+    meta = load_metadata(result.path)
+    assert meta["serving"]["head"] == "outputs" and meta["serving"]["output_keys"] == ["outputs"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporary folders of killed exports
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_tmp(model_dir, suffix, owner: bool = True):
+    folder = model_dir / f".tmp-export-next-{suffix}"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "saved_model.pb").write_bytes(b"partial")
+    if owner:
+        (folder / "owner").write_text("pid 1\n")
+    return folder
+
+
+def test_stale_temp_folders_are_removed_and_in_flight_ones_kept(tmp_path):
+    import fcntl
+
+    model_dir = tmp_path / "tiny"
+    dead = _fake_tmp(model_dir, "dead")  # owner file, nobody holds its lock
+    alive = _fake_tmp(model_dir, "alive")  # an export in flight holds the lock
+    old = _fake_tmp(model_dir, "old", owner=False)  # older kode: no owner file, untouched 2 h
+    for path in [old, *old.rglob("*")]:
+        os.utime(path, (os.path.getmtime(path) - 7200,) * 2)
+    fresh = _fake_tmp(model_dir, "fresh", owner=False)  # no owner file yet, just created
+    with open(alive / "owner", "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        result = export_model(_tiny_model(), str(tmp_path))
+        assert result.version == 1
+        assert sorted(os.listdir(model_dir)) == sorted(["1", alive.name, fresh.name])
+    assert kx.remove_stale_exports(str(model_dir)) == [str(alive)]  # its owner is gone now
+    assert sorted(os.listdir(model_dir)) == sorted(["1", fresh.name])
+    assert not dead.exists() and not old.exists()
+
+
+def test_killed_export_leaves_a_folder_the_next_export_removes(tmp_path):
+    """A real export process killed mid-write: its folder is kept while it runs, removed after."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import time, keras
+from kode import export as kx
+def hang(model, path, *args):
+    import os; os.makedirs(path); open(os.path.join(path, "saved_model.pb"), "wb").close()
+    time.sleep(600)
+kx._write_savedmodel = hang
+i = keras.Input((3,)); m = keras.Model(i, keras.layers.Dense(2, activation="softmax")(i))
+kx.export_model(m, {str(tmp_path)!r}, name="net")
+"""])
+    model_dir = tmp_path / "net"
+    try:
+        deadline = time.time() + 300
+        while not list(model_dir.glob(".tmp-export-*/model/saved_model.pb")):
+            assert child.poll() is None and time.time() < deadline, "child export did not start"
+            time.sleep(0.2)
+        assert kx.remove_stale_exports(str(model_dir)) == []  # in flight: untouched
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        (leftover,) = model_dir.glob(".tmp-export-*")
+        assert kx.remove_stale_exports(str(model_dir)) == [str(leftover)]
+        assert os.listdir(model_dir) == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_refused_export_is_kept_outside_the_temp_folders(tmp_path, monkeypatch):
+    m = _tiny_model()
+    with monkeypatch.context() as mp:
+        mp.setattr(kx, "_compare_outputs", lambda *a, **k: 0.5)
+        with pytest.raises(KodeError, match="kept for inspection at") as info:
+            export_model(m, str(tmp_path))
+    kept = str(info.value).rsplit(" ", 1)[-1]
+    assert os.path.basename(kept).startswith(".refused-")
+    assert os.listdir(tmp_path / "tiny") == [os.path.basename(kept)]  # no temp folder left
+    export_model(m, str(tmp_path))  # a later export does not take the kept copy away
+    assert os.path.isfile(os.path.join(kept, "saved_model.pb"))
