@@ -880,7 +880,7 @@ DOC_HEAD = [
     "- `adjoint` (Sander et al. 2022): the forward keeps only the final state; the backward "
     "rebuilds x_n with the integrator's `reverse_step` and takes one vector-Jacobian product "
     "per step: O(1) states; exact for reversible Heun and momentum, approximate for Euler "
-    "(gradient error: REFERENCE.md §3).",
+    "(gradient error: [reference.md](reference.md) §3).",
     "- `remat` (not a kode mode, the Keras alternative): `keras.RematScope(mode="
     "\"activations\")` around building a backprop model (mode `\"full\"` fails in `fit` with "
     "BatchNorm, keras#21207).",

@@ -1,4 +1,4 @@
-"""Fast checks of benchmarks/throughput.py: MAC counts against REFERENCE.md §2, the
+"""Fast checks of benchmarks/throughput.py: MAC counts against docs/reference.md §2, the
 hand-written reference ResNet-56 against the zoo's, and that a tiny worker reports its
 fields. No timing assertions: the numbers themselves are the benchmark's business."""
 

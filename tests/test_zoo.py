@@ -8,7 +8,7 @@ import pytest
 import zoo
 from kode.errors import KodeError
 
-# REFERENCE.md §2: LM-ResNet trainable parameters with 10 classes (the authors' code).
+# docs/reference.md §2: LM-ResNet trainable parameters with 10 classes (the authors' code).
 LM_RESNET_PARAMS = {20: 272_384, 32: 466_822, 44: 661_260, 56: 855_698, 110: 1_730_669,
                     164: 1_703_725}
 

@@ -2,7 +2,7 @@
 
 A stage whose input and output shapes differ starts with a :class:`TransitionBlock`; the rest
 of the stage is one :class:`IntegratorStage`. Families differ only in the integrator they pass.
-Layouts follow Lu et al. / He et al. (REFERENCE.md §2): CIFAR (depth 6n+2 basic, 9n+2
+Layouts follow Lu et al. / He et al. (docs/reference.md §2): CIFAR (depth 6n+2 basic, 9n+2
 bottleneck, widths 16/32/64) and ImageNet (18/34 basic, 50/101/152 bottleneck).
 """
 

@@ -1,7 +1,7 @@
 """Adjoint gradient error vs depth: Euler, Heun and reversible Heun, smooth vs i.i.d. weights.
 
 One kode :class:`~kode.stage.IntegratorStage` of N steps, h = 1/N, residual functions
-f_n(x) = tanh(x W_n + b_n) (width 16, batch 64, float64; REFERENCE.md §3's setting), loss
+f_n(x) = tanh(x W_n + b_n) (width 16, batch 64, float64; the setting of docs/reference.md §3), loss
 L = ½ mean_i |x_N − y_i|² with random x_0, y. The measured quantity is the relative error of
 all parameter gradients, ‖g_adjoint − g_backprop‖ / ‖g_backprop‖, where g_adjoint comes from
 the stage's ``gradient="adjoint"`` path (kode/gradients.py: activations rebuilt by the
@@ -10,7 +10,7 @@ Heun and reversible Heun hold N + 1 functions for their N steps (functions on th
 
 Weights: *smooth* W_n = W(t_n), b_n = b(t_n) with W(t) = A + sin(2πt) B + cos(2πt) C (the
 same function for every N, so the stages converge to one neural ODE); *i.i.d.* W_n, b_n
-drawn independently per step. Expected (Sander et al.; REFERENCE §3): the reversal's local
+drawn independently per step. Expected (Sander et al.; docs/reference.md §3): the reversal's local
 error is O(h²) for Euler and O(h³) for Heun, so the error falls like N^-1 (Euler) and N^-2
 (Heun) with smooth weights; reversible Heun is exact up to rounding. A contrast with h = 1
 (the classic ResNet scaling) shows the error does not fall there.
@@ -31,7 +31,7 @@ BATCH = 64
 QUICK_NS = [4, 16, 64]
 FULL_NS = [4, 8, 16, 32, 64, 128, 256]
 
-# REFERENCE.md §3: "a small reference measurement", the published-style reference table.
+# docs/reference.md §3: the reference measurement table.
 REFERENCE = {
     ("euler", "iid"): {4: 3.2e-2, 16: 4.6e-3, 64: 5.0e-4, 256: 6.8e-5},
     ("euler", "smooth"): {4: 2.6e-2, 16: 5.1e-3, 64: 1.2e-3, 256: 3.0e-4},
@@ -135,7 +135,7 @@ def run(ctx: Context) -> dict:
 
 
 def reference_slopes(n_min: int, n_max: int) -> dict[str, float]:
-    """Log–log slopes of REFERENCE §3's table over the N range a run measured."""
+    """Log–log slopes of the reference table (docs/reference.md §3) over the N range a run measured."""
     out = {}
     for (integrator, weights), table in REFERENCE.items():
         pts = [(n, e) for n, e in table.items() if n_min <= n <= n_max]
@@ -158,7 +158,7 @@ def _figure(series: list[dict]):
         ref = REFERENCE.get((s["integrator"], s["weights"]))
         if ref:
             left.loglog(list(ref), list(ref.values()), "x", ms=7, color=colors[s["integrator"]])
-    left.loglog([], [], "kx", label="REFERENCE.md §3 reference measurement")
+    left.loglog([], [], "kx", label="reference measurement (docs/reference.md §3)")
     left.set(title="adjoint vs backprop, h = 1/N: relative error of parameter gradients",
              xlabel="N (steps)", ylabel="‖g_adj − g_bp‖ / ‖g_bp‖")
     left.title.set_fontsize(10)
@@ -196,7 +196,7 @@ EXPECTED = {
     "euler/iid": "−1 (local error O(h²) needs no smoothness in n)",
     "euler/smooth": "−1",
     "heun/iid": "no O(h³) without smoothness: ≈ Euler's",
-    "heun/smooth": "−2 (REFERENCE §3)",
+    "heun/smooth": "−2 ([reference.md](reference.md) §3)",
 }
 
 
@@ -248,7 +248,7 @@ def report(result: dict) -> list[str]:
         "the reverse step is Heun with step −h, and for a method of even order p the h^(p+1) "
         "error terms of Φ₋ₕ∘Φₕ cancel, leaving O(h⁴) per step and O(h³) overall")
     if he_s["slope"] <= -1.75:
-        verdict = ("at least as steep as the −2 stated in REFERENCE §3 (from Sander et al.'s "
+        verdict = ("at least as steep as the −2 stated in [reference.md](reference.md) §3 (from Sander et al.'s "
                    "local-error argument), so the claim holds; "
                    + ("it is steeper because " + why_three + ": the stated rate is a bound."
                       if he_s["slope"] <= -2.5 else "it matches it."))
@@ -256,7 +256,7 @@ def report(result: dict) -> list[str]:
         verdict = "**flatter than the expected −2: this disagrees with the claim.**"
     heun_bullet = (
         f"- **Heun, smooth weights:** slope {fmt(he_s['slope'])} (last interval "
-        f"{fmt(he_s['last_slope'])}), {verdict} REFERENCE's own table gives {fmt(ref_early)} "
+        f"{fmt(he_s['last_slope'])}), {verdict} the reference table's own numbers give {fmt(ref_early)} "
         f"from N = 4 to 64 and {fmt(ref_late)} from 64 to 256, where its error "
         f"({sci(ref_heun[256])}) is near float32 rounding (probably a float32 measurement"
         + ("; see the float32 contrast below" if "heun/smooth/float32" in series else
@@ -271,7 +271,7 @@ def report(result: dict) -> list[str]:
         "parameter gradients, geometric mean over seeds "
         f"{', '.join(str(s) for s in result['seeds'])}. Smooth: W_n = W(n/N) for one smooth "
         "W(t); i.i.d.: independent draws per step. \"ref.\" columns: the reference "
-        "measurement of REFERENCE.md §3 (published-style numbers, not run here).",
+        "measurement of [reference.md](reference.md) §3 (published-style numbers, not run here).",
         "",
         *markdown_table(headers, rows),
         "",
@@ -294,7 +294,7 @@ def report(result: dict) -> list[str]:
         + ". The reference's smooth W(t) is not specified; how fast W(t) varies sets the "
         "constant (ours has frequency 2π), not the rate, so only slopes are comparable.",
         f"- **i.i.d. weights with h = 1/N:** the error also falls (Euler slope "
-        f"{fmt(eu_i['slope'])}, Heun {fmt(he_i['slope'])}), as REFERENCE's table shows too. "
+        f"{fmt(eu_i['slope'])}, Heun {fmt(he_i['slope'])}), as the reference table shows too. "
         "With h = 1/N every step moves x by O(h) whatever the weights, so even i.i.d. f_n "
         "give Euler's reversal an O(h²) local error; what smoothness in n buys is Heun's "
         + ("extra order (Heun i.i.d. has Euler i.i.d.'s slope). " if same_slope else
@@ -322,5 +322,5 @@ def report(result: dict) -> list[str]:
             f"{sci(f32['error'][-1])} at N = {ns[-1]} (last-interval slope "
             f"{fmt(f32['last_slope'])} vs {fmt(he_s['last_slope'])} in float64): in float32 "
             "the curve meets rounding at large N, the likely cause of the flatter last "
-            "interval in REFERENCE's table.")
+            "interval in the reference table.")
     return lines

@@ -1,7 +1,7 @@
 """CIFAR-10 at the papers' scale: the commands, with the published numbers beside them.
 
 Nothing here is trained: this machine has neither a GPU nor the CIFAR-10 files. The section
-lists the exact ``kode train`` commands that follow the papers' recipes (REFERENCE.md §2:
+lists the exact ``kode train`` commands that follow the papers' recipes (docs/reference.md §2:
 SGD 0.9, batch 128, weight decay 1e-4, lr 0.1 ÷10 at epochs 80/120 of 160; stochastic depth:
 ÷10 at 250/375 of 500) and the test errors the papers report.
 """
@@ -12,7 +12,7 @@ from benchmarks.reproduce.common import Context, markdown_table
 
 TITLE = "CIFAR-scale recipes (not run here)"
 
-# Lu et al., CIFAR-10 test error (%), as transcribed in REFERENCE.md §2.
+# Lu et al., CIFAR-10 test error (%), as transcribed in docs/reference.md §2.
 LM_RESNET_ERRORS = {
     "lm_resnet20": 8.33, "lm_resnet32": 7.18, "lm_resnet44": 6.66, "lm_resnet56": 6.31,
     "lm_resnet110": 6.16, "lm_resnet164": 5.27, "lm_resnet56_sd": 5.14,
@@ -60,6 +60,6 @@ def report(result: dict) -> list[str]:
         "Every command uses kode's CIFAR-10 recipe, which is the papers': SGD with momentum "
         "0.9, batch 128, weight decay 1e-4, learning rate 0.1 divided by 10 at 50% and 75% "
         "of the epochs (80/120 of 160), pad-4 random crop and horizontal flip. Published "
-        "numbers: Lu et al. (ICML 2018) as transcribed in REFERENCE.md §2. Add "
+        "numbers: Lu et al. (ICML 2018) as transcribed in [reference.md](reference.md) §2. Add "
         "`--strategy mirrored` (GPUs) or `--strategy tpu` to scale out (docs/distributed.md).",
     ]

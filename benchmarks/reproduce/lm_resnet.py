@@ -1,6 +1,6 @@
 """LM-ResNet (Lu et al. 2018): the modified equation, the stability interval, and training.
 
-The LM step u_{n+1} = (1−k) u_n + k u_{n−1} + h f(u_n) (first step Euler, REFERENCE.md §2)
+The LM step u_{n+1} = (1−k) u_n + k u_{n−1} + h f(u_n) (first step Euler, docs/reference.md §2)
 is checked in three parts:
 
 (a) Modified equation, on u' = λu. Taylor expansion of the step gives
@@ -62,7 +62,7 @@ BOUNDED_RATIO = 2.0  # 10× more steps, growth up by less than this: judged boun
 QUICK_TRAINING = {"depths": [20], "epochs": 10}
 FULL_TRAINING = {"depths": [20, 32], "epochs": 30}
 K_INIT_RANGE = (-0.1, 0.0)
-PUBLISHED_K_RANGE = (-2.5, 1.0)  # REFERENCE.md §2: learned k_n in replications
+PUBLISHED_K_RANGE = (-2.5, 1.0)  # docs/reference.md §2: learned k_n in replications
 PUBLISHED_LM_ERROR = {20: 8.33, 32: 7.18, 44: 6.66, 56: 6.31, 110: 6.16}  # Lu et al., CIFAR-10 %
 
 
@@ -637,7 +637,7 @@ def _report_training(t: dict) -> list[str]:
         f"{k['in_init_range']} of {k['count']} still in the init range [−0.1, 0], "
         f"{k['in_stability']} of {k['count']} inside the stability interval (−1, 1], "
         f"{k['in_published']} of {k['count']} inside the published range ≈ [−2.5, 1] "
-        "(REFERENCE.md §2: learned k_n reported by replications). " + k_text,
+        "([reference.md](reference.md) §2: learned k_n reported by replications). " + k_text,
         "",
         f"![learned k_n per LM block, with init range, stability interval and published "
         f"range]({t['figure']})",

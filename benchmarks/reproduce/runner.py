@@ -95,7 +95,7 @@ def write_document(store: dict, out: Path) -> Path:
         "hardware available here. Everything below, numbers and figures, is written by "
         "`kode reproduce` (`--quick`: the reduced sweep, under 10 minutes on 2 CPU cores; "
         "without it: the full sweep, which prints its progress). Formulas and published "
-        "numbers: `../shared/REFERENCE.md`. Where a result disagrees with a paper the "
+        "numbers: [reference.md](reference.md). Where a result disagrees with a paper the "
         "section says so.",
         "",
         f"Machine of the last run: {machine_description()}.",
