@@ -103,7 +103,8 @@ def test_adjoint_gradient_error_falls_with_the_integrator_order(integrator, orde
         errors.append(_rel_err(_grads(stage, x), want))
     slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
     # At least the integrator's order. Euler is ≈ −1; Heun measures ≈ −3 here (smooth weights:
-    # the table of docs/reference.md §3 shows the same ≈ −2.9 between N = 4 and 64), above its order 2.
+    # the table of docs/reference.md §3 shows the same ≈ −2.9 between N = 4 and 64), above its
+    # order 2.
     assert slope <= -order + 0.3, errors
     if order == 1:
         assert slope == pytest.approx(-1.0, abs=0.3), errors

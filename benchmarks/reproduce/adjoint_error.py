@@ -135,7 +135,7 @@ def run(ctx: Context) -> dict:
 
 
 def reference_slopes(n_min: int, n_max: int) -> dict[str, float]:
-    """Log–log slopes of the reference table (docs/reference.md §3) over the N range a run measured."""
+    """Log–log slopes of the reference table (docs/reference.md §3) over the N range run."""
     out = {}
     for (integrator, weights), table in REFERENCE.items():
         pts = [(n, e) for n, e in table.items() if n_min <= n <= n_max]
@@ -248,15 +248,16 @@ def report(result: dict) -> list[str]:
         "the reverse step is Heun with step −h, and for a method of even order p the h^(p+1) "
         "error terms of Φ₋ₕ∘Φₕ cancel, leaving O(h⁴) per step and O(h³) overall")
     if he_s["slope"] <= -1.75:
-        verdict = ("at least as steep as the −2 stated in [reference.md](reference.md) §3 (from Sander et al.'s "
-                   "local-error argument), so the claim holds; "
+        verdict = ("at least as steep as the −2 stated in [reference.md](reference.md) §3 "
+                   "(from Sander et al.'s local-error argument), so the claim holds; "
                    + ("it is steeper because " + why_three + ": the stated rate is a bound."
                       if he_s["slope"] <= -2.5 else "it matches it."))
     else:
         verdict = "**flatter than the expected −2: this disagrees with the claim.**"
     heun_bullet = (
         f"- **Heun, smooth weights:** slope {fmt(he_s['slope'])} (last interval "
-        f"{fmt(he_s['last_slope'])}), {verdict} the reference table's own numbers give {fmt(ref_early)} "
+        f"{fmt(he_s['last_slope'])}), {verdict} the reference table's own numbers give "
+        f"{fmt(ref_early)} "
         f"from N = 4 to 64 and {fmt(ref_late)} from 64 to 256, where its error "
         f"({sci(ref_heun[256])}) is near float32 rounding (probably a float32 measurement"
         + ("; see the float32 contrast below" if "heun/smooth/float32" in series else

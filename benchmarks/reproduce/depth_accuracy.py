@@ -313,7 +313,8 @@ def findings(result: dict) -> list[str]:
     out.append(
         f"- Gradient error at init: Heun's is below Euler's at N = "
         f"{', '.join(map(str, lower)) or 'none of the depths'}; log–log slopes vs N: Euler "
-        f"{fmt(slopes['euler'])}, Heun {fmt(slopes['heun'])} ([reference.md](reference.md) §3, smooth weights: "
+        f"{fmt(slopes['euler'])}, Heun {fmt(slopes['heun'])} ([reference.md](reference.md) "
+        "§3, smooth weights: "
         "about −1 for Euler and −2 or steeper for Heun). The weights here are i.i.d. in depth, "
         "the regime where Heun's second order does not show (its reversal error is O(h³) only "
         "when f_n varies smoothly with n).")

@@ -112,7 +112,8 @@ def report(result: dict) -> list[str]:
         "",
         f"Agreement with Sander et al.: the measurement {verdict} with the claim that the "
         "adjoint's activation memory is O(1) in depth while backprop's is O(N) (exponents "
-        "above). On time, [reference.md](reference.md) §3 says \"about one extra forward per step\"; kode's "
+        "above). On time, [reference.md](reference.md) §3 says \"about one extra forward per "
+        "step\"; kode's "
         "Euler adjoint pays about two per step (the reverse step evaluates f_n at x_{n+1}, "
         "the recomputation at the rebuilt x_n: two points, so they cannot share an "
         "evaluation)"
