@@ -59,6 +59,7 @@ def _build_model(cfg: dict):
     import keras
 
     from kode.blocks import BasicBlock
+    from kode.integrators import get_integrator
     from kode.stage import IntegratorStage
 
     mode = cfg["mode"]
@@ -66,7 +67,9 @@ def _build_model(cfg: dict):
     if cfg["kind"] == "stage":
         size, channels = cfg.get("size", 32), cfg.get("channels", 16)
         inputs = keras.Input((size, size, channels))
-        fns = [BasicBlock(channels, name=f"f{i}") for i in range(cfg["n"])]
+        # N residual functions on the part of the state the scheme gives them (RevNet: halves).
+        f_channels = get_integrator(cfg["integrator"]).residual_shape((channels,))[-1]
+        fns = [BasicBlock(f_channels, name=f"f{i}") for i in range(cfg["n"])]
         stage = IntegratorStage(fns, cfg["integrator"], step_size="ode", gradient=gradient,
                                 name="stage")
         x = stage(inputs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -136,18 +137,36 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     return model
 
 
-def family_model_tests(family: str):
-    """The shared pytest tests of one family: ``test_registered, test_models = …``."""
+def family_model_tests(family: str, min_models: int = 12, distinct_only: bool = False,
+                       overrides: Callable[[str], dict] | None = None):
+    """The shared pytest tests of one family: ``test_registered, test_models = …``.
+
+    ``overrides(name)`` adds builder overrides to :func:`reduced_overrides` (a family with its
+    own depth form); ``distinct_only`` checks one name per distinct reduced model (the CIFAR
+    depths 32…1202 all shrink to the same model) to keep CI time down.
+    """
     import pytest
 
     names = zoo.list_models(family=family)
 
-    def test_family_is_registered():
-        assert len(names) >= 12, names
+    def reduced(name: str) -> dict:
+        return {**reduced_overrides(name), **(overrides(name) if overrides else {})}
 
-    @pytest.mark.parametrize("name", names)
+    checked = names
+    if distinct_only:
+        seen: dict = {}
+        for name in names:
+            key = repr(sorted({**zoo.get_entry(name).defaults, **reduced(name)}.items()
+                              - {("name", name)}))
+            seen.setdefault(key, name)
+        checked = list(seen.values())
+
+    def test_family_is_registered():
+        assert len(names) >= min_models, names
+
+    @pytest.mark.parametrize("name", checked)
     def test_standard_model_checks(name):
-        run_standard_model_checks(name)
+        run_standard_model_checks(name, **(overrides(name) if overrides else {}))
 
     return test_family_is_registered, test_standard_model_checks
 

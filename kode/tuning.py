@@ -6,15 +6,18 @@ zoo's networks:
 | hyper-parameter | values | active for |
 |---|---|---|
 | ``family`` | the families given (one integrator each) | always (fixed for one family) |
-| ``depth`` | CIFAR depths 6n+2 (default 8, 14, 20) | always |
+| ``depth`` | CIFAR depths 6n+2 (default 8, 14, 20); RevNet: 12n+2 (14, 26, 38) | always |
 | ``width_multiplier`` | 0.25, 0.5, 1 | always |
 | ``step_size`` | ``"1"`` (classic h = 1) or ``"ode"`` (h = 1/N) | always |
 | ``final_survival_probability`` | 1 (no stochastic depth), 0.8, 0.5 | always |
 | ``lm_k_init`` | k_n ~ U(−0.1, 0) (paper), U(−0.5, 0), U(0, 0.5) | LM families |
 | ``gradient`` | backprop, checkpoint | non-reversible families |
-| ``gradient_reversible`` | backprop, checkpoint, adjoint | revheun / momentum |
+| ``gradient_reversible`` | backprop, checkpoint, adjoint | revheun / momentum / revnet |
 | ``lr`` | 1e-3 … 0.3, log | always |
 | ``weight_decay`` | 1e-5 … 1e-3, log | always |
+
+RevNet is named by its convolutions: the depth choice 6n+2 (n units per stage) builds the
+RevNet with the same n units, depth 12n+2.
 
 The memory-free adjoint is offered only to exactly reversible integrators: for Euler/Heun its
 gradients are approximate and a tuner would silently score a wrong-gradient run (use
@@ -55,9 +58,18 @@ from kode.training import (
 
 TUNERS = ("random", "bayesian", "hyperband")
 #: Families with a CIFAR-style layout (lm_resnext exists only as an ImageNet bottleneck model).
-TUNABLE_FAMILIES = ("resnet", "lm_resnet", "heun_resnet", "momentum_resnet", "revheun_resnet")
+TUNABLE_FAMILIES = ("resnet", "lm_resnet", "heun_resnet", "momentum_resnet", "revheun_resnet",
+                    "polynet", "fractalnet", "revnet")
 LM_FAMILIES = ("lm_resnet",)
-REVERSIBLE_FAMILIES = ("momentum_resnet", "revheun_resnet")
+REVERSIBLE_FAMILIES = ("momentum_resnet", "revheun_resnet", "revnet")
+#: Families named by their convolutions with two residual functions per unit (RevNet's F and
+#: G): n units per stage, CIFAR depth 6n+2 elsewhere, is RevNet depth 12n+2 = 2·(6n+2) − 2.
+PAIRED_DEPTH_FAMILIES = ("revnet",)
+
+
+def family_depth(family: str, depth: int) -> int:
+    """The registered depth of ``family`` with the same n units per stage as CIFAR 6n+2."""
+    return 2 * depth - 2 if family in PAIRED_DEPTH_FAMILIES else depth
 LM_K_RANGES = {"-0.1,0": (-0.1, 0.0), "-0.5,0": (-0.5, 0.0), "0,0.5": (0.0, 0.5)}
 DEFAULT_DEPTHS = (8, 14, 20)
 #: Above this many training examples the held-out split is not materialized in memory.
@@ -160,9 +172,10 @@ class ZooHyperModel(kt.HyperModel):
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         drawn = self.hyperparameters(hp)
         family, options = drawn["family"], drawn["options"]
+        depth = family_depth(family, options["depth"])
         model = zoo.create_model(
-            f"{family}20", input_shape=self.input_shape, classes=self.num_classes,
-            name=f"{family}{options['depth']}", **options,
+            f"{family}{family_depth(family, 20)}", input_shape=self.input_shape,
+            classes=self.num_classes, name=f"{family}{depth}", **{**options, "depth": depth},
         )
         schedule = learning_rate_schedule("cosine", drawn["lr"],
                                           self.epochs * self.steps_per_epoch)
@@ -310,7 +323,7 @@ def tune(
     values = dict(best_hp.values)
     model_path = os.path.join(directory, "best.keras")
     model.save(model_path)
-    name = f"{values['family']}{values['depth']}-tuned"
+    name = f"{values['family']}{family_depth(values['family'], values['depth'])}-tuned"
     metadata = {**model_metadata(name, info, model), "hyperparameters": values,
                 "tuner": tuner, "trial_id": best_trial.trial_id,
                 "val_accuracy": float(best_trial.score)}

@@ -5,13 +5,16 @@ Importing the package registers every family (one folder each).
 
 from kode.port import port_model
 from zoo import (  # noqa: F401  (importing a family registers it)
+    fractalnet,
     heun_resnet,
     keras_resnet,
     lm_resnet,
     lm_resnext,
     momentum_resnet,
+    polynet,
     resnet,
     revheun_resnet,
+    revnet,
 )
 from zoo.registry import create_model, get_entry, list_families, list_models, register_model
 

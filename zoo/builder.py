@@ -38,10 +38,18 @@ class Layout:
     strides: tuple[int, ...]
     bottleneck: bool
     stem: str  # "cifar": conv3×3; "imagenet": conv7×7/2 + max-pool 3×3/2
+    #: Stem output channels; None: 16 (cifar) or 64 (imagenet).
+    stem_width: int | None = None
+    #: Builds a stage's shape-changing first block as
+    #: ``transition(in_channels, out_channels, stride, make_function, name)`` → a layer
+    #: returning [x, history] (RevNet's split downsampling unit); None: TransitionBlock(f, P).
+    transition: Callable | None = None
 
 
-def resolve_layout(layout: str, depth: int, bottleneck: bool | None) -> Layout:
+def resolve_layout(layout: str | Layout, depth: int, bottleneck: bool | None) -> Layout:
     """The stage layout for a depth, or a :class:`KodeError` naming the family's form."""
+    if isinstance(layout, Layout):
+        return layout
     if not isinstance(depth, int) or isinstance(depth, bool):
         raise KodeError(f"depth must be an integer, got {depth!r}")
     if layout == "cifar":
@@ -110,7 +118,7 @@ def integrator_resnet(
     integrator: str | dict | Integrator,
     depth: int,
     *,
-    layout: str = "cifar",
+    layout: str | Layout = "cifar",
     bottleneck: bool | None = None,
     include_top: bool = True,
     weights: str | None = None,
@@ -138,7 +146,7 @@ def integrator_resnet(
     in training; transitions always backpropagate (they are not invertible).
     """
     spec = resolve_layout(layout, depth, bottleneck)
-    shape = _check_input_shape(input_shape, layout)
+    shape = _check_input_shape(input_shape, spec.stem)
     _check_head(include_top, weights, pooling, classes, classifier_activation)
     try:
         integrator = get_integrator(integrator, **(integrator_config or {}))
@@ -155,25 +163,25 @@ def integrator_resnet(
     def scaled(c: int) -> int:
         return max(1, int(round(c * width_multiplier)))
 
-    total_blocks = sum(spec.stage_blocks)
+    total_blocks = sum(spec.stage_blocks) * integrator.functions_per_step
     block_index = 0
 
-    def residual_function(in_width: int, stage: int, stride: int, block_name: str):
+    def residual_function(out_width: int, stage: int, stride: int, block_name: str):
+        """f with ``out_width`` output channels (the state's, or its part the scheme gives f)."""
         nonlocal block_index
         block_index += 1
-        width = scaled(spec.widths[stage])
         if spec.bottleneck:
-            mid = width if group_width is None else groups * scaled(group_width) * 2**stage
-            fn = Bottleneck(mid, 4 * width, stride, groups, zero_init, name=block_name)
+            mid = out_width // 4 if group_width is None else groups * scaled(group_width) * 2**stage
+            fn = Bottleneck(mid, out_width, stride, groups, zero_init, name=block_name)
         else:
-            fn = BasicBlock(width, stride, zero_init, name=block_name)
+            fn = BasicBlock(out_width, stride, zero_init, name=block_name)
         if final_survival_probability is not None:
             p = 1.0 - block_index / total_blocks * (1.0 - final_survival_probability)
             fn = StochasticDepth(fn, p, name=f"{block_name}_sd")
         return fn
 
     inputs = keras.Input(shape)
-    stem_width = scaled(16 if spec.stem == "cifar" else 64)
+    stem_width = scaled(spec.stem_width or (16 if spec.stem == "cifar" else 64))
     if spec.stem == "cifar":
         x = _conv(stem_width, 3, name="stem_conv")(inputs)
     else:
@@ -188,13 +196,21 @@ def integrator_resnet(
         history = None
         remaining = blocks
         if stride != 1 or out_channels != channels:
-            fn = residual_function(channels, s, stride, f"stage{s + 1}_transition_f")
-            proj = Projection(out_channels, stride, name=f"stage{s + 1}_transition_p")
-            x, history = TransitionBlock(fn, proj, name=f"stage{s + 1}_transition")(x)
+            if spec.transition is None:
+                fn = residual_function(out_channels, s, stride, f"stage{s + 1}_transition_f")
+                proj = Projection(out_channels, stride, name=f"stage{s + 1}_transition_p")
+                block = TransitionBlock(fn, proj, name=f"stage{s + 1}_transition")
+            else:
+                block = spec.transition(
+                    channels, out_channels, stride,
+                    lambda width, stride, name, s=s: residual_function(width, s, stride, name),
+                    name=f"stage{s + 1}_transition")
+            x, history = block(x)
             remaining -= 1
         if remaining:
-            fns = [residual_function(out_channels, s, 1, f"stage{s + 1}_f{i}")
-                   for i in range(remaining)]
+            f_width = integrator.residual_shape((None, out_channels))[-1]
+            fns = [residual_function(f_width, s, 1, f"stage{s + 1}_f{i}")
+                   for i in range(remaining * integrator.functions_per_step)]
             stage = IntegratorStage(fns, integrator, step_size, horizon, gradient,
                                     name=f"stage{s + 1}")
             x = stage([x, history] if history is not None and integrator.uses_history else x)
@@ -241,11 +257,12 @@ def family_builder(family: str, integrator: str, summary: str) -> Callable[..., 
     return build
 
 
-def register_family(family: str, builder: Callable[..., keras.Model]) -> None:
-    """Register ``{family}{depth}`` for the CIFAR depths and the ImageNet layouts."""
+def register_family(family: str, builder: Callable[..., keras.Model],
+                    imagenet: bool = True) -> None:
+    """Register ``{family}{depth}`` for the CIFAR depths (and the ImageNet layouts)."""
     for depth in CIFAR_DEPTHS:
         register_model(f"{family}{depth}", family, builder, depth=depth, layout="cifar",
                        bottleneck=depth == 164, classes=10)
-    for depth in IMAGENET_DEPTHS:
+    for depth in IMAGENET_DEPTHS if imagenet else ():
         register_model(f"{family}{depth}", family, builder, depth=depth, layout="imagenet",
                        classes=1000)

@@ -13,5 +13,6 @@ EXPERIMENTS = (
     "memory_time",
     "depth_accuracy",
     "lm_resnet",
+    "lu_schemes",
     "cifar_recipes",
 )

@@ -1,0 +1,11 @@
+import zoo
+from kode.testing import family_model_tests
+
+
+def _small(name):
+    bottleneck = zoo.get_entry(name).defaults["bottleneck"]
+    return {"depth": 20 if bottleneck else 14, "width_multiplier": 0.25}
+
+
+test_family_is_registered, test_standard_model_checks = family_model_tests(
+    "revnet", min_models=3, distinct_only=True, overrides=_small)
