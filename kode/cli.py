@@ -52,15 +52,15 @@ def _cmd_models(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
-    from kode.training import train
+def train_settings(args):
+    """The :class:`~kode.training.TrainSettings` that ``kode train``'s options describe."""
+    from kode.training import TrainSettings
 
-    options = _model_options(args)
-    result = train(
+    return TrainSettings(
         args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         schedule=args.schedule, weight_decay=args.weight_decay, decay_lm_k=args.decay_lm_k,
         seed=args.seed, logdir=args.logdir, export_dir=args.export, data_dir=args.data_dir,
-        manual_dir=args.manual_dir, model_options=options, gradient=args.gradient,
+        manual_dir=args.manual_dir, model_options=_model_options(args), gradient=args.gradient,
         guard_tolerance=args.guard_tolerance, guard_every=args.guard_every,
         on_inaccurate=args.on_inaccurate,
         verbose=1 if sys.stdout.isatty() else 2,
@@ -69,6 +69,12 @@ def _cmd_train(args) -> int:
         resume=not args.no_resume, deterministic=args.deterministic,
         diagnostics=not args.no_diagnostics,
     )
+
+
+def _cmd_train(args) -> int:
+    from kode.training import TrainingPipeline
+
+    result = TrainingPipeline(train_settings(args)).run()
     _print_outcome(result.test_metrics, result.logdir, result.logdir, result.export,
                    f"model: {result.model_path}; metrics: {result.metrics_path}")
     return 0

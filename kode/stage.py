@@ -6,11 +6,14 @@ is data (its ``integrator`` argument), so a new scheme is a new integrator class
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import keras
 from keras import layers
 
+from kode.errors import KodeError
 from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, integrate
 from kode.integrators import Integrator, get_integrator, serialize_integrator
 from kode.tracking import CheckpointTracked
@@ -19,13 +22,20 @@ _PACKAGE = "kode"
 
 
 def resolve_step_size(step_size: float | str, num_steps: int, horizon: float = 1.0) -> float:
-    """h = step_size, or h = T/N for ``step_size="ode"`` (Sander et al.'s ODE scaling)."""
+    """h = step_size, or h = T/N for ``step_size="ode"`` (Sander et al.'s ODE scaling).
+
+    Both ``step_size`` and the horizon T must be finite and positive (h = 0, inf or NaN would
+    train a network that silently computes nothing useful).
+    """
+    if isinstance(horizon, bool) or not isinstance(horizon, numbers.Real) \
+            or not (math.isfinite(horizon) and horizon > 0):
+        raise KodeError(f"horizon must be a finite positive number, got {horizon!r}")
     if step_size == "ode":
         return float(horizon) / max(num_steps, 1)
-    if isinstance(step_size, str):
-        raise ValueError(f"step_size must be a positive number or 'ode', got '{step_size}'")
-    if not step_size > 0:
-        raise ValueError(f"step_size must be a positive number or 'ode', got {step_size}")
+    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) \
+            or not (math.isfinite(step_size) and step_size > 0):
+        shown = f"'{step_size}'" if isinstance(step_size, str) else f"{step_size!r}"
+        raise KodeError(f"step_size must be a finite positive number or 'ode', got {shown}")
     return float(step_size)
 
 

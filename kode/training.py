@@ -17,11 +17,16 @@ pipeline's per-epoch shuffle). See docs/distributed.md.
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import inspect
 import math
+import numbers
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import keras
 import numpy as np
@@ -31,6 +36,7 @@ import zoo
 from kode.data import DatasetInfo, load_dataset
 from kode.distribute import PRECISIONS, STRATEGIES
 from kode.errors import KodeError
+from kode.files import write_json, write_with
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -106,12 +112,33 @@ class _LearningRateLogger(keras.callbacks.Callback):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_positive(name: str, value, kind=int) -> None:
-    if value is not None and (not isinstance(value, int | float) or value <= 0):
-        raise KodeError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+    """``value`` is a positive ``kind`` (int: a whole number; float: finite, not NaN/inf)."""
+    if kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    else:
+        ok = _is_number(value) and math.isfinite(value) and value > 0
+    if value is not None and not ok:
+        what = "integer" if kind is int else "finite number"
+        raise KodeError(f"{name} must be a positive {what}, got {value!r}")
 
 
-def _prepare_logdir(logdir: str) -> None:
+def _check_non_negative(name: str, value) -> None:
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+        raise KodeError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _prepare_logdir(logdir: str) -> str | None:
+    """Create ``logdir`` (and check it is writable); returns the top-most directory this call
+    created (to remove again if the run fails before writing anything), else None."""
+    created = None
+    parent = os.path.abspath(logdir)
+    while not os.path.exists(parent):
+        created, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(logdir, exist_ok=True)
         probe = os.path.join(logdir, ".kode-write-test")
@@ -120,6 +147,18 @@ def _prepare_logdir(logdir: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise KodeError(f"log directory '{logdir}' is not writable: {err.strerror}") from None
+    return created
+
+
+def _remove_if_empty(directory: str | None) -> None:
+    """Remove ``directory`` if it (recursively) holds no file: a failed run leaves no empty
+    run folder, and never loses a file."""
+    if directory is None or not os.path.isdir(directory):
+        return
+    for _, _, files in os.walk(directory):
+        if files:
+            return
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def model_metadata(model_name: str, info: DatasetInfo, model: keras.Model) -> dict:
@@ -137,40 +176,427 @@ def model_metadata(model_name: str, info: DatasetInfo, model: keras.Model) -> di
     }
 
 
-def train(
-    model_name: str,
-    dataset: str = "digits",
-    *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    schedule: str | None = None,
-    weight_decay: float | None = None,
-    momentum: float | None = None,
-    decay_lm_k: bool = False,
-    seed: int = 0,
-    logdir: str | None = None,
-    export_dir: str | None = None,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    augment: bool | None = None,
-    model_options: dict | None = None,
-    gradient: str = "backprop",
-    guard_tolerance: float = 0.05,
-    guard_every: int | None = None,
-    on_inaccurate: str = "stop",
-    verbose: str | int = "auto",
-    strategy: str | tf.distribute.Strategy = "default",
-    devices: int | None = None,
-    connect_timeout: float | None = None,
-    tpu: str | None = None,
-    precision: str = "float32",
-    sync_batchnorm: bool = False,
-    resume: bool = True,
-    deterministic: bool = False,
-    diagnostics: bool = True,
-) -> TrainResult:
-    """Train ``model_name`` from the zoo on ``dataset`` with the dataset's recipe, overridable.
+#: Builder arguments the pipeline sets from the dataset; an option may not override them.
+_PIPELINE_ARGUMENTS = {"input_shape": "the dataset's image shape",
+                       "classes": "the dataset's number of classes"}
+
+
+def check_model_options(model_name: str, options: dict) -> dict:
+    """Refuse options the builder of ``model_name`` does not take, options the pipeline sets
+    itself, and non-numbers / non-finite numbers where the builder expects a number."""
+    from kode.stage import resolve_step_size
+
+    if not isinstance(options, dict):
+        raise KodeError(f"model_options must be a dict of builder arguments, got {options!r}")
+    entry = zoo.get_entry(model_name)
+    parameters = inspect.signature(entry.builder).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    for key, value in options.items():
+        if key in _PIPELINE_ARGUMENTS:
+            raise KodeError(f"option {key} is set by the training pipeline from "
+                            f"{_PIPELINE_ARGUMENTS[key]}; remove --option {key}")
+        if key not in parameters:
+            if open_ended:
+                continue
+            known = ", ".join(sorted(p for p in parameters if p not in _PIPELINE_ARGUMENTS))
+            raise KodeError(f"unknown option '{key}' for {model_name}; options: {known}")
+        default = parameters[key].default if key in parameters else None
+        if _is_number(default) and value is not None and key not in ("step_size", "horizon"):
+            if not _is_number(value) or not math.isfinite(value):
+                raise KodeError(f"option {key} takes a finite number, got {value!r}")
+    if "step_size" in options or "horizon" in options:
+        resolve_step_size(options.get("step_size", 1.0), 1, options.get("horizon", 1.0))
+    return options
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run: what ``kode train`` fills from its options,
+    what ``kode.train(...)`` takes as keywords, and what ``metrics.json`` (``config``) and
+    ``kode.json`` (``training``) record. ``None`` means "the dataset's recipe"
+    (:data:`RECIPES`); :meth:`resolve` fills those in and validates everything.
+    """
+
+    model: str
+    dataset: str = "digits"
+    epochs: int | None = None
+    batch_size: int | None = None  #: the global batch (all replicas)
+    lr: float | None = None
+    schedule: str | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    decay_lm_k: bool = False
+    seed: int = 0
+    logdir: str | None = None
+    export_dir: str | None = None
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    augment: bool | None = None
+    model_options: dict | None = None  #: builder arguments (depth, step_size, ...)
+    gradient: str = "backprop"
+    guard_tolerance: float = 0.05
+    guard_every: int | None = None
+    on_inaccurate: str = "stop"
+    verbose: str | int = "auto"
+    strategy: Any = "default"  #: a name of STRATEGIES or a tf.distribute.Strategy
+    devices: int | None = None
+    connect_timeout: float | None = None
+    tpu: str | None = None
+    precision: str = "float32"
+    sync_batchnorm: bool = False
+    resume: bool = True
+    deterministic: bool = False
+    diagnostics: bool = True
+
+    def __post_init__(self):
+        if self.model_options is None:
+            self.model_options = {}
+
+    def resolve(self) -> TrainSettings:
+        """A validated copy with the recipe's values for every ``None`` hyper-parameter."""
+        if not isinstance(self.dataset, str):
+            raise KodeError(f"dataset must be a name, got {self.dataset!r}")
+        dataset = self.dataset.strip().lower()
+        if dataset not in RECIPES:
+            # load_dataset gives the canonical message for unknown names.
+            load_dataset(dataset, data_dir=self.data_dir)
+        recipe = RECIPES[dataset]
+        s = dataclasses.replace(self, dataset=dataset, model_options=dict(self.model_options))
+        for name in ("epochs", "batch_size", "lr", "schedule", "weight_decay", "momentum"):
+            if getattr(s, name) is None:
+                setattr(s, name, getattr(recipe, name))
+        _check_positive("epochs", s.epochs)
+        _check_positive("batch_size", s.batch_size)
+        _check_positive("lr", s.lr, float)
+        _check_non_negative("weight_decay", s.weight_decay)
+        _check_non_negative("momentum", s.momentum)
+        if s.schedule not in SCHEDULES:
+            raise KodeError(f"unknown schedule '{s.schedule}'; choose one of "
+                            f"{', '.join(SCHEDULES)}")
+        from kode.gradients import GRADIENT_MODES
+        from kode.guard import check_tolerance
+
+        if s.gradient not in GRADIENT_MODES:
+            raise KodeError(f"unknown gradient '{s.gradient}'; choose one of "
+                            f"{', '.join(GRADIENT_MODES)}")
+        check_tolerance(s.guard_tolerance)
+        _check_positive("guard_every", s.guard_every)
+        if s.on_inaccurate not in ("stop", "fallback"):
+            raise KodeError(f"on_inaccurate must be 'stop' or 'fallback', got "
+                            f"{s.on_inaccurate!r}")
+        if s.precision not in PRECISIONS:
+            raise KodeError(f"unknown precision '{s.precision}'; choose one of "
+                            f"{', '.join(PRECISIONS)}")
+        if isinstance(s.strategy, str) and s.strategy not in STRATEGIES:
+            raise KodeError(f"unknown strategy '{s.strategy}'; choose one of "
+                            f"{', '.join(STRATEGIES)}")
+        if s.connect_timeout is not None:
+            _check_positive("connect_timeout", s.connect_timeout, float)
+        _check_positive("devices", s.devices)
+        return s
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy if isinstance(self.strategy, str) else type(self.strategy).__name__
+
+    def fingerprint(self) -> dict:
+        """What must be equal for a checkpoint of another process to be resumed."""
+        return {"model": self.model, "dataset": self.dataset, "epochs": self.epochs,
+                "batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
+                "weight_decay": self.weight_decay, "momentum": self.momentum,
+                "decay_lm_k": self.decay_lm_k, "seed": self.seed, "augment": self.augment,
+                "model_options": self.model_options, "gradient": self.gradient,
+                "precision": self.precision}
+
+    def to_dict(self) -> dict:
+        """JSON-able: the strategy as its name."""
+        return {**asdict(dataclasses.replace(self, strategy=None)),
+                "strategy": self.strategy_name}
+
+
+class DivergenceStop(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss (a diverged run would otherwise train to
+    the end and save, export and report a model of NaNs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise KodeError(
+                f"training diverged: loss is {float(loss)} at epoch {self.epoch + 1}, step "
+                f"{batch + 1}; no model was saved or exported (try a smaller --lr)"
+            )
+
+
+ModelBuilder = Callable[["TrainingPipeline", DatasetInfo], keras.Model]
+
+
+class TrainingPipeline:
+    """One training run in small steps; ``kode train``, ``kode.train``, ``kode tune`` and
+    fine-tuning share them.
+
+    :meth:`run` calls, in order: :meth:`prepare` (validate, log directory, strategy),
+    :meth:`load_data`, :meth:`build_model` (inside the strategy's scope) and :meth:`compile`,
+    :meth:`checkpoint` (restore an interrupted run), :meth:`callbacks`, :meth:`fit`,
+    :meth:`save` (``model.keras``, ``kode.json``, ``metrics.json``, all atomic) and
+    :meth:`export`.
+
+    Extension point (fine-tuning): to train another model with everything else unchanged,
+    pass ``build_model`` (a callable ``(pipeline, info) -> keras.Model``) or subclass and
+    override :meth:`build_model`; it runs inside the strategy's scope, gets the dataset's
+    :class:`~kode.data.DatasetInfo` (input shape, classes) and ``self.settings``, and returns
+    an uncompiled model (e.g. a source model with a new head, refined). ``settings.model``
+    then only names the run (logdir, export name, ``kode.json``); override
+    :meth:`check_model` when it is not a zoo name. :meth:`make_optimizer` is the hook for
+    another optimizer or schedule. Everything a step produces is kept on the pipeline
+    (``self.info``, ``self.model``, ``self.history``, …) for the following steps.
+    """
+
+    def __init__(self, settings: TrainSettings, build_model: ModelBuilder | None = None):
+        self.requested = settings
+        self._build_model = build_model
+        self.settings: TrainSettings = settings
+        self.strategy: tf.distribute.Strategy | None = None
+        self.guard = None
+        self.initial_epoch = 0
+        self.history: dict = {}
+        self.test_metrics: dict = {}
+
+    # ------------------------------------------------------------------ steps
+
+    def check_model(self) -> None:
+        """Fail fast on an unknown model name or bad builder options (before any data)."""
+        check_model_options(self.settings.model, self.settings.model_options)
+
+    def prepare(self) -> None:
+        """Validate the settings, create the log directory, create the strategy."""
+        self.settings = s = self.requested.resolve()
+        self.check_model()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        s.logdir = s.logdir or os.path.join("runs", f"{s.model}-{s.dataset}-{stamp}")
+        self._created_logdir = _prepare_logdir(s.logdir)
+        if s.export_dir is not None:
+            from kode.export import check_export_dir
+
+            check_export_dir(s.export_dir, s.model)
+        self.strategy = self.make_strategy()
+        from kode.distribute import is_chief, worker_logdir
+
+        self.chief = is_chief(self.strategy)
+        self.logdir = worker_logdir(s.logdir, self.strategy)
+        if self.logdir != s.logdir:
+            _prepare_logdir(self.logdir)
+        if s.deterministic:
+            tf.config.experimental.enable_op_determinism()
+
+    def make_strategy(self) -> tf.distribute.Strategy:
+        """First TensorFlow work of the run: logical devices and collective ops can only be
+        configured before TensorFlow initializes its runtime."""
+        s = self.settings
+        if not isinstance(s.strategy, str):
+            return s.strategy
+        from kode.distribute import DEFAULT_CONNECT_TIMEOUT, make_strategy
+
+        return make_strategy(
+            s.strategy, devices=s.devices, tpu=s.tpu,
+            connect_timeout=DEFAULT_CONNECT_TIMEOUT if s.connect_timeout is None
+            else s.connect_timeout,
+        )
+
+    def load_data(self) -> None:
+        s = self.settings
+        keras.utils.set_random_seed(s.seed)
+        self.train_ds, self.test_ds, self.info = load_dataset(
+            s.dataset, batch_size=s.batch_size, augment=s.augment, data_dir=s.data_dir,
+            manual_dir=s.manual_dir, seed=s.seed,
+        )
+        self.steps_per_epoch = math.ceil(self.info.train_size / s.batch_size)
+
+    def build_model(self, info: DatasetInfo) -> keras.Model:
+        """The uncompiled model (the extension point; see the class docstring)."""
+        if self._build_model is not None:
+            return self._build_model(self, info)
+        s = self.settings
+        return zoo.create_model(s.model, input_shape=info.input_shape, classes=info.num_classes,
+                                **{"gradient": s.gradient, **s.model_options})
+
+    def make_optimizer(self) -> keras.optimizers.Optimizer:
+        s = self.settings
+        optimizer = make_optimizer(
+            learning_rate_schedule(s.schedule, s.lr, s.epochs * self.steps_per_epoch),
+            s.momentum, s.weight_decay, s.decay_lm_k,
+        )
+        if s.precision == "mixed_float16":
+            # float16 gradients underflow without it; Keras would also wrap it in compile,
+            # done here so the custom multi-worker loop gets it too.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        return optimizer
+
+    def compile(self, model: keras.Model) -> None:
+        compile_classifier(model, self.make_optimizer())
+
+    def checkpoint(self) -> None:
+        """Create the run's epoch checkpoint and restore an interrupted run from it."""
+        from kode.distribute import EpochCheckpoint
+
+        s = self.settings
+        self.epoch_checkpoint = EpochCheckpoint(
+            os.path.join(self.logdir, "checkpoints"), self.model, s.fingerprint())
+        self.initial_epoch = self.epoch_checkpoint.restore() if s.resume else 0
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        from kode.distribute import CheckpointCallback
+        from kode.guard import GradientGuard
+
+        s = self.settings
+        callbacks = [
+            DivergenceStop(),
+            _LearningRateLogger(),
+            keras.callbacks.TensorBoard(log_dir=self.logdir, histogram_freq=0,
+                                        write_graph=False),
+        ]
+        if s.gradient == "adjoint":
+            # From a second instance of the pipeline: peeking at train_ds would draw its
+            # first epoch's shuffle, and adjoint runs would see other orders than backprop's.
+            x_check, y_check = next(iter(load_dataset(
+                s.dataset, batch_size=s.batch_size, augment=s.augment, data_dir=s.data_dir,
+                manual_dir=s.manual_dir, seed=s.seed, cache=False,
+            )[0]))
+            self.guard = GradientGuard(x_check[:32], y_check[:32], s.guard_tolerance,
+                                       s.guard_every, s.on_inaccurate)
+            callbacks.insert(0, self.guard)
+        if s.diagnostics:
+            from kode.diagnostics import Diagnostics
+
+            callbacks.append(Diagnostics(self.logdir, self.test_ds, self.info.train_size))
+        callbacks.append(CheckpointCallback(self.epoch_checkpoint))  # last: logs complete
+        return callbacks
+
+    def fit(self, callbacks: list[keras.callbacks.Callback]) -> None:
+        from kode.distribute import evaluate_distributed, fit_distributed, skip_epochs
+
+        s, model = self.settings, self.model
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            history = fit_distributed(
+                model, self.train_ds, epochs=s.epochs, strategy=self.strategy,
+                validation_data=self.test_ds, initial_epoch=self.initial_epoch,
+                callbacks=callbacks, verbose=0 if s.verbose == 0 else 2,
+            )
+            evaluation = evaluate_distributed(model, self.test_ds, self.strategy)
+        else:
+            # The shuffle of epoch k is drawn when an iterator of train_ds is created, and fit
+            # creates iterators of a finite dataset at times that depend on initial_epoch (an
+            # extra one after the first epoch). Over train_ds.repeat() with steps_per_epoch,
+            # fit keeps one iterator and repetition k is epoch k; a resumed run skips the
+            # repetitions already trained (see kode.distribute.skip_epochs).
+            skip_epochs(self.train_ds, self.initial_epoch)
+            history = model.fit(
+                self.train_ds.repeat(), steps_per_epoch=self.steps_per_epoch,
+                validation_data=self.test_ds, epochs=s.epochs, callbacks=callbacks,
+                verbose=s.verbose, initial_epoch=self.initial_epoch,
+                shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
+            ).history
+            evaluation = model.evaluate(self.test_ds, verbose=0, return_dict=True)
+        self.test_metrics = {k: float(v) for k, v in evaluation.items()}
+        if not all(math.isfinite(v) for v in self.test_metrics.values()):
+            raise KodeError(f"training diverged: test metrics are not finite "
+                            f"({self.test_metrics}); no model was saved or exported")
+        self.history = self.epoch_checkpoint.merged_history(history)
+
+    def config(self) -> dict:
+        """``metrics.json``'s ``config``: the settings and what the run found out."""
+        s = self.settings
+        config = s.to_dict()
+        for key in ("logdir", "export_dir", "verbose"):
+            config.pop(key)
+        return {**config, "gradient_guard": self.guard.reports if self.guard else None,
+                "dataset_info": asdict(self.info),
+                "replicas": int(self.strategy.num_replicas_in_sync),
+                "resumed_from_epoch": self.initial_epoch}
+
+    def metadata(self) -> dict:
+        """``kode.json``: what serving and ``kode predict`` need, and the settings."""
+        return {**model_metadata(self.settings.model, self.info, self.model),
+                "training": self.config()}
+
+    def save(self) -> None:
+        """``model.keras``, ``kode.json``, ``metrics.json``: each atomic and durable."""
+        self.model_path = os.path.join(self.logdir, "model.keras")
+        self.metrics_path = os.path.join(self.logdir, "metrics.json")
+        save_model(self.model, self.model_path)
+        write_json(os.path.join(self.logdir, "kode.json"), self.metadata())
+        write_json(self.metrics_path, {
+            "test": self.test_metrics, "config": self.config(),
+            "history": {k: [float(x) for x in v] for k, v in self.history.items()},
+        })
+
+    def export(self):
+        """The verified SavedModel (by the chief only: one export per cluster)."""
+        s = self.settings
+        if s.export_dir is None or not self.chief:
+            return None
+        from kode.export import export_model
+
+        check_batch = next(iter(self.test_ds))[0][:8]
+        return export_model(self.model, s.export_dir, name=s.model, metadata=self.metadata(),
+                            check_inputs=np.asarray(check_batch))
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> TrainResult:
+        self.prepare()
+        s = self.settings
+        previous_policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(s.precision)
+        try:
+            self.load_data()
+            with self.strategy.scope():
+                self.model = self.build_model(self.info)
+                if s.sync_batchnorm:
+                    from kode.distribute import synchronize_batchnorm
+
+                    synchronize_batchnorm(self.model)
+                self.compile(self.model)
+                self.checkpoint()
+            if self.initial_epoch and s.verbose:
+                print(f"resuming from {self.epoch_checkpoint.directory}: {self.initial_epoch} "
+                      f"of {s.epochs} epochs done")
+            self.fit(self.callbacks())
+            self.save()
+            export = self.export()
+        except BaseException:
+            _remove_if_empty(self._created_logdir)
+            raise
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+        return TrainResult(self.model, self.history, self.test_metrics, self.logdir,
+                           self.model_path, self.metrics_path, export, self.config())
+
+
+def compile_classifier(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    """Compile for sparse-label classification with probability outputs (train and tune)."""
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=False,  # XLA is 2–6× slower on CPU (measured); see README
+    )
+
+
+def save_model(model: keras.Model, path: str) -> None:
+    """``model.save(path)``, atomically: a temporary ``.keras`` beside it, fsync, rename."""
+    write_with(path, model.save, suffix=".keras")
+
+
+def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
+    """Train ``model_name`` from the zoo on ``dataset`` with the dataset's recipe, overridable
+    by the keywords of :class:`TrainSettings`.
 
     Writes TensorBoard logs, ``model.keras``, ``kode.json`` and ``metrics.json`` to ``logdir``;
     with ``export_dir`` also a verified SavedModel ``export_dir/<model>/<version>``.
@@ -192,191 +618,21 @@ def train(
     settings was interrupted (checkpoints are written atomically after every epoch).
     ``deterministic`` turns on TensorFlow's op determinism (bitwise reproducible runs and
     resumes, somewhat slower). ``diagnostics`` writes :mod:`kode.diagnostics` summaries.
+
+    Bad values (unknown names, non-finite or non-positive numbers) raise :class:`KodeError`
+    before anything is written; a run whose loss becomes NaN/inf stops with "training
+    diverged" and saves nothing.
     """
-    if dataset not in RECIPES:
-        # load_dataset gives the canonical message for unknown names.
-        load_dataset(dataset, data_dir=data_dir)
-    recipe = RECIPES[dataset]
-    epochs = recipe.epochs if epochs is None else epochs
-    batch_size = recipe.batch_size if batch_size is None else batch_size
-    lr = recipe.lr if lr is None else lr
-    schedule = recipe.schedule if schedule is None else schedule
-    weight_decay = recipe.weight_decay if weight_decay is None else weight_decay
-    momentum = recipe.momentum if momentum is None else momentum
-    _check_positive("epochs", epochs)
-    _check_positive("batch_size", batch_size)
-    _check_positive("lr", lr, float)
-    if weight_decay < 0:
-        raise KodeError(f"weight_decay must be >= 0, got {weight_decay}")
-    if schedule not in SCHEDULES:
-        raise KodeError(f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
-    zoo.get_entry(model_name)  # unknown names fail before any data is touched
-    from kode.guard import GradientGuard, check_tolerance
+    return TrainingPipeline(TrainSettings(model_name, dataset, **settings)).run()
 
-    check_tolerance(guard_tolerance)
-    if precision not in PRECISIONS:
-        raise KodeError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
-    if isinstance(strategy, str) and strategy not in STRATEGIES:
-        raise KodeError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    logdir = logdir or os.path.join("runs", f"{model_name}-{dataset}-{stamp}")
-    _prepare_logdir(logdir)
-    if export_dir is not None:
-        from kode.export import check_export_dir
 
-        check_export_dir(export_dir, model_name)
-
-    from kode.distribute import (
-        DEFAULT_CONNECT_TIMEOUT,
-        CheckpointCallback,
-        EpochCheckpoint,
-        evaluate_distributed,
-        fit_distributed,
-        is_chief,
-        make_strategy,
-        skip_epochs,
-        synchronize_batchnorm,
-        worker_logdir,
-    )
-
-    # First TensorFlow work of the run: logical devices and collective ops can only be
-    # configured before TensorFlow initializes its runtime.
-    if isinstance(strategy, str):
-        strategy_name = strategy
-        strategy = make_strategy(
-            strategy, devices=devices, tpu=tpu,
-            connect_timeout=DEFAULT_CONNECT_TIMEOUT if connect_timeout is None
-            else connect_timeout,
-        )
-    else:
-        strategy_name = type(strategy).__name__
-    multiworker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    chief = is_chief(strategy)
-    run_logdir = worker_logdir(logdir, strategy)
-    if run_logdir != logdir:
-        _prepare_logdir(run_logdir)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        keras.utils.set_random_seed(seed)
-        train_ds, test_ds, info = load_dataset(
-            dataset, batch_size=batch_size, augment=augment, data_dir=data_dir,
-            manual_dir=manual_dir, seed=seed,
-        )
-        steps_per_epoch = math.ceil(info.train_size / batch_size)
-        with strategy.scope():
-            model = zoo.create_model(
-                model_name, input_shape=info.input_shape, classes=info.num_classes,
-                **{"gradient": gradient, **(model_options or {})},
-            )
-            if sync_batchnorm:
-                synchronize_batchnorm(model)
-            optimizer = make_optimizer(
-                learning_rate_schedule(schedule, lr, epochs * steps_per_epoch),
-                momentum, weight_decay, decay_lm_k,
-            )
-            if precision == "mixed_float16":
-                # float16 gradients underflow without it; Keras would also wrap it in
-                # compile, done here so the custom multi-worker loop gets it too.
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            model.compile(
-                optimizer=optimizer,
-                loss=keras.losses.SparseCategoricalCrossentropy(),
-                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                jit_compile=False,  # XLA is 2–6× slower on CPU (measured); see README
-            )
-            checkpoint = EpochCheckpoint(os.path.join(run_logdir, "checkpoints"), model, {
-                "model": model_name, "dataset": dataset, "epochs": epochs,
-                "batch_size": batch_size, "lr": lr, "schedule": schedule,
-                "weight_decay": weight_decay, "momentum": momentum, "decay_lm_k": decay_lm_k,
-                "seed": seed, "augment": augment, "model_options": model_options or {},
-                "gradient": gradient, "precision": precision,
-            })
-            initial_epoch = checkpoint.restore() if resume else 0
-        if initial_epoch and verbose:
-            print(f"resuming from {checkpoint.directory}: {initial_epoch} of {epochs} epochs "
-                  "done")
-
-        callbacks = [
-            _LearningRateLogger(),
-            keras.callbacks.TensorBoard(log_dir=run_logdir, histogram_freq=0,
-                                        write_graph=False),
-        ]
-        guard = None
-        if gradient == "adjoint":
-            # From a second instance of the pipeline: peeking at train_ds would draw its
-            # first epoch's shuffle, and adjoint runs would see other orders than backprop's.
-            x_check, y_check = next(iter(load_dataset(
-                dataset, batch_size=batch_size, augment=augment, data_dir=data_dir,
-                manual_dir=manual_dir, seed=seed, cache=False,
-            )[0]))
-            guard = GradientGuard(x_check[:32], y_check[:32], guard_tolerance, guard_every,
-                                  on_inaccurate)
-            callbacks.insert(0, guard)
-        if diagnostics:
-            from kode.diagnostics import Diagnostics
-
-            callbacks.append(Diagnostics(run_logdir, test_ds, info.train_size))
-        callbacks.append(CheckpointCallback(checkpoint))  # last: logs complete
-        if multiworker:
-            history = fit_distributed(
-                model, train_ds, epochs=epochs, strategy=strategy, validation_data=test_ds,
-                initial_epoch=initial_epoch, callbacks=callbacks,
-                verbose=0 if verbose == 0 else 2,
-            )
-            test_metrics = {k: float(v) for k, v in
-                            evaluate_distributed(model, test_ds, strategy).items()}
-        else:
-            # The shuffle of epoch k is drawn when an iterator of train_ds is created, and fit
-            # creates iterators of a finite dataset at times that depend on initial_epoch (an
-            # extra one after the first epoch). Over train_ds.repeat() with steps_per_epoch,
-            # fit keeps one iterator and repetition k is epoch k; a resumed run skips the
-            # repetitions already trained (see kode.distribute.skip_epochs).
-            skip_epochs(train_ds, initial_epoch)
-            history = model.fit(
-                train_ds.repeat(), steps_per_epoch=steps_per_epoch, validation_data=test_ds,
-                epochs=epochs, callbacks=callbacks, verbose=verbose,
-                initial_epoch=initial_epoch,
-                shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
-            ).history
-            evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
-            test_metrics = {k: float(v) for k, v in evaluation.items()}
-        history = checkpoint.merged_history(history)
-
-        config = {
-            "model": model_name, "dataset": dataset, "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "schedule": schedule, "weight_decay": weight_decay, "momentum": momentum,
-            "decay_lm_k": decay_lm_k, "seed": seed, "model_options": model_options or {},
-            "gradient": gradient, "gradient_guard": guard.reports if guard else None,
-            "dataset_info": asdict(info), "strategy": strategy_name,
-            "replicas": int(strategy.num_replicas_in_sync), "precision": precision,
-            "sync_batchnorm": sync_batchnorm, "deterministic": deterministic,
-            "resumed_from_epoch": initial_epoch,
-        }
-        model_path = os.path.join(run_logdir, "model.keras")
-        model.save(model_path)
-        metadata = model_metadata(model_name, info, model)
-        with open(os.path.join(run_logdir, "kode.json"), "w") as fh:
-            json.dump(metadata, fh, indent=2)
-        metrics_path = os.path.join(run_logdir, "metrics.json")
-        with open(metrics_path, "w") as fh:
-            json.dump({"test": test_metrics, "config": config,
-                       "history": {k: [float(x) for x in v] for k, v in history.items()}},
-                      fh, indent=2)
-
-        export = None
-        if export_dir is not None and chief:  # one export per cluster, by the chief
-            from kode.export import export_model
-
-            check_batch = next(iter(test_ds))[0][:8]
-            export = export_model(
-                model, export_dir, name=model_name, metadata=metadata,
-                check_inputs=np.asarray(check_batch),
-            )
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    return TrainResult(model, history, test_metrics, run_logdir, model_path, metrics_path,
-                       export, config)
+_fields = [p for p in inspect.signature(TrainSettings).parameters.values()
+           if p.name not in ("model", "dataset")]
+train.__signature__ = inspect.Signature(
+    [inspect.Parameter("model_name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+     inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
+                       annotation=str),
+     *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in _fields]],
+    return_annotation=TrainResult,
+)
+del _fields

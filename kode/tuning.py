@@ -33,7 +33,6 @@ model as ``best.keras``, and exports it as ``kode export`` does.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -48,12 +47,15 @@ import tensorflow as tf
 import zoo
 from kode.data import DatasetInfo, load_dataset
 from kode.errors import KodeError
+from kode.files import write_json
 from kode.training import (
     RECIPES,
     _prepare_logdir,
+    compile_classifier,
     learning_rate_schedule,
     make_optimizer,
     model_metadata,
+    save_model,
 )
 
 TUNERS = ("random", "bayesian", "hyperband")
@@ -179,12 +181,7 @@ class ZooHyperModel(kt.HyperModel):
         )
         schedule = learning_rate_schedule("cosine", drawn["lr"],
                                           self.epochs * self.steps_per_epoch)
-        model.compile(
-            optimizer=make_optimizer(schedule, 0.9, drawn["weight_decay"]),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-            jit_compile=False,  # XLA is slower on CPU (README)
-        )
+        compile_classifier(model, make_optimizer(schedule, 0.9, drawn["weight_decay"]))
         return model
 
 
@@ -322,16 +319,15 @@ def tune(
 
     values = dict(best_hp.values)
     model_path = os.path.join(directory, "best.keras")
-    model.save(model_path)
+    save_model(model, model_path)
     name = f"{values['family']}{family_depth(values['family'], values['depth'])}-tuned"
     metadata = {**model_metadata(name, info, model), "hyperparameters": values,
                 "tuner": tuner, "trial_id": best_trial.trial_id,
                 "val_accuracy": float(best_trial.score)}
-    with open(os.path.join(directory, "kode.json"), "w") as fh:
-        json.dump(metadata, fh, indent=2)
-    with open(os.path.join(directory, "best_hyperparameters.json"), "w") as fh:
-        json.dump({"hyperparameters": values, "trial_id": best_trial.trial_id,
-                   "val_accuracy": float(best_trial.score), "test": test_metrics}, fh, indent=2)
+    write_json(os.path.join(directory, "kode.json"), metadata)
+    write_json(os.path.join(directory, "best_hyperparameters.json"),
+               {"hyperparameters": values, "trial_id": best_trial.trial_id,
+                "val_accuracy": float(best_trial.score), "test": test_metrics})
     export = None
     if export_dir is not None:
         from kode.export import export_model

@@ -1,0 +1,142 @@
+"""Durable, all-or-nothing files: every file a run writes goes through here.
+
+A file is written to a temporary name in its final directory, flushed and fsync'ed, then
+renamed over the final name (atomic on POSIX: a reader sees the old file or the new one, never
+a part), and the directory is fsync'ed so that the rename survives a crash too. A failed write
+(full disk, quota, I/O error) removes the temporary file and raises :class:`KodeError` with one
+line naming the file, so nothing truncated is ever left behind under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+from kode.errors import KodeError
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename or new file in it survives a crash (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    """Flush one file's data to disk (for files written by libraries that do not fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_error(path: str, err: BaseException) -> KodeError:
+    """The one-line error for a failed write of ``path`` (full disk named as such)."""
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
+        reason = "no space left on the device"
+    elif isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return KodeError(f"could not write {path}: {reason}; nothing was left half-written")
+
+
+def temporary_path(path: str, suffix: str = "") -> str:
+    """A fresh, unused name beside ``path`` (same directory, so the final rename is atomic)."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=suffix,
+                               dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def commit(tmp: str, path: str) -> None:
+    """fsync ``tmp``, rename it to ``path``, fsync the directory."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def write_with(path: str, writer: Callable[[str], Any], suffix: str = "") -> None:
+    """Atomically create ``path`` with ``writer(tmp_path)`` (e.g. ``model.save``), which
+    writes a complete file at the temporary name it is given."""
+    tmp = temporary_path(path, suffix)
+    try:
+        writer(tmp)
+        commit(tmp, path)
+    except KodeError:
+        _remove(tmp)
+        raise
+    except (OSError, Exception) as err:
+        _remove(tmp)
+        if _is_write_failure(err):
+            raise write_error(path, err) from None
+        raise
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return True
+    # TensorFlow's file layer and h5py turn ENOSPC into their own types.
+    text = str(err)
+    return "No space left" in text or "ENOSPC" in text or type(err).__name__ in (
+        "ResourceExhaustedError", "DataLossError", "UnknownError")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+    """``open(path, mode)`` for writing, made durable and visible only when the block ends
+    without an exception."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files ('w' or 'wb'), not {mode!r}")
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        _remove(tmp)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from None
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN/Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json(path: str, payload: Any, indent: int = 2) -> None:
+    """Atomically write ``payload`` as strict JSON (non-finite numbers become null)."""
+    text = json.dumps(finite_json(payload), indent=indent, allow_nan=False)
+    with atomic_open(path) as fh:
+        fh.write(text)
