@@ -72,9 +72,12 @@ def train_settings(args):
 
 
 def _cmd_train(args) -> int:
+    from kode.distribute import discover_devices_quietly
     from kode.training import TrainingPipeline
 
-    result = TrainingPipeline(train_settings(args)).run()
+    settings = train_settings(args).resolve()  # bad values fail before TensorFlow starts
+    discover_devices_quietly()
+    result = TrainingPipeline(settings).run()
     _print_outcome(result.test_metrics, result.logdir, result.logdir, result.export,
                    f"model: {result.model_path}; metrics: {result.metrics_path}")
     return 0
@@ -197,30 +200,45 @@ def _cmd_reproduce(arguments: list[str]) -> int:
     return reproduce(arguments, parser_class=_Parser)
 
 
+_DATASET_HELP = "digits (embedded), mnist, cifar10, cifar100 or imagenet2012 (any case)"
+_DATA_DIR_HELP = "tensorflow-datasets folder holding the prepared dataset"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from kode import __version__
+
     parser = _Parser(prog="kode", description="Residual networks as ODE integrators.")
+    parser.add_argument("--version", action="version", version=f"kode {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     models = sub.add_parser("models", help="list the zoo")
-    models.add_argument("pattern", nargs="?", default="*")
+    models.add_argument("pattern", nargs="?", default="*",
+                        help="shell-style name pattern, e.g. 'lm_resnet*' (default: all)")
     models.set_defaults(run=_cmd_models)
 
     train = sub.add_parser("train", help="train a zoo model")
-    train.add_argument("model")
-    train.add_argument("--dataset", default="digits")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--schedule", choices=["step", "cosine", "constant"])
-    train.add_argument("--weight-decay", type=float)
+    train.add_argument("model", help="a zoo model name (see `kode models`)")
+    train.add_argument("--dataset", default="digits", help=_DATASET_HELP)
+    train.add_argument("--epochs", type=int, help="epochs (default: the dataset's recipe)")
+    train.add_argument("--batch-size", type=int,
+                       help="global batch size, all replicas (default: the recipe)")
+    train.add_argument("--lr", type=float,
+                       help="initial learning rate, finite and > 0 (default: the recipe)")
+    train.add_argument("--schedule", choices=["step", "cosine", "constant"],
+                       help="learning-rate schedule (step: ÷10 at 50%% and 75%%)")
+    train.add_argument("--weight-decay", type=float,
+                       help="decoupled weight decay, finite and >= 0 (default: the recipe)")
     train.add_argument("--decay-lm-k", action="store_true",
                        help="apply weight decay to LM's k_n too (the authors' code does)")
     train.add_argument("--step-size", help="h: a number (1 = classic) or 'ode' for h = 1/N")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--logdir")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of initialization, shuffling and augmentation")
+    train.add_argument("--logdir", help="run folder: logs, checkpoints, model.keras, metrics.json "
+                       "(default: runs/MODEL-DATASET-TIME); rerun to resume")
     train.add_argument("--export", metavar="DIR", help="export a SavedModel under DIR")
-    train.add_argument("--data-dir")
-    train.add_argument("--manual-dir")
+    train.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    train.add_argument("--manual-dir",
+                       help="imagenet2012: folder with the manually downloaded tar files")
     train.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="builder argument, e.g. width_multiplier=0.5 (repeatable)")
     train.add_argument("--gradient", default="backprop",
@@ -241,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multiworker: seconds to wait for the other workers (default 60)")
     train.add_argument("--tpu", metavar="NAME", help="tpu: TPU name or grpc://HOST:PORT")
     train.add_argument("--precision", default="float32",
-                       choices=["float32", "mixed_bfloat16", "mixed_float16"])
+                       choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                       help="Keras dtype policy (mixed_float16 adds dynamic loss scaling)")
     train.add_argument("--sync-batchnorm", action="store_true",
                        help="BatchNorm statistics over the global batch (all replicas)")
     train.add_argument("--no-resume", action="store_true",
@@ -255,17 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="search hyper-parameters with KerasTuner")
     tune.add_argument("family", help="a zoo family (resnet, lm_resnet, ...), a comma-separated "
                       "list of families, or 'all'")
-    tune.add_argument("--dataset", default="digits")
-    tune.add_argument("--data-dir")
-    tune.add_argument("--tuner", choices=["random", "bayesian", "hyperband"], default="random")
-    tune.add_argument("--max-trials", type=int, default=10)
+    tune.add_argument("--dataset", default="digits", help=_DATASET_HELP)
+    tune.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    tune.add_argument("--tuner", choices=["random", "bayesian", "hyperband"], default="random",
+                      help="KerasTuner search algorithm")
+    tune.add_argument("--max-trials", type=int, default=10, help="at most this many trials")
     tune.add_argument("--epochs", type=int, default=10,
                       help="epochs per trial (hyperband: the most epochs of a trial)")
-    tune.add_argument("--batch-size", type=int)
+    tune.add_argument("--batch-size", type=int, help="batch size (default: the recipe)")
     tune.add_argument("--depths", metavar="D,D,...", help="depths to search, e.g. 8,14,20")
     tune.add_argument("--validation-fraction", type=float, default=0.1,
                       help="part of the train split held out to score trials")
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--seed", type=int, default=0, help="seed of the search and the split")
     tune.add_argument("--logdir", help="tuner directory (trials, TensorBoard logs)")
     tune.add_argument("--export", metavar="DIR", default="saved_models",
                       help="export the best model as a SavedModel under DIR")
@@ -275,26 +295,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-gradients",
                            help="adjoint vs backprop gradient error per stage, on one batch")
-    check.add_argument("model")
-    check.add_argument("--dataset", default="digits")
-    check.add_argument("--data-dir")
-    check.add_argument("--batch-size", type=int, default=32)
+    check.add_argument("model", help="a zoo model name (see `kode models`)")
+    check.add_argument("--dataset", default="digits", help=_DATASET_HELP)
+    check.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    check.add_argument("--batch-size", type=int, default=32,
+                       help="examples in the batch the gradients are compared on")
     check.add_argument("--step-size", help="h: a number or 'ode'")
     check.add_argument("--weights", help="a .keras or .weights.h5 file to check instead of init")
-    check.add_argument("--tolerance", type=float, default=0.05)
-    check.add_argument("--option", action="append", metavar="KEY=VALUE")
+    check.add_argument("--tolerance", type=float, default=0.05,
+                       help="largest accepted relative gradient error per stage")
+    check.add_argument("--option", action="append", metavar="KEY=VALUE",
+                       help="builder argument, e.g. width_multiplier=0.5 (repeatable)")
     check.set_defaults(run=_cmd_check_gradients)
 
     export = sub.add_parser("export", help="export a trained .keras model as a SavedModel")
     export.add_argument("model", help="a .keras file written by `kode train`")
-    export.add_argument("--export-dir", default="saved_models")
-    export.add_argument("--name")
-    export.add_argument("--version", type=int)
+    export.add_argument("--export-dir", default="saved_models",
+                        help="SavedModels go to EXPORT_DIR/NAME/VERSION")
+    export.add_argument("--name", help="model name in the export path (default: from kode.json)")
+    export.add_argument("--version", type=int,
+                        help="version number (default: the next free one; never overwrites)")
     export.set_defaults(run=_cmd_export)
 
     predict = sub.add_parser("predict", help="classify image files with an exported SavedModel")
-    predict.add_argument("savedmodel")
-    predict.add_argument("files", nargs="+")
+    predict.add_argument("savedmodel", help="an exported SavedModel folder")
+    predict.add_argument("files", nargs="+", help="image files (PNG, JPEG, ...)")
     predict.set_defaults(run=_cmd_predict)
 
     # Listed for `kode --help`; main() hands its arguments to benchmarks/reproduce/runner.py,
@@ -306,16 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = None
     try:
         if argv[:1] == ["reproduce"]:
             return _cmd_reproduce(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv:
+            parser.print_usage(sys.stderr)
+            print("kode: error: a command is required (kode --help lists them)", file=sys.stderr)
+            return EXIT_USAGE
+        args = parser.parse_args(argv)
+        command = args.command
         return args.run(args)
     except KodeError as err:
         print(f"kode: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("kode: interrupted", file=sys.stderr)
+        hint = ("; run the same command again to resume from the last completed epoch"
+                if command == "train" else "")
+        print(f"kode: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -386,7 +386,10 @@ class TrainingPipeline:
 
             check_export_dir(s.export_dir, s.model)
         self.strategy = self.make_strategy()
-        from kode.distribute import is_chief, worker_logdir
+        from kode.distribute import describe_devices, is_chief, worker_logdir
+
+        if s.verbose:
+            print(describe_devices(self.strategy))
 
         self.chief = is_chief(self.strategy)
         self.logdir = worker_logdir(s.logdir, self.strategy)
@@ -448,7 +451,7 @@ class TrainingPipeline:
         s = self.settings
         self.epoch_checkpoint = EpochCheckpoint(
             os.path.join(self.logdir, "checkpoints"), self.model, s.fingerprint())
-        self.initial_epoch = self.epoch_checkpoint.restore() if s.resume else 0
+        self.initial_epoch = self.epoch_checkpoint.restore(s.epochs) if s.resume else 0
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         from kode.distribute import CheckpointCallback

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import layers
 
 from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
@@ -99,13 +101,51 @@ def _check_head(include_top: bool, weights, pooling, classes, classifier_activat
         raise KodeError(f"weights file '{weights}' does not exist")
 
 
+def _describe(name: str, shapes: list[tuple]) -> str:
+    parameters = sum(int(np.prod(shape)) for shape in shapes)
+    return f"{name} ({len(shapes)} weight tensors, {parameters:,} parameters)"
+
+
+def _h5_weight_shapes(path: str) -> list[tuple]:
+    import h5py
+
+    shapes: list[tuple] = []
+    with h5py.File(path, "r") as fh:
+        fh.visititems(lambda _, obj: shapes.append(tuple(obj.shape))
+                      if isinstance(obj, h5py.Dataset) else None)
+    return shapes
+
+
 def _load_weights(model: keras.Model, path: str, include_top: bool, classes: int) -> None:
+    """Load a ``.keras`` model's or a ``.weights.h5`` file's weights into ``model``; refuse a
+    file of another architecture (other number or shapes of weight tensors), naming both.
+
+    Keras' ``load_weights`` matches h5 weights by layer name and skips the rest, so a resnet32
+    file would half-load into a resnet20 without a word: the shapes are compared first.
+    """
+    path = str(path)
+    target = [tuple(w.shape) for w in model.weights]
     try:
-        if str(path).endswith(".keras"):
+        if path.endswith(".keras"):
+            if not zipfile.is_zipfile(path):
+                raise KodeError(f"weights file '{path}' is not a Keras .keras archive (not a zip "
+                                "file: truncated or another format)")
             source = keras.saving.load_model(path, compile=False)
+            theirs, source_name = [tuple(w.shape) for w in source.weights], source.name
+        else:
+            source, source_name = None, "another architecture"
+            theirs = _h5_weight_shapes(path)
+        if sorted(theirs) != sorted(target) or (source is not None and theirs != target):
+            raise KodeError(f"weights file '{path}' holds the weights of "
+                            f"{_describe(source_name, theirs)}, not of "
+                            f"{_describe(model.name, target)}; build the same model and "
+                            f"options as the file's")
+        if source is not None:
             model.set_weights(source.get_weights())
         else:
             model.load_weights(path)
+    except KodeError:
+        raise
     except Exception as err:  # corrupt or mismatched files raise many different types
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise KodeError(
