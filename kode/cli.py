@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 from kode.errors import KodeError
@@ -72,11 +73,9 @@ def train_settings(args):
 
 
 def _cmd_train(args) -> int:
-    from kode.distribute import discover_devices_quietly
     from kode.training import TrainingPipeline
 
-    settings = train_settings(args).resolve()  # bad values fail before TensorFlow starts
-    discover_devices_quietly()
+    settings = train_settings(args).resolve()  # bad values fail before any file is written
     result = TrainingPipeline(settings).run()
     _print_outcome(result.test_metrics, result.logdir, result.logdir, result.export,
                    f"model: {result.model_path}; metrics: {result.metrics_path}")
@@ -166,8 +165,19 @@ def _cmd_export(args) -> int:
     sidecar = os.path.join(os.path.dirname(os.path.abspath(args.model)), "kode.json")
     metadata = None
     if os.path.isfile(sidecar):
-        with open(sidecar) as fh:
-            metadata = json.load(fh)
+        try:
+            with open(sidecar) as fh:
+                metadata = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else f"not valid JSON: {err}"
+            raise KodeError(f"'{sidecar}' beside the model is unreadable ({reason}); restore "
+                            "it or move it away (then pass --name)") from None
+        if not isinstance(metadata, dict):
+            raise KodeError(f"'{sidecar}' beside the model is not a JSON object; restore it or "
+                            "move it away (then pass --name)")
+    if not zipfile.is_zipfile(args.model):
+        raise KodeError(f"'{args.model}' is not a Keras .keras archive (not a zip file: "
+                        "truncated, or another format)")
     try:
         model = keras.saving.load_model(args.model, compile=False)
     except Exception as err:  # a corrupt archive raises zip, h5 or JSON errors alike
@@ -342,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         args = parser.parse_args(argv)
         command = args.command
+        if command != "models":
+            from kode.distribute import discover_devices_quietly
+
+            # TensorFlow's C++ start-up lines (no GPU: "E0000 ... failed call to cuInit")
+            # must not stand before kode's one-line messages.
+            discover_devices_quietly()
         return args.run(args)
     except KodeError as err:
         print(f"kode: error: {err}", file=sys.stderr)

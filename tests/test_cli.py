@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kode.cli import main
+
 KODE = [sys.executable, "-m", "kode.cli"]
 
 
@@ -112,3 +114,127 @@ def test_models_lists_the_zoo():
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert "lm_resnet20" in names and "lm_resnet110_sd" in names and "resnet20" not in names
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "nan"], "lr must be a positive finite number, got nan"),
+    (["--lr", "inf"], "lr must be a positive finite number, got inf"),
+    (["--weight-decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
+    (["--step-size", "0"], "step_size must be a finite positive number or 'ode', got 0.0"),
+    (["--step-size", "-1"], "step_size must be a finite positive number or 'ode', got -1.0"),
+    (["--step-size", "nan"], "step_size must be a finite positive number or 'ode', got nan"),
+    (["--step-size", "inf"], "step_size must be a finite positive number or 'ode', got inf"),
+    (["--option", "step_size=0"], "step_size must be a finite positive number or 'ode', got 0"),
+    (["--option", "horizon=0", "--step-size", "ode"], "horizon must be a finite positive"),
+    (["--option", "classes=3"], "option classes is set by the training pipeline"),
+    (["--option", "input_shape=[8,8,1]"], "option input_shape is set by the training pipeline"),
+    (["--option", "width_multiplier=abc"], "option width_multiplier takes a finite number"),
+    (["--dataset", "Digits", "--epochs", "0"], "epochs must be a positive integer"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/kode-data"], "not prepared"),
+])
+def test_bad_training_input_is_one_line_in_process_and_leaves_no_run_folder(
+        capsys, tmp_path, args, words):
+    logdir = tmp_path / "run"
+    code = main(["train", "resnet20", "--logdir", str(logdir), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("kode: error: ") and words in err, err
+    assert not logdir.exists()
+
+
+def test_usage_version_and_help_texts(capsys):
+    import argparse
+
+    from kode import __version__
+    from kode.cli import build_parser
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: kode") and "a command is required" in err
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kode {__version__}"
+
+    def undocumented(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from undocumented(sub, f"{path} {name}")
+            elif not action.help:
+                yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(undocumented(build_parser(), "kode")) == []
+
+
+def test_ctrl_c_says_the_same_command_resumes(capsys, monkeypatch):
+    from kode import training
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training.TrainingPipeline, "run", interrupted)
+    assert main(["train", "resnet20"]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def _small_keras_file(path):
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.save(path)
+
+
+def test_corrupt_side_files_and_random_bytes_are_one_line(capsys, tmp_path):
+    model_file = tmp_path / "model.keras"
+    _small_keras_file(model_file)
+    (tmp_path / "kode.json").write_text('{"model": "resnet20", ')
+    assert main(["export", str(model_file), "--export-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kode.json' beside the model is unreadable" in err, err
+
+    noise = tmp_path / "noise" / "model.keras"
+    noise.parent.mkdir()
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert main(["export", str(noise), "--export-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a Keras .keras archive" in err and "File not found" not in err, err
+
+
+def test_check_gradients_refuses_weights_of_another_architecture(capsys, tmp_path):
+    import zoo
+
+    deeper = zoo.create_model("resnet20", depth=14, input_shape=(8, 8, 1))
+    deeper.save_weights(tmp_path / "r14.weights.h5")
+    deeper.save(tmp_path / "r14.keras")
+    for weights in ("r14.weights.h5", "r14.keras"):
+        code = main(["check-gradients", "resnet20", "--option", "depth=8",
+                     "--weights", str(tmp_path / weights)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert "holds the weights of" in err, err
+        assert "(stages of 1 steps, 47 weight tensors" in err  # both architectures
+        assert "(stages of 2/1/1 steps, " in err
+
+
+def test_a_full_disk_while_saving_the_model_is_one_line_and_leaves_no_partial_file(
+        capsys, tmp_path, monkeypatch):
+    import errno
+    import zipfile
+
+    real_writestr = zipfile.ZipFile.writestr
+
+    def writestr(self, name, data, *args, **kwargs):
+        if str(name).endswith(".h5"):  # the weights: half written, then the disk is full
+            real_writestr(self, name, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_writestr(self, name, data, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", writestr)
+    logdir = tmp_path / "run"
+    code = main(["train", "resnet20", "--option", "depth=8", "--epochs", "1",
+                 "--no-diagnostics", "--logdir", str(logdir)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"could not write {logdir / 'model.keras'}: no space left on the device" in err
+    names = [p.name for p in logdir.rglob("*")]
+    assert "model.keras" not in names and "metrics.json" not in names
+    assert not [n for n in names if ".tmp-" in n], names

@@ -101,19 +101,29 @@ def _check_head(include_top: bool, weights, pooling, classes, classifier_activat
         raise KodeError(f"weights file '{weights}' does not exist")
 
 
-def _describe(name: str, shapes: list[tuple]) -> str:
+def _describe(name: str, shapes: list[tuple], stage_steps: list[int]) -> str:
     parameters = sum(int(np.prod(shape)) for shape in shapes)
-    return f"{name} ({len(shapes)} weight tensors, {parameters:,} parameters)"
+    stages = f"stages of {'/'.join(map(str, stage_steps))} steps, " if stage_steps else ""
+    return f"{name} ({stages}{len(shapes)} weight tensors, {parameters:,} parameters)"
 
 
-def _h5_weight_shapes(path: str) -> list[tuple]:
+def _stage_steps(model: keras.Model) -> list[int]:
+    return [la.num_steps for la in model._flatten_layers() if isinstance(la, IntegratorStage)]
+
+
+def _h5_layout(path: str) -> tuple[list[tuple], list[int]]:
+    """Shapes of every weight tensor in a ``.weights.h5`` file, and its stages' step counts."""
     import h5py
 
     shapes: list[tuple] = []
     with h5py.File(path, "r") as fh:
         fh.visititems(lambda _, obj: shapes.append(tuple(obj.shape))
                       if isinstance(obj, h5py.Dataset) else None)
-    return shapes
+        layers_group = fh.get("layers", {})
+        stages = sorted((k for k in layers_group if k.startswith("integrator_stage")),
+                        key=lambda k: int(k.rpartition("_")[2]) if k[-1].isdigit() else -1)
+        steps = [len(layers_group[k].get("residual_functions", {})) for k in stages]
+    return shapes, steps
 
 
 def _load_weights(model: keras.Model, path: str, include_top: bool, classes: int) -> None:
@@ -132,14 +142,15 @@ def _load_weights(model: keras.Model, path: str, include_top: bool, classes: int
                                 "file: truncated or another format)")
             source = keras.saving.load_model(path, compile=False)
             theirs, source_name = [tuple(w.shape) for w in source.weights], source.name
+            their_steps = _stage_steps(source)
         else:
-            source, source_name = None, "another architecture"
-            theirs = _h5_weight_shapes(path)
+            source, source_name = None, "another network"
+            theirs, their_steps = _h5_layout(path)
         if sorted(theirs) != sorted(target) or (source is not None and theirs != target):
             raise KodeError(f"weights file '{path}' holds the weights of "
-                            f"{_describe(source_name, theirs)}, not of "
-                            f"{_describe(model.name, target)}; build the same model and "
-                            f"options as the file's")
+                            f"{_describe(source_name, theirs, their_steps)}, not of "
+                            f"{_describe(model.name, target, _stage_steps(model))}; build "
+                            f"the same model and options as the file's")
         if source is not None:
             model.set_weights(source.get_weights())
         else:
