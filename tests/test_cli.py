@@ -105,7 +105,7 @@ def test_corrupt_keras_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "model.keras"
     bad.write_bytes(b"garbage")
     result = run("export", str(bad), "--export-dir", str(tmp_path / "out"))
-    assert result.returncode == 2 and "could not be loaded" in result.stderr
+    assert result.returncode == 2 and "is not a Keras .keras archive" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("saved_model.pb"))
 
 
