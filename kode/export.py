@@ -60,6 +60,7 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError
+from kode.files import fsync_dir
 from kode.preprocessing import IDENTITY, apply_preprocessing, check_preprocessing, mean_std
 
 __all__ = [
@@ -797,20 +798,6 @@ def _write_metadata(savedmodel_dir: str, meta: dict) -> None:
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory so a rename or new file in it survives a crash (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(root: str) -> None:

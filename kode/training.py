@@ -36,7 +36,7 @@ import zoo
 from kode.data import DatasetInfo, load_dataset
 from kode.distribute import PRECISIONS, STRATEGIES
 from kode.errors import KodeError
-from kode.files import write_json, write_with
+from kode.files import finite_json, write_json, write_with
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -525,8 +525,8 @@ class TrainingPipeline:
 
     def metadata(self) -> dict:
         """``kode.json``: what serving and ``kode predict`` need, and the settings."""
-        return {**model_metadata(self.settings.model, self.info, self.model),
-                "training": self.config()}
+        return finite_json({**model_metadata(self.settings.model, self.info, self.model),
+                            "training": self.config()})
 
     def save(self) -> None:
         """``model.keras``, ``kode.json``, ``metrics.json``: each atomic and durable."""
