@@ -232,9 +232,25 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_leaves_no_partial_fi
     logdir = tmp_path / "run"
     code = main(["train", "resnet20", "--option", "depth=8", "--epochs", "1",
                  "--no-diagnostics", "--logdir", str(logdir)])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out.startswith("training on 1 device(s): CPU:0 (no GPU found)")  # no GPU here
     assert code == 2 and err.count("\n") == 1, err
     assert f"could not write {logdir / 'model.keras'}: no space left on the device" in err
     names = [p.name for p in logdir.rglob("*")]
     assert "model.keras" not in names and "metrics.json" not in names
     assert not [n for n in names if ".tmp-" in n], names
+
+
+def test_tensorflow_no_gpu_lines_do_not_precede_kode_messages(capfd, monkeypatch):
+    import tensorflow as tf
+
+    from kode.distribute import discover_devices_quietly
+
+    def noisy_discovery(*args):
+        os.write(2, b"E0000 00:00:1 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL\n"
+                    b"W0000 something else worth seeing\n")
+        return []
+    monkeypatch.setattr(tf.config, "list_physical_devices", noisy_discovery)
+    discover_devices_quietly()
+    err = capfd.readouterr().err
+    assert "cuInit" not in err and "something else worth seeing" in err

@@ -86,3 +86,23 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing(tm
     assert not (tmp_path / "model.keras").exists()
     assert not (tmp_path / "metrics.json").exists()
     assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").rglob("*.pb"))
+
+
+def test_metrics_files_are_strict_json_even_with_non_finite_numbers(tmp_path):
+    from kode.files import write_json
+
+    write_json(str(tmp_path / "m.json"), {"loss": [1.0, math.nan], "x": math.inf})
+    assert json.loads((tmp_path / "m.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(c)) == {"loss": [1.0, None],
+                                                                    "x": None}
+    assert os.listdir(tmp_path) == ["m.json"]
+
+
+@pytest.mark.parametrize("options", [{"step_size": math.inf}, {"step_size": math.nan},
+                                     {"step_size": "ode", "horizon": 0.0},
+                                     {"horizon": -1.0}])
+def test_the_python_api_refuses_non_finite_step_sizes_and_horizons(options):
+    import zoo
+
+    with pytest.raises(KodeError, match="(step_size|horizon) must be a finite positive"):
+        zoo.create_model("resnet20", depth=8, input_shape=(8, 8, 1), **options)
