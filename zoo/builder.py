@@ -149,8 +149,9 @@ def _load_weights(model: keras.Model, path: str, include_top: bool, classes: int
         if sorted(theirs) != sorted(target) or (source is not None and theirs != target):
             raise KodeError(f"weights file '{path}' holds the weights of "
                             f"{_describe(source_name, theirs, their_steps)}, not of "
-                            f"{_describe(model.name, target, _stage_steps(model))}; build "
-                            f"the same model and options as the file's")
+                            f"{_describe(model.name, target, _stage_steps(model))} built with "
+                            f"include_top={include_top}, classes={classes}; build the same "
+                            f"model and options as the file's")
         if source is not None:
             model.set_weights(source.get_weights())
         else:
