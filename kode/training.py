@@ -553,31 +553,33 @@ class TrainingPipeline:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> TrainResult:
-        self.prepare()
-        s = self.settings
-        previous_policy = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(s.precision)
+        self._created_logdir = None
         try:
-            self.load_data()
-            with self.strategy.scope():
-                self.model = self.build_model(self.info)
-                if s.sync_batchnorm:
-                    from kode.distribute import synchronize_batchnorm
+            self.prepare()
+            s = self.settings
+            previous_policy = keras.mixed_precision.global_policy()
+            keras.mixed_precision.set_global_policy(s.precision)
+            try:
+                self.load_data()
+                with self.strategy.scope():
+                    self.model = self.build_model(self.info)
+                    if s.sync_batchnorm:
+                        from kode.distribute import synchronize_batchnorm
 
-                    synchronize_batchnorm(self.model)
-                self.compile(self.model)
-                self.checkpoint()
-            if self.initial_epoch and s.verbose:
-                print(f"resuming from {self.epoch_checkpoint.directory}: {self.initial_epoch} "
-                      f"of {s.epochs} epochs done")
-            self.fit(self.callbacks())
-            self.save()
-            export = self.export()
+                        synchronize_batchnorm(self.model)
+                    self.compile(self.model)
+                    self.checkpoint()
+                if self.initial_epoch and s.verbose:
+                    print(f"resuming from {self.epoch_checkpoint.directory}: "
+                          f"{self.initial_epoch} of {s.epochs} epochs done")
+                self.fit(self.callbacks())
+                self.save()
+                export = self.export()
+            finally:
+                keras.mixed_precision.set_global_policy(previous_policy)
         except BaseException:
-            _remove_if_empty(self._created_logdir)
+            _remove_if_empty(self._created_logdir)  # a failed run leaves no empty folder
             raise
-        finally:
-            keras.mixed_precision.set_global_policy(previous_policy)
         return TrainResult(self.model, self.history, self.test_metrics, self.logdir,
                            self.model_path, self.metrics_path, export, self.config())
 

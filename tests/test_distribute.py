@@ -239,9 +239,10 @@ def test_unreachable_worker_fails_within_the_connect_timeout(capsys, monkeypatch
     monkeypatch.setenv("TF_CONFIG", _tf_config([own, absent], 0))
     start = time.monotonic()
     line = _error(capsys, [*TRAIN, "--strategy", "multiworker", "--connect-timeout", "1.5",
-                           "--logdir", str(tmp_path)])
+                           "--logdir", str(tmp_path / "run")])
     assert time.monotonic() - start < 10
     assert f"127.0.0.1:{absent} unreachable after 1.5 s" in line
+    assert not (tmp_path / "run").exists()  # a failed run leaves no empty run folder
 
 
 @pytest.mark.parametrize("extra, words", [
