@@ -536,7 +536,9 @@ def _first_line(err: BaseException) -> str:
 def _progress_problem(progress) -> str | None:
     """What makes ``progress`` (parsed progress.json) unusable, or None."""
     if not isinstance(progress, dict):
-        return f"a JSON {type(progress).__name__} instead of an object"
+        kinds = {type(None): "null", list: "an array", str: "a string", bool: "a boolean",
+                 int: "a number", float: "a number"}
+        return f"{kinds.get(type(progress), type(progress).__name__)} instead of an object"
     epoch = progress.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
         return f"'epoch' must be a positive integer, got {epoch!r}"

@@ -188,8 +188,8 @@ def test_checkpoint_files_are_durable_before_the_commit_and_the_previous_one_is_
 
 @pytest.mark.parametrize("content, words", [
     (None, "holds checkpoints but no progress.json"),
-    ("null", "not a kode progress record (a JSON NoneType"),
-    ("[1, 2]", "not a kode progress record (a JSON list"),
+    ("null", "not a kode progress record (null instead of an object"),
+    ("[1, 2]", "not a kode progress record (an array instead of an object"),
     ('{"epoch": "two", "checkpoint": "ckpt-2"}', "'epoch' must be a positive integer"),
     ("{\"epoch\": 2", "is unreadable (JSONDecodeError)"),
 ])
