@@ -14,7 +14,8 @@ from kode.tracking import CheckpointTracked
 _PACKAGE = "kode"
 
 
-def _conv(filters: int, kernel: int, stride: int = 1, groups: int = 1, name: str = "conv"):
+def _conv(filters: int, kernel: int, stride: int = 1, groups: int = 1, name: str = "conv",
+          dtype=None):
     return layers.Conv2D(
         filters,
         kernel,
@@ -25,13 +26,15 @@ def _conv(filters: int, kernel: int, stride: int = 1, groups: int = 1, name: str
         # He-normal with fan-out, as the reference ResNet code initializes convolutions.
         kernel_initializer=keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal"),
         name=name,
+        dtype=dtype,
     )
 
 
-def _bn(name: str, zero_gamma: bool = False):
+def _bn(name: str, zero_gamma: bool = False, dtype=None):
     # Keras' BatchNormalization on TensorFlow's fused kernel (kode/normalization.py).
     return BatchNormalization(
-        momentum=0.9, epsilon=1e-5, gamma_initializer="zeros" if zero_gamma else "ones", name=name
+        momentum=0.9, epsilon=1e-5, gamma_initializer="zeros" if zero_gamma else "ones", name=name,
+        dtype=dtype,
     )
 
 
@@ -46,10 +49,11 @@ class BasicBlock(CheckpointTracked, layers.Layer):
     def __init__(self, filters: int, stride: int = 1, zero_init: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.stride, self.zero_init = int(filters), int(stride), bool(zero_init)
-        self.bn1 = _bn("bn1")
-        self.conv1 = _conv(self.filters, 3, self.stride, name="conv1")
-        self.bn2 = _bn("bn2")
-        self.conv2 = _conv(self.filters, 3, name="conv2")
+        dtype = self.dtype_policy  # sublayers follow this layer's policy (float16, mixed…)
+        self.bn1 = _bn("bn1", dtype=dtype)
+        self.conv1 = _conv(self.filters, 3, self.stride, name="conv1", dtype=dtype)
+        self.bn2 = _bn("bn2", dtype=dtype)
+        self.conv2 = _conv(self.filters, 3, name="conv2", dtype=dtype)
         if self.zero_init:
             self.conv2.kernel_initializer = keras.initializers.Zeros()
 
@@ -93,12 +97,13 @@ class Bottleneck(CheckpointTracked, layers.Layer):
         super().__init__(**kwargs)
         self.width, self.filters = int(width), int(filters)
         self.stride, self.groups, self.zero_init = int(stride), int(groups), bool(zero_init)
-        self.bn1 = _bn("bn1")
-        self.conv1 = _conv(self.width, 1, name="conv1")
-        self.bn2 = _bn("bn2")
-        self.conv2 = _conv(self.width, 3, self.stride, self.groups, name="conv2")
-        self.bn3 = _bn("bn3")
-        self.conv3 = _conv(self.filters, 1, name="conv3")
+        dtype = self.dtype_policy
+        self.bn1 = _bn("bn1", dtype=dtype)
+        self.conv1 = _conv(self.width, 1, name="conv1", dtype=dtype)
+        self.bn2 = _bn("bn2", dtype=dtype)
+        self.conv2 = _conv(self.width, 3, self.stride, self.groups, name="conv2", dtype=dtype)
+        self.bn3 = _bn("bn3", dtype=dtype)
+        self.conv3 = _conv(self.filters, 1, name="conv3", dtype=dtype)
         if self.zero_init:
             self.conv3.kernel_initializer = keras.initializers.Zeros()
 
@@ -138,8 +143,8 @@ class Projection(CheckpointTracked, layers.Layer):
     def __init__(self, filters: int, stride: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.stride = int(filters), int(stride)
-        self.bn = _bn("bn")
-        self.conv = _conv(self.filters, 1, self.stride, name="conv")
+        self.bn = _bn("bn", dtype=self.dtype_policy)
+        self.conv = _conv(self.filters, 1, self.stride, name="conv", dtype=self.dtype_policy)
 
     def build(self, input_shape):
         self.bn.build(input_shape)
@@ -177,7 +182,8 @@ class StochasticDepth(CheckpointTracked, layers.Layer):
             self.residual_function.build(input_shape)
 
     def call(self, x, training=None):
-        fx = self.residual_function(x, training=training)
+        # In this layer's compute dtype even if the wrapped function has another policy.
+        fx = ops.cast(self.residual_function(x, training=training), self.compute_dtype)
         if not training:
             return self.survival_probability * fx
         draw = keras.random.uniform((), seed=self.seed_generator)

@@ -205,7 +205,8 @@ class LinearMultistep(Integrator):
         u, u_prev = state
         if u_prev is None:
             return (u + scale(h, fns[n](u)), u)
-        k = params[n - (len(fns) - len(params))]
+        # k_n is a float32 variable under mixed precision: compute in the state's dtype.
+        k = keras.ops.cast(params[n - (len(fns) - len(params))], u.dtype)
         return ((1.0 - k) * u + k * u_prev + scale(h, fns[n](u)), u)
 
     def get_config(self):

@@ -39,6 +39,10 @@ def resolve_step_size(step_size: float | str, num_steps: int, horizon: float = 1
     return float(step_size)
 
 
+def _in_dtype_of(x, y):
+    return y if y.dtype == x.dtype else keras.ops.cast(y, x.dtype)
+
+
 def _split_inputs(inputs):
     if isinstance(inputs, (list, tuple)):
         if len(inputs) != 2:
@@ -113,8 +117,13 @@ class IntegratorStage(CheckpointTracked, layers.Layer):
         )
 
     def residual_callables(self, training=None) -> list:
-        """The residual functions as x ↦ f_n(x) callables with ``training`` bound."""
-        return [lambda x, f=f: f(x, training=training) for f in self.residual_functions]
+        """The residual functions as x ↦ f_n(x) callables with ``training`` bound.
+
+        f_n(x) comes back in x's dtype: the state keeps the stage's compute dtype (float16,
+        bfloat16) even when a residual function was built with another dtype policy.
+        """
+        return [lambda x, f=f: _in_dtype_of(x, f(x, training=training))
+                for f in self.residual_functions]
 
     def dynamics(self, training=None) -> Dynamics:
         """This stage as init/step/reverse callables for :func:`kode.gradients.integrate`."""
@@ -166,8 +175,9 @@ class IntegratorStage(CheckpointTracked, layers.Layer):
 class TransitionBlock(CheckpointTracked, layers.Layer):
     """Shape-changing block between stages: u_{n+1} = P(u_n) + f(u_n), not invertible.
 
-    Returns ``[u_{n+1}, P(u_n)]``: LM's next step takes u_{n−1} := P(u_n) (Lu et al.);
-    other schemes ignore the second output.
+    Returns ``(u_{n+1}, P(u_n))``: LM's next step takes u_{n−1} := P(u_n) (Lu et al.);
+    other schemes ignore the second output. (A tuple: Keras' data pipeline, which a fit step
+    on this layer alone goes through, takes tuples but not lists as nested outputs.)
     """
 
     def __init__(self, residual_function: layers.Layer, projection: layers.Layer, **kwargs):
@@ -182,12 +192,14 @@ class TransitionBlock(CheckpointTracked, layers.Layer):
             self.projection.build(input_shape)
 
     def call(self, x, training=None):
-        shortcut = self.projection(x, training=training)
-        return [shortcut + self.residual_function(x, training=training), shortcut]
+        # Both branches in this layer's compute dtype, whatever the sublayers' policies.
+        shortcut = keras.ops.cast(self.projection(x, training=training), self.compute_dtype)
+        fx = keras.ops.cast(self.residual_function(x, training=training), self.compute_dtype)
+        return (shortcut + fx, shortcut)
 
     def compute_output_shape(self, input_shape):
         shape = tuple(self.projection.compute_output_shape(input_shape))
-        return [shape, shape]
+        return (shape, shape)
 
     def get_config(self):
         return {

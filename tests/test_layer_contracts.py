@@ -15,6 +15,7 @@ import tempfile
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kode  # noqa: F401  (registers the layers for load_model)
 from kode import testing
@@ -71,3 +72,44 @@ def test_checkpoint_restores_every_variable_into_a_fresh_zoo_model():
     with tempfile.TemporaryDirectory() as directory:
         testing.check_checkpoint_round_trip(
             model, directory, fresh=zoo.create_model("lm_resnet56_sd", **overrides))
+
+
+@pytest.mark.parametrize("case", testing.LAYER_CASES, ids=str)
+def test_keras_run_layer_test(case):
+    testing.check_layer_test(case)
+
+
+@pytest.mark.parametrize("case", testing.LAYER_CASES, ids=str)
+def test_per_layer_dtype_policy(case):
+    testing.check_layer_dtypes(case)
+
+
+@pytest.mark.parametrize("case", testing.LAYER_CASES, ids=str)
+def test_checkpoint_round_trip_into_a_fresh_layer(case):
+    testing.check_layer_checkpoint(case)
+
+
+@pytest.mark.parametrize("policy", ["float16", "mixed_float16"])
+def test_adjoint_gradients_in_float16_match_backprop(policy):
+    # Reversible Heun is exact in exact arithmetic: in float16 the adjoint's gradients must
+    # agree with backprop's to float16 rounding (both computed on the same weights and batch).
+    from kode import BasicBlock, IntegratorStage
+
+    stage = IntegratorStage([BasicBlock(4, dtype=policy) for _ in range(3)], "reversible_heun",
+                            step_size="ode", gradient="adjoint", dtype=policy)
+    x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype("float32")
+    stage(x)
+    grads = {}
+    for mode in ("backprop", "adjoint"):
+        stage.gradient = mode
+        with tf.GradientTape() as tape:
+            y = stage(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, "float32") ** 2)
+        assert y.dtype == "float16"
+        grads[mode] = [np.asarray(tf.cast(g, "float32"))
+                       for g in tape.gradient(loss, stage.trainable_variables)]
+    for v, a, b in zip(stage.trainable_variables, grads["adjoint"], grads["backprop"],
+                       strict=True):
+        assert np.all(np.isfinite(a)), v.path
+        error = np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)
+        assert error < 2e-2, f"{v.path}: adjoint vs backprop relative error {error:.3g}"
