@@ -341,9 +341,9 @@ def _all_layers(layer: keras.layers.Layer) -> list:
 _X = (2, 4, 4, 4)
 
 
-def _stage(integrator, functions: int = 2, wrap=None, **stage_kwargs):
+def _stage(integrator, functions: int = 2, wrap=None, width: int = 4, **stage_kwargs):
     def make(dtype=None, **kwargs):
-        fns = [BasicBlock(4, dtype=dtype) for _ in range(functions)]
+        fns = [BasicBlock(width, dtype=dtype) for _ in range(functions)]
         if wrap is not None:
             fns = [wrap(f, i, dtype) for i, f in enumerate(fns)]
         return IntegratorStage(fns, integrator, dtype=dtype, **stage_kwargs, **kwargs)
@@ -377,3 +377,7 @@ register_layer_case("stage_momentum_adjoint", _stage("momentum", gradient="adjoi
 register_layer_case(
     "stage_reversible_heun_adjoint_stochastic_depth",
     _stage("reversible_heun", functions=3, wrap=_stochastic_depth, gradient="adjoint"), _X)
+register_layer_case("stage_polynet", _stage("polynet", step_size="ode"), _X)
+register_layer_case("stage_fractalnet_checkpoint", _stage("fractalnet", gradient="checkpoint"), _X)
+register_layer_case("stage_revnet_adjoint", _stage("revnet", functions=4, width=2,
+                                                   gradient="adjoint"), _X)
