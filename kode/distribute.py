@@ -26,11 +26,8 @@ checkpoints a committed JSON names survive until the next commit). A newest chec
 cannot be read (truncated, corrupt) is reported and the run resumes from the previous one; a
 ``progress.json`` that is missing while checkpoints exist, malformed, or ahead of the run is a
 one-line error, never a silent restart that would overwrite completed epochs. A failed save
-(full disk) removes its partial files and stops with one line.
-``tf.train.Checkpoint(model=model)`` is *not* used: it misses the variables of
-``IntegratorStage`` (its residual functions live in a Python list, which Keras tracks but
-TensorFlow's object graph does not), so the variables are saved as a flat, ordered
-collection and the fingerprint checks the order on restore.
+(full disk) removes its partial files and stops with one line. The variables are saved as a
+flat, ordered collection and the fingerprint checks the order on restore.
 """
 
 from __future__ import annotations

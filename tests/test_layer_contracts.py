@@ -113,3 +113,42 @@ def test_adjoint_gradients_in_float16_match_backprop(policy):
         assert np.all(np.isfinite(a)), v.path
         error = np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)
         assert error < 2e-2, f"{v.path}: adjoint vs backprop relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("gradient", ["checkpoint", "backprop"])
+def test_global_mixed_float16_policy_trains_lm_with_float32_k(gradient):
+    # Under the global policy LM's k_n stay float32 variables; the checkpoint mode recomputes
+    # steps in the backward pass, outside the layer's autocast scope, where k_n is cast to the
+    # float16 state by the integrator itself.
+    import zoo
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = zoo.create_model("lm_resnet20", depth=14, input_shape=(8, 8, 3),
+                                 width_multiplier=0.25, gradient=gradient)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    ks = [v for v in model.trainable_variables if "lm_k" in v.path]
+    assert ks and all(v.dtype == "float32" for v in ks)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype("float32")
+    before = [np.asarray(v) for v in ks]
+    # No loss scaling: its first steps are skipped on purpose (scale too high), and k_n must move.
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy",
+                  auto_scale_loss=False)
+    loss = model.train_on_batch(x, np.arange(4))
+    assert np.isfinite(loss)
+    assert all(not np.array_equal(b, np.asarray(v)) for b, v in zip(before, ks, strict=True))
+
+
+def test_containers_keep_their_dtype_around_sublayers_of_another_policy():
+    # Residual functions built with the default float32 policy inside a float16 stage,
+    # transition and stochastic depth: the state and outputs stay float16.
+    from kode import BasicBlock, IntegratorStage, Projection, StochasticDepth, TransitionBlock
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype("float32")
+    for integrator in ("euler", "lm", "momentum"):
+        stage = IntegratorStage([BasicBlock(4), BasicBlock(4)], integrator, dtype="float16")
+        assert stage(x).dtype == "float16", integrator
+    assert StochasticDepth(BasicBlock(4), 0.5, dtype="float16")(x).dtype == "float16"
+    outputs = TransitionBlock(BasicBlock(8, 2), Projection(8, 2), dtype="bfloat16")(x)
+    assert [y.dtype for y in outputs] == ["bfloat16", "bfloat16"]
