@@ -152,3 +152,16 @@ def test_containers_keep_their_dtype_around_sublayers_of_another_policy():
     assert StochasticDepth(BasicBlock(4), 0.5, dtype="float16")(x).dtype == "float16"
     outputs = TransitionBlock(BasicBlock(8, 2), Projection(8, 2), dtype="bfloat16")(x)
     assert [y.dtype for y in outputs] == ["bfloat16", "bfloat16"]
+
+
+def test_every_kode_layer_of_a_model_needs_a_layer_case():
+    class Unregistered(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    Unregistered.__module__ = "kode.somewhere"  # as if defined in the library
+    inputs = keras.Input((4, 4, 4))
+    model = keras.Model(inputs, Unregistered()(kode.BasicBlock(4)(inputs)), name="probe")
+    with pytest.raises(AssertionError, match=r"without a layer case: \['.*Unregistered'\]"):
+        testing.check_layers_have_cases(model)
+    testing.check_layers_have_cases(keras.Model(inputs, kode.BasicBlock(4)(inputs)))
