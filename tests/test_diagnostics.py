@@ -66,9 +66,11 @@ def test_residual_size_is_the_mean_norm_of_the_step_over_h():
     keras.utils.set_random_seed(0)
     fns = [keras.layers.Dense(6, activation="tanh") for _ in range(3)]
     inputs = keras.Input((6,))
-    model = keras.Model(inputs, IntegratorStage(fns, "euler", step_size=0.5)(inputs))
+    # Named: an auto name ("integrator_stage_7") depends on which tests ran before.
+    stage = IntegratorStage(fns, "euler", step_size=0.5, name="stage")
+    model = keras.Model(inputs, stage(inputs))
     x = np.random.default_rng(0).standard_normal((5, 6)).astype("float32")
-    sizes = residual_sizes(model, x)["integrator_stage"]
+    sizes = residual_sizes(model, x)["stage"]
     state, expected = x, []
     for f in fns:  # Euler: (x_{n+1} - x_n) / h = f_n(x_n)
         step = np.asarray(f(state))
