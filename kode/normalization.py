@@ -67,6 +67,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
             # The kernel's variance is Bessel-corrected; Keras averages the biased one.
             variance = corrected * ((count - 1.0) / count)
             momentum = self.momentum
+            # The kernel's statistics are float32; the moving ones follow the variable dtype
+            # (float16 under a per-layer float16 policy).
+            mean = tf.cast(mean, self.moving_mean.dtype)
+            variance = tf.cast(variance, self.moving_variance.dtype)
             self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
             self.moving_variance.assign(
                 self.moving_variance * momentum + variance * (1.0 - momentum)

@@ -28,6 +28,7 @@ from keras import layers
 
 from kode.errors import KodeError
 from kode.stage import IntegratorStage
+from kode.tracking import CheckpointTracked
 
 _PACKAGE = "kode"
 #: Longest branch searched for; keras.applications branches have 8–10 layers.
@@ -35,7 +36,7 @@ MAX_BRANCH_LAYERS = 64
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class LayerChain(layers.Layer):
+class LayerChain(CheckpointTracked, layers.Layer):  # its list of layers: tf.train.Checkpoint
     """f(x) = L_k(…L_2(L_1(x))): a ported block's residual branch, its layers in order."""
 
     def __init__(self, chain: Sequence[layers.Layer], **kwargs):

@@ -31,7 +31,10 @@ import tensorflow as tf
 import zoo
 from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth
 from kode.export import export_model
+from kode.normalization import BatchNormalization
+from kode.port import LayerChain
 from kode.stage import IntegratorStage, TransitionBlock
+from zoo.revnet import HalvesPoolPad, RevNetDownsampleFunction
 
 REDUCED_CIFAR_INPUT = (8, 8, 3)
 REDUCED_IMAGENET_INPUT = (32, 32, 3)
@@ -271,9 +274,9 @@ def _harness():
 def check_layer_test(case: LayerCase) -> None:
     """Keras' own conformance harness, every check on (serialization, build, symbolic and
     eager call, one compiled fit step, mixed precision)."""
-    _harness().run_layer_test(case.factory, {}, input_shape=case.input_shape,
-                              run_training_check=True, run_mixed_precision_check=True,
-                              **case.layer_test_kwargs)
+    kwargs = {"run_training_check": True, "run_mixed_precision_check": True,
+              **case.layer_test_kwargs}
+    _harness().run_layer_test(case.factory, {}, input_shape=case.input_shape, **kwargs)
 
 
 def check_layer_dtypes(case: LayerCase, policies=DTYPE_POLICIES) -> None:
@@ -381,3 +384,20 @@ register_layer_case("stage_polynet", _stage("polynet", step_size="ode"), _X)
 register_layer_case("stage_fractalnet_checkpoint", _stage("fractalnet", gradient="checkpoint"), _X)
 register_layer_case("stage_revnet_adjoint", _stage("revnet", functions=4, width=2,
                                                    gradient="adjoint"), _X)
+register_layer_case("fused_batch_norm", lambda **kw: BatchNormalization(momentum=0.9, **kw), _X)
+register_layer_case(
+    "layer_chain",
+    lambda dtype=None, **kw: LayerChain(
+        [BatchNormalization(dtype=dtype), keras.layers.ReLU(dtype=dtype),
+         keras.layers.Conv2D(4, 3, padding="same", dtype=dtype)], dtype=dtype, **kw), _X)
+register_layer_case("stage_of_layer_chains_euler", lambda dtype=None, **kw: IntegratorStage(
+    [LayerChain([BatchNormalization(dtype=dtype), keras.layers.ReLU(dtype=dtype),
+                 keras.layers.Conv2D(4, 3, padding="same", dtype=dtype)], dtype=dtype)
+     for _ in range(2)], "euler", dtype=dtype, **kw), _X)
+register_layer_case("revnet_halves_pool_pad", lambda **kw: HalvesPoolPad(8, 2, **kw), _X,
+                    expected_output_shape=(2, 2, 2, 8))
+register_layer_case(
+    "revnet_downsample_function",
+    lambda dtype=None, **kw: RevNetDownsampleFunction(
+        BasicBlock(4, 2, dtype=dtype), BasicBlock(4, dtype=dtype), 8, 2, dtype=dtype, **kw),
+    _X, expected_output_shape=(2, 2, 2, 8))
