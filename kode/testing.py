@@ -401,3 +401,5 @@ register_layer_case(
     lambda dtype=None, **kw: RevNetDownsampleFunction(
         BasicBlock(4, 2, dtype=dtype), BasicBlock(4, dtype=dtype), 8, 2, dtype=dtype, **kw),
     _X, expected_output_shape=(2, 2, 2, 8))
+register_layer_case("stage_post_activation_euler_checkpoint",
+                    _stage("post_activation_euler", gradient="checkpoint"), _X)
