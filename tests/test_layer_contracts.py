@@ -95,6 +95,9 @@ def test_adjoint_gradients_in_float16_match_backprop(policy):
     # agree with backprop's to float16 rounding (both computed on the same weights and batch).
     from kode import BasicBlock, IntegratorStage
 
+    # Measured (seeds 0-3): max relative error 1.8e-3…3.2e-3 in float16 and mixed_float16,
+    # 3e-7…6e-7 in float32; float16's epsilon is 9.8e-4.
+    keras.utils.set_random_seed(0)
     stage = IntegratorStage([BasicBlock(4, dtype=policy) for _ in range(3)], "reversible_heun",
                             step_size="ode", gradient="adjoint", dtype=policy)
     x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype("float32")
@@ -112,7 +115,7 @@ def test_adjoint_gradients_in_float16_match_backprop(policy):
                        strict=True):
         assert np.all(np.isfinite(a)), v.path
         error = np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)
-        assert error < 2e-2, f"{v.path}: adjoint vs backprop relative error {error:.3g}"
+        assert error < 1e-2, f"{v.path}: adjoint vs backprop relative error {error:.3g}"
 
 
 @pytest.mark.parametrize("gradient", ["checkpoint", "backprop"])
