@@ -148,3 +148,19 @@ def test_post_activation_euler_step_checkpoint_and_refused_adjoint():
     with pytest.raises(KodeError,
                        match="'post_activation_euler' cannot be reversed: relu.*not invertible"):
         stage.gradient = "adjoint"
+
+
+def test_layer_chain_variables_are_in_tf_checkpoints(tmp_path):
+    """tf.train.Checkpoint (the training checkpoints resume from) sees a ported stage's
+    list-held layers."""
+    import tensorflow as tf
+
+    chain = LayerChain([keras.layers.Dense(3, name="a"), keras.layers.Dense(3, name="b")])
+    chain.build((None, 3))
+    saved = [np.array(v) for v in chain.weights]
+    path = tf.train.Checkpoint(layer=chain).write(os.path.join(tmp_path, "ckpt"))
+    for v in chain.weights:
+        v.assign(np.zeros(v.shape))
+    tf.train.Checkpoint(layer=chain).read(path).assert_consumed()
+    for a, b in zip(saved, chain.weights, strict=True):
+        np.testing.assert_array_equal(a, b)

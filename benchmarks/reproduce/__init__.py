@@ -15,4 +15,5 @@ EXPERIMENTS = (
     "lm_resnet",
     "lu_schemes",
     "cifar_recipes",
+    "finetune",
 )
