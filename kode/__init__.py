@@ -35,13 +35,14 @@ __all__ = [
     "IntegratorStage", "KodeError", "LayerChain", "LinearMultistep", "Momentum",
     "PostActivationEuler", "Projection", "port_model",
     "ReversibleHeun", "StochasticDepth", "TransitionBlock", "export_model", "get_integrator",
-    "check_gradients", "load_dataset", "predict_files", "set_gradient_mode", "train",
+    "check_gradients", "finetune", "load_dataset", "predict_files", "set_gradient_mode",
+    "train",
     "FractalNet", "PolyNet", "RevNet",
 ]
 
 _LAZY = {"train": "kode.training", "export_model": "kode.export",
          "predict_files": "kode.export", "load_dataset": "kode.data",
-         "check_gradients": "kode.guard"}
+         "check_gradients": "kode.guard", "finetune": "kode.finetune"}
 
 
 def __getattr__(name: str):

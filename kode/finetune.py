@@ -1,0 +1,355 @@
+"""Fine-tune a pretrained network on a dataset: ``kode finetune`` and ``kode.finetune(...)``.
+
+The training run is :class:`kode.training.TrainingPipeline`'s, unchanged (optimizer, schedule,
+gradient guard, checkpoints and resume, diagnostics, atomic saves, verified export); only
+three of its steps differ:
+
+- :meth:`FinetunePipeline.build_model`: the source network (a ``.keras`` file, a zoo name with
+  a weights file, or a keras.applications ResNet with a weights file or ``"imagenet"``),
+  ported into kode stages (:func:`kode.port.port_model`), its head replaced by a new dense
+  softmax for the dataset's classes, refined ×m (:func:`kode.refine.refine`), every stage set
+  to the run's gradient mode, and the stem plus the first ``freeze`` stages frozen;
+- :meth:`FinetunePipeline.load_data`: images are brought to what the source network expects:
+  its input size (bilinear resize), its channels (gray → RGB) and its preprocessing
+  (keras.applications V2: x/127.5 − 1; V1: caffe; kode models: the dataset's mean/std);
+- :meth:`FinetunePipeline.metadata`: ``kode.json`` names that preprocessing, so the exported
+  SavedModel applies it in its graph to raw 0–255 images of the source's input size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import types
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kode.errors import KodeError
+from kode.training import TrainingPipeline, TrainResult, TrainSettings
+
+#: keras.applications ResNets are used at this input size unless ``input_size`` says otherwise.
+KERAS_DEFAULT_SIZE = 224
+
+
+@dataclass
+class FinetuneSettings(TrainSettings):
+    """:class:`~kode.training.TrainSettings` plus what the source network is and how it is
+    adapted. ``model`` only names the run (logdir, export, ``kode.json``)."""
+
+    source: str = ""
+    weights: str | None = None  #: zoo / keras.applications sources: a file or "imagenet"
+    refine: int = 1  #: refinement factor m (1: none)
+    freeze: int | str = 0  #: "stem", or the number of leading stages frozen with the stem
+    input_size: int | None = None  #: side of the source's input (default: the source's own)
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "source": self.source, "weights": self.weights,
+                "refine": self.refine, "freeze": self.freeze, "input_size": self.input_size}
+
+
+@dataclass(frozen=True)
+class Source:
+    """How to build the source network, resolved from the settings before any data is read."""
+
+    kind: str  # "keras_file" | "zoo" | "keras_applications"
+    name: str
+    preprocessing: dict | None  # None: the dataset's own normalization
+    input_shape: tuple | None  # None: the dataset's shape (zoo) / the file's (keras_file)
+
+
+def _sidecar(path: str) -> dict:
+    """The ``kode.json`` written beside a ``.keras`` file by ``kode train``, if any."""
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), "kode.json")
+    try:
+        with open(meta) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def resolve_source(settings: FinetuneSettings) -> Source:
+    """Classify ``settings.source`` and check its weights and options (no model built)."""
+    import zoo
+    from kode.port import KERAS_RESNETS, _arch_key
+    from kode.refine import check_factor
+
+    source, weights = settings.source, settings.weights
+    check_factor(settings.refine)
+    freeze = settings.freeze
+    if not (freeze == "stem" or (isinstance(freeze, int) and not isinstance(freeze, bool)
+                                 and freeze >= 0)):
+        raise KodeError(f"freeze must be 'stem' or a number of stages >= 0, got {freeze!r}")
+    if settings.input_size is not None and (
+            not isinstance(settings.input_size, int) or settings.input_size < 8):
+        raise KodeError(f"input_size must be an integer >= 8, got {settings.input_size!r}")
+    if not isinstance(source, str) or not source:
+        raise KodeError("a source is required: a .keras file, a zoo model name or a "
+                        "keras.applications ResNet name (e.g. ResNet50V2)")
+    if source.endswith(".keras"):
+        if not os.path.isfile(source):
+            raise KodeError(f"source file '{source}' does not exist")
+        if weights is not None:
+            raise KodeError("--weights is for zoo and keras.applications sources; a .keras "
+                            "file holds its weights")
+        meta = _sidecar(source)
+        preprocessing = meta.get("preprocessing")
+        if preprocessing is None and "mean" in meta and "std" in meta:
+            from kode.preprocessing import mean_std
+
+            preprocessing = mean_std(meta["mean"], meta["std"])
+        return Source("keras_file", source, preprocessing, None)
+    key = source.lower().removeprefix("keras_")
+    if key in KERAS_RESNETS:
+        if weights is not None and weights != "imagenet" and not os.path.isfile(weights):
+            raise KodeError(f"weights file '{weights}' does not exist")
+        if settings.gradient == "adjoint" and not key.endswith("v2"):
+            raise KodeError(
+                f"gradient 'adjoint' cannot train {KERAS_RESNETS[key][0]}: it is a "
+                "post-activation ResNet, relu(x + f(x)) is not invertible, so its stages "
+                "cannot be rebuilt backwards; use --gradient checkpoint (exact, O(√N) memory) "
+                "or a V2 (pre-activation) ResNet")
+        size = settings.input_size or KERAS_DEFAULT_SIZE
+        from kode.port import keras_resnet_preprocessing
+
+        return Source("keras_applications", _arch_key(key), keras_resnet_preprocessing(key),
+                      (size, size, 3))
+    try:
+        zoo.get_entry(source)
+    except KodeError:
+        raise KodeError(
+            f"unknown source '{source}': give a .keras file, a zoo model name (see `kode "
+            "models`) or a keras.applications ResNet ("
+            + ", ".join(v for v, _ in KERAS_RESNETS.values()) + ")") from None
+    if weights is None:
+        raise KodeError(f"zoo source '{source}' needs --weights FILE (a .keras or .weights.h5 "
+                        "file of that model); without it there is nothing to fine-tune")
+    if weights == "imagenet" or not os.path.isfile(weights):
+        raise KodeError(f"weights file '{weights}' does not exist")
+    return Source("zoo", source, None, None)
+
+
+def _load_source(source: Source, settings: FinetuneSettings, info) -> keras.Model:
+    """The source network, ported (its layers reused, no second copy of the weights)."""
+    import zoo
+    from kode.port import keras_resnet, port_model
+
+    if source.kind == "keras_applications":
+        # Headless: a file with the 1000-class head is read by a model with the head, then cut.
+        try:
+            return keras_resnet(source.name, include_top=False, pooling="avg",
+                                weights=settings.weights, input_shape=source.input_shape)
+        except KodeError as first:
+            if settings.weights in (None, "imagenet"):
+                raise
+            try:
+                return keras_resnet(source.name, weights=settings.weights,
+                                    input_shape=source.input_shape)
+            except KodeError:
+                raise first from None
+    if source.kind == "keras_file":
+        try:
+            model = keras.saving.load_model(source.name, compile=False)
+        except Exception as err:  # corrupt archives raise many types
+            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            raise KodeError(f"source '{source.name}' is not a readable .keras model: "
+                            f"{detail}") from None
+        return port_model(model, copy=False)
+    shape = (*((settings.input_size,) * 2 if settings.input_size else info.input_shape[:2]),
+             info.input_shape[2])
+    entry = zoo.get_entry(source.name)
+    sidecar = _sidecar(settings.weights)
+    errors = []
+    for classes in dict.fromkeys([sidecar.get("num_classes"), entry.defaults.get("classes"),
+                                  info.num_classes, 10, 1000]):
+        if not isinstance(classes, int):
+            continue
+        try:
+            return zoo.create_model(source.name, input_shape=shape, classes=classes,
+                                    weights=settings.weights)
+        except KodeError as err:
+            errors.append(str(err))
+    raise KodeError(f"weights file '{settings.weights}' does not fit zoo model "
+                    f"'{source.name}' (weights of another architecture?): {errors[0]}")
+
+
+def _with_new_head(model: keras.Model, classes: int) -> keras.Model:
+    """The source's features (the input of its last dense layer, else its pooled output)
+    → a new dense softmax for ``classes``."""
+    from kode.port import _Graph
+
+    # The model's own node of its last layer: a ported model may share its layers with the
+    # source model, so ``layer.input`` could be the source's tensor.
+    last, node = _Graph(model).nodes[-1]
+    features = (node.input_tensors[0] if isinstance(last, keras.layers.Dense)
+                else node.output_tensors[0])
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="finetune_pool")(features)
+    elif len(features.shape) != 2:
+        raise KodeError(f"source '{model.name}' gives features of shape {features.shape}; "
+                        "expected a feature map or a vector")
+    outputs = keras.layers.Dense(classes, activation="softmax",
+                                 name="finetune_predictions")(features)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
+def freeze_layers(model: keras.Model, freeze: int | str) -> list[str]:
+    """Freeze the layers before the first stage ("stem") or up to and including stage
+    ``freeze`` (with everything before it); returns the names of the frozen layers."""
+    from kode.stage import IntegratorStage
+
+    if freeze == 0:
+        return []
+    layers = [lay for lay in model.layers if not isinstance(lay, keras.layers.InputLayer)]
+    stages = [i for i, lay in enumerate(layers) if isinstance(lay, IntegratorStage)]
+    if not stages:
+        raise KodeError(f"model '{model.name}' has no stage to freeze up to")
+    if freeze == "stem":
+        end = stages[0]
+    elif freeze > len(stages):
+        raise KodeError(f"freeze {freeze}: the model has only {len(stages)} stages")
+    else:
+        end = stages[freeze - 1] + 1
+    for layer in layers[:end]:
+        layer.trainable = False
+    return [lay.name for lay in layers[:end]]
+
+
+class FinetunePipeline(TrainingPipeline):
+    """The training pipeline with a pretrained source instead of a fresh zoo model."""
+
+    settings: FinetuneSettings
+
+    def check_model(self) -> None:
+        self.source = resolve_source(self.settings)
+
+    def load_data(self) -> None:
+        super().load_data()
+        self.input_shape = self._input_shape()
+        self.adapt = self._adapter()
+        if self.adapt is not None:
+            self.train_ds = self.train_ds.map(lambda x, y: (self.adapt(x), y),
+                                              num_parallel_calls=tf.data.AUTOTUNE)
+            self.test_ds = self.test_ds.map(lambda x, y: (self.adapt(x), y),
+                                            num_parallel_calls=tf.data.AUTOTUNE)
+
+    def _input_shape(self) -> tuple:
+        source, info = self.source, self.info
+        if source.input_shape is not None:
+            return tuple(source.input_shape)
+        if source.kind == "keras_file":
+            shape = keras.saving.load_model(source.name, compile=False).input_shape[1:]
+            return tuple(shape)
+        size = self.settings.input_size
+        return (size, size, info.input_shape[2]) if size else tuple(info.input_shape)
+
+    def _adapter(self):
+        """Dataset-normalized images → the source's size, channels and preprocessing."""
+        info, shape, preprocessing = self.info, self.input_shape, self.source.preprocessing
+        if tuple(info.input_shape) == shape and preprocessing is None:
+            return None
+        if shape[2] not in (info.input_shape[2], 3) or info.input_shape[2] not in (1, shape[2]):
+            raise KodeError(f"the source takes {shape[2]} channels; {info.name} images have "
+                            f"{info.input_shape[2]}")
+        from kode.preprocessing import apply_preprocessing, check_preprocessing, mean_std
+
+        target = check_preprocessing(preprocessing or mean_std(info.mean, info.std), shape[2])
+        mean = tf.constant(np.asarray(info.mean, np.float32))
+        std = tf.constant(np.asarray(info.std, np.float32))
+
+        def adapt(x):
+            pixels = (x * std + mean) * 255.0  # back to 0–255 pixels
+            if tuple(pixels.shape[1:3]) != shape[:2]:
+                pixels = tf.image.resize(pixels, shape[:2], method="bilinear")
+            if pixels.shape[-1] != shape[2]:
+                pixels = tf.image.grayscale_to_rgb(pixels)
+            return apply_preprocessing(target, pixels)
+
+        self.preprocessing = target
+        return adapt
+
+    def callbacks(self) -> list[keras.callbacks.Callback]:
+        callbacks = super().callbacks()
+        if self.guard is not None and self.adapt is not None:
+            self.guard.x = self.adapt(tf.convert_to_tensor(self.guard.x))
+        return callbacks
+
+    def build_model(self, info) -> keras.Model:
+        from kode.gradients import set_gradient_mode
+        from kode.refine import refine
+
+        s = self.settings
+        model = _with_new_head(_load_source(self.source, s, info), info.num_classes)
+        if s.refine != 1:
+            model = refine(model, s.refine)
+        set_gradient_mode(model, s.gradient)
+        self.frozen = freeze_layers(model, s.freeze)
+        return model
+
+    def metadata(self) -> dict:
+        meta = super().metadata()
+        meta["input_shape"] = list(self.input_shape)
+        if self.adapt is not None:  # the source's, which replaces the dataset's mean/std
+            meta.pop("mean", None)
+            meta.pop("std", None)
+            meta["preprocessing"] = self.preprocessing
+        meta["finetune"] = {"source": self.source.name, "kind": self.source.kind,
+                            "weights": self.settings.weights, "refine": self.settings.refine,
+                            "freeze": self.settings.freeze, "frozen_layers": len(self.frozen)}
+        return meta
+
+
+def settings_from(train: TrainSettings, **fields) -> FinetuneSettings:
+    """``train``'s settings (what ``kode train``'s options give) plus the finetune fields."""
+    import dataclasses
+
+    return FinetuneSettings(**{f.name: getattr(train, f.name)
+                               for f in dataclasses.fields(TrainSettings)}, **fields)
+
+
+def finetune(source: str, dataset: str = "digits", **settings) -> TrainResult:
+    """Fine-tune ``source`` on ``dataset``: the keywords of :class:`FinetuneSettings`
+    (``weights``, ``refine``, ``freeze``, ``input_size``) plus every keyword of
+    :func:`kode.train` (``gradient``, ``epochs``, ``lr``, ``export_dir``, ...).
+
+    The run is ``kode train``'s pipeline with the source network in place of a zoo model.
+    """
+    name = settings.pop("model", None) or run_name(source)
+    return FinetunePipeline(FinetuneSettings(name, dataset, source=source, **settings)).run()
+
+
+def run_name(source: str) -> str:
+    """``finetune_<source>``: the zoo/keras.applications name, or for a ``.keras`` file the
+    model named in its ``kode.json`` (else the file name)."""
+    source = str(source)
+    base = os.path.basename(source).removesuffix(".keras") or "model"
+    if source.endswith(".keras"):
+        base = str(_sidecar(source).get("model") or base)
+    return f"finetune_{base.lower()}"
+
+
+_fields = [p for p in inspect.signature(FinetuneSettings).parameters.values()
+           if p.name not in ("dataset", "source")]
+finetune.__signature__ = inspect.Signature(
+    [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+     inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
+                       annotation=str),
+     *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY,
+                 default=None if p.name == "model" else p.default) for p in _fields]],
+    return_annotation=TrainResult,
+)
+
+
+class _CallableModule(types.ModuleType):
+    """``kode.finetune`` is this module once imported (``from kode.finetune import …``) and
+    the function before: calling the module calls :func:`finetune`, so both work."""
+
+    def __call__(self, *args, **kwargs) -> TrainResult:
+        return finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

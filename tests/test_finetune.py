@@ -1,0 +1,130 @@
+"""kode finetune / kode.finetune: a pretrained source through kode train's pipeline."""
+
+import json
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras.src.legacy.saving import legacy_h5_format
+
+import zoo
+from kode.cli import main
+from kode.errors import KodeError
+from kode.finetune import FinetunePipeline, FinetuneSettings, finetune, freeze_layers
+from kode.stage import IntegratorStage
+
+
+@pytest.fixture(scope="module")
+def source_file(tmp_path_factory):
+    """A small kode model for digits saved as .keras (its kode.json beside it)."""
+    directory = tmp_path_factory.mktemp("source")
+    model = zoo.create_model("resnet20", depth=8, input_shape=(8, 8, 1), classes=10,
+                             width_multiplier=0.5)
+    path = os.path.join(directory, "model.keras")
+    model.save(path)
+    with open(os.path.join(directory, "kode.json"), "w") as fh:
+        json.dump({"model": "resnet8", "num_classes": 10}, fh)
+    return path
+
+
+def test_finetune_a_keras_file_with_the_adjoint_refined_and_frozen(source_file, tmp_path):
+    """End to end on digits: refine ×2, adjoint (guard reports, falls back), stem frozen,
+    new head, model.keras + kode.json + metrics.json, verified SavedModel."""
+    logdir, export = os.path.join(tmp_path, "run"), os.path.join(tmp_path, "export")
+    source = keras.saving.load_model(source_file)
+    result = finetune(source_file, "digits", epochs=1, refine=2, freeze="stem",
+                      gradient="adjoint", on_inaccurate="fallback", logdir=logdir,
+                      export_dir=export, verbose=0, diagnostics=False)
+    model = result.model
+    stage = next(lay for lay in model.layers if isinstance(lay, IntegratorStage))
+    old = next(lay for lay in source.layers if isinstance(lay, IntegratorStage))
+    assert stage.num_steps == 2 * old.num_steps and stage.h == old.h / 2
+    assert not model.get_layer("stem_conv").trainable and stage.trainable
+    assert model.layers[-1].name == "finetune_predictions"
+    np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0],
+                                  source.get_layer("stem_conv").get_weights()[0])
+    report = result.config["gradient_guard"][0]
+    assert report["action"] in ("none", "fallback") and report["max_error"] > 0
+    assert result.export is not None and result.export.max_abs_diff <= 1e-5
+    with open(os.path.join(logdir, "kode.json")) as fh:
+        meta = json.load(fh)
+    assert meta["finetune"]["refine"] == 2 and meta["finetune"]["kind"] == "keras_file"
+    assert 0.0 <= result.test_metrics["accuracy"] <= 1.0
+    # Resume: the same call finds the finished run's checkpoint and trains no further epoch.
+    again = finetune(source_file, "digits", epochs=1, refine=2, freeze="stem",
+                     gradient="adjoint", on_inaccurate="fallback", logdir=logdir,
+                     verbose=0, diagnostics=False)
+    assert again.config["resumed_from_epoch"] == 1
+
+
+def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_path):
+    """ResNet50V2 from an ImageNet-format weights file at 32×32: digits images are resized,
+    made RGB and scaled to [−1, 1]; the model is the ported network (same features) with a
+    new head; kode.json carries the preprocessing for the SavedModel."""
+    original = keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",
+                                             input_shape=(32, 32, 3))
+    path = os.path.join(tmp_path, "resnet50v2_notop.h5")
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, original)
+    pipeline = FinetunePipeline(FinetuneSettings(
+        "ft", "digits", source="ResNet50V2", weights=path, input_size=32, freeze=1,
+        gradient="adjoint", batch_size=8, logdir=os.path.join(tmp_path, "run"), verbose=0))
+    pipeline.prepare()
+    pipeline.load_data()
+    x, _ = next(iter(pipeline.test_ds))
+    assert x.shape[1:] == (32, 32, 3) and -1.0 <= float(np.min(x)) < float(np.max(x)) <= 1.0
+    model = pipeline.build_model(pipeline.info)
+    features = keras.Model(model.inputs, model.get_layer("finetune_predictions").input)
+    np.testing.assert_allclose(features(x, training=False), original(x, training=False),
+                               atol=1e-5)
+    assert model.output_shape == (None, 10)
+    assert {s.gradient for s in model.layers if isinstance(s, IntegratorStage)} == {"adjoint"}
+    assert not model.get_layer("conv2_stage").trainable
+    assert model.get_layer("conv3_stage").trainable
+    pipeline.model, pipeline.frozen = model, pipeline.frozen
+    pipeline.guard, pipeline.initial_epoch = None, 0
+    meta = pipeline.metadata()
+    assert meta["preprocessing"] == {"kind": "scale", "scale": 1 / 127.5, "offset": -1.0}
+    assert meta["input_shape"] == [32, 32, 3] and "mean" not in meta
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nosuchnet"], "unknown source 'nosuchnet'"),
+    (["ResNet50", "--weights", "imagenet", "--gradient", "adjoint"],
+     "post-activation ResNet, relu\\(x \\+ f\\(x\\)\\) is not invertible"),
+    (["ResNet50V2", "--refine", "0"], "refinement factor must be a positive integer"),
+    (["ResNet50V2", "--refine", "1.5"], "argument --refine"),
+    (["ResNet50V2", "--weights", "missing.h5"], "weights file 'missing.h5' does not exist"),
+    (["resnet20"], "zoo source 'resnet20' needs --weights FILE"),
+    (["ResNet50V2", "--freeze", "early"], "freeze must be 'stem' or a number"),
+])
+def test_bad_inputs_are_one_line_errors(argv, message, capsys, tmp_path):
+    code = main(["finetune", *argv, "--epochs", "1", "--logdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("kode: error:"), err
+    assert __import__("re").search(message, err), err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_weights_of_another_architecture_are_refused(source_file, tmp_path):
+    other = zoo.create_model("heun_resnet20", depth=14, input_shape=(8, 8, 1), classes=10)
+    path = os.path.join(tmp_path, "other.weights.h5")
+    other.save_weights(path)
+    with pytest.raises(KodeError, match="does not fit zoo model 'resnet20'.*another arch"):
+        finetune("resnet20", "digits", weights=path, epochs=1, verbose=0,
+                 logdir=os.path.join(tmp_path, "run"))
+    with pytest.raises(KodeError, match="a .keras file holds its weights"):
+        finetune(source_file, weights=path, logdir=os.path.join(tmp_path, "run"))
+
+
+def test_freeze_counts_stages_from_the_stem():
+    model = zoo.create_model("resnet20", depth=14, input_shape=(8, 8, 1))
+    assert freeze_layers(model, 0) == []
+    stem = freeze_layers(model, "stem")
+    assert stem == ["stem_conv"]
+    frozen = freeze_layers(model, 2)
+    assert frozen[-1] == "stage2" and "stage3" not in frozen
+    with pytest.raises(KodeError, match="only 3 stages"):
+        freeze_layers(model, 4)
