@@ -1,4 +1,4 @@
-"""The ``kode`` command: models, train, tune, check-gradients, export, predict.
+"""The ``kode`` command: models, train, finetune, tune, check-gradients, export, predict.
 
 Bad input prints one line ``kode: error: …`` and exits with code 2, never a traceback.
 """
@@ -77,6 +77,22 @@ def _cmd_train(args) -> int:
 
     settings = train_settings(args).resolve()  # bad values fail before any file is written
     result = TrainingPipeline(settings).run()
+    _print_outcome(result.test_metrics, result.logdir, result.logdir, result.export,
+                   f"model: {result.model_path}; metrics: {result.metrics_path}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from kode.finetune import FinetunePipeline, run_name, settings_from
+
+    args.model = args.name or run_name(args.source)
+    args.option, args.step_size = None, None  # the source fixes the architecture
+    freeze = int(args.freeze) if args.freeze.isdigit() else args.freeze
+    settings = settings_from(
+        train_settings(args), source=args.source, weights=args.weights, refine=args.refine,
+        freeze=freeze, input_size=args.input_size,
+    ).resolve()
+    result = FinetunePipeline(settings).run()
     _print_outcome(result.test_metrics, result.logdir, result.logdir, result.export,
                    f"model: {result.model_path}; metrics: {result.metrics_path}")
     return 0
@@ -214,6 +230,58 @@ _DATASET_HELP = "digits (embedded), mnist, cifar10, cifar100 or imagenet2012 (an
 _DATA_DIR_HELP = "tensorflow-datasets folder holding the prepared dataset"
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a training run, shared by `kode train` and `kode finetune`."""
+    parser.add_argument("--dataset", default="digits", help=_DATASET_HELP)
+    parser.add_argument("--epochs", type=int, help="epochs (default: the dataset's recipe)")
+    parser.add_argument("--batch-size", type=int,
+                       help="global batch size, all replicas (default: the recipe)")
+    parser.add_argument("--lr", type=float,
+                       help="initial learning rate, finite and > 0 (default: the recipe)")
+    parser.add_argument("--schedule", choices=["step", "cosine", "constant"],
+                       help="learning-rate schedule (step: ÷10 at 50%% and 75%%)")
+    parser.add_argument("--weight-decay", type=float,
+                       help="decoupled weight decay, finite and >= 0 (default: the recipe)")
+    parser.add_argument("--decay-lm-k", action="store_true",
+                       help="apply weight decay to LM's k_n too (the authors' code does)")
+    parser.add_argument("--seed", type=int, default=0,
+                       help="seed of initialization, shuffling and augmentation")
+    parser.add_argument("--logdir", help="run folder: logs, checkpoints, model.keras, metrics.json "
+                       "(default: runs/MODEL-DATASET-TIME); rerun to resume")
+    parser.add_argument("--export", metavar="DIR", help="export a SavedModel under DIR")
+    parser.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    parser.add_argument("--manual-dir",
+                       help="imagenet2012: folder with the manually downloaded tar files")
+    parser.add_argument("--gradient", default="backprop",
+                       choices=["backprop", "checkpoint", "adjoint"],
+                       help="how stages are differentiated (adjoint: memory-free)")
+    parser.add_argument("--guard-tolerance", type=float, default=0.05,
+                       help="largest accepted relative adjoint gradient error")
+    parser.add_argument("--guard-every", type=int, metavar="K",
+                       help="re-check the adjoint every K epochs (default: at start only)")
+    parser.add_argument("--on-inaccurate", choices=["stop", "fallback"], default="stop",
+                       help="above tolerance: stop, or switch those stages to checkpoint")
+    parser.add_argument("--strategy", default="default",
+                       choices=["default", "mirrored", "multiworker", "tpu"],
+                       help="tf.distribute strategy (multiworker reads TF_CONFIG)")
+    parser.add_argument("--devices", type=int, metavar="N",
+                       help="mirrored: split the CPU into N logical devices (replicas)")
+    parser.add_argument("--connect-timeout", type=float, metavar="S",
+                       help="multiworker: seconds to wait for the other workers (default 60)")
+    parser.add_argument("--tpu", metavar="NAME", help="tpu: TPU name or grpc://HOST:PORT")
+    parser.add_argument("--precision", default="float32",
+                       choices=["float32", "mixed_bfloat16", "mixed_float16"],
+                       help="Keras dtype policy (mixed_float16 adds dynamic loss scaling)")
+    parser.add_argument("--sync-batchnorm", action="store_true",
+                       help="BatchNorm statistics over the global batch (all replicas)")
+    parser.add_argument("--no-resume", action="store_true",
+                       help="ignore checkpoints of an interrupted run in --logdir")
+    parser.add_argument("--deterministic", action="store_true",
+                       help="deterministic TensorFlow ops (bitwise reproducible runs/resumes)")
+    parser.add_argument("--no-diagnostics", action="store_true",
+                       help="skip the TensorBoard diagnostics (k_n, residual sizes, images/s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kode import __version__
 
@@ -228,58 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a zoo model")
     train.add_argument("model", help="a zoo model name (see `kode models`)")
-    train.add_argument("--dataset", default="digits", help=_DATASET_HELP)
-    train.add_argument("--epochs", type=int, help="epochs (default: the dataset's recipe)")
-    train.add_argument("--batch-size", type=int,
-                       help="global batch size, all replicas (default: the recipe)")
-    train.add_argument("--lr", type=float,
-                       help="initial learning rate, finite and > 0 (default: the recipe)")
-    train.add_argument("--schedule", choices=["step", "cosine", "constant"],
-                       help="learning-rate schedule (step: ÷10 at 50%% and 75%%)")
-    train.add_argument("--weight-decay", type=float,
-                       help="decoupled weight decay, finite and >= 0 (default: the recipe)")
-    train.add_argument("--decay-lm-k", action="store_true",
-                       help="apply weight decay to LM's k_n too (the authors' code does)")
     train.add_argument("--step-size", help="h: a number (1 = classic) or 'ode' for h = 1/N")
-    train.add_argument("--seed", type=int, default=0,
-                       help="seed of initialization, shuffling and augmentation")
-    train.add_argument("--logdir", help="run folder: logs, checkpoints, model.keras, metrics.json "
-                       "(default: runs/MODEL-DATASET-TIME); rerun to resume")
-    train.add_argument("--export", metavar="DIR", help="export a SavedModel under DIR")
-    train.add_argument("--data-dir", help=_DATA_DIR_HELP)
-    train.add_argument("--manual-dir",
-                       help="imagenet2012: folder with the manually downloaded tar files")
     train.add_argument("--option", action="append", metavar="KEY=VALUE",
                        help="builder argument, e.g. width_multiplier=0.5 (repeatable)")
-    train.add_argument("--gradient", default="backprop",
-                       choices=["backprop", "checkpoint", "adjoint"],
-                       help="how stages are differentiated (adjoint: memory-free)")
-    train.add_argument("--guard-tolerance", type=float, default=0.05,
-                       help="largest accepted relative adjoint gradient error")
-    train.add_argument("--guard-every", type=int, metavar="K",
-                       help="re-check the adjoint every K epochs (default: at start only)")
-    train.add_argument("--on-inaccurate", choices=["stop", "fallback"], default="stop",
-                       help="above tolerance: stop, or switch those stages to checkpoint")
-    train.add_argument("--strategy", default="default",
-                       choices=["default", "mirrored", "multiworker", "tpu"],
-                       help="tf.distribute strategy (multiworker reads TF_CONFIG)")
-    train.add_argument("--devices", type=int, metavar="N",
-                       help="mirrored: split the CPU into N logical devices (replicas)")
-    train.add_argument("--connect-timeout", type=float, metavar="S",
-                       help="multiworker: seconds to wait for the other workers (default 60)")
-    train.add_argument("--tpu", metavar="NAME", help="tpu: TPU name or grpc://HOST:PORT")
-    train.add_argument("--precision", default="float32",
-                       choices=["float32", "mixed_bfloat16", "mixed_float16"],
-                       help="Keras dtype policy (mixed_float16 adds dynamic loss scaling)")
-    train.add_argument("--sync-batchnorm", action="store_true",
-                       help="BatchNorm statistics over the global batch (all replicas)")
-    train.add_argument("--no-resume", action="store_true",
-                       help="ignore checkpoints of an interrupted run in --logdir")
-    train.add_argument("--deterministic", action="store_true",
-                       help="deterministic TensorFlow ops (bitwise reproducible runs/resumes)")
-    train.add_argument("--no-diagnostics", action="store_true",
-                       help="skip the TensorBoard diagnostics (k_n, residual sizes, images/s)")
+    _add_run_arguments(train)
     train.set_defaults(run=_cmd_train)
+
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune a pretrained network (.keras, zoo or keras.applications)")
+    finetune.add_argument("source", help="a .keras file, a zoo model name (with --weights) or "
+                          "a keras.applications ResNet: ResNet50V2/101V2/152V2, "
+                          "ResNet50/101/152")
+    finetune.add_argument("--weights", metavar="FILE|imagenet",
+                          help="weights of a zoo or keras.applications source ('imagenet' "
+                          "downloads keras.applications' ImageNet weights)")
+    finetune.add_argument("--refine", type=int, default=1, metavar="M",
+                          help="untie every residual step into M steps of h/M (default 1)")
+    finetune.add_argument("--freeze", default="0", metavar="stem|K",
+                          help="freeze the stem, or the stem and the first K stages")
+    finetune.add_argument("--input-size", type=int, metavar="S",
+                          help="input side for the source (keras.applications default 224)")
+    finetune.add_argument("--name", help="run name (logdir, export; default finetune_SOURCE)")
+    _add_run_arguments(finetune)
+    finetune.set_defaults(run=_cmd_finetune)
 
     tune = sub.add_parser("tune", help="search hyper-parameters with KerasTuner")
     tune.add_argument("family", help="a zoo family (resnet, lm_resnet, ...), a comma-separated "
@@ -364,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = ("; run the same command again to resume from the last completed epoch"
-                if command == "train" else "")
+                if command in ("train", "finetune") else "")
         print(f"kode: interrupted{hint}", file=sys.stderr)
         return 130
 
