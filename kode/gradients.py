@@ -15,12 +15,24 @@ This module knows neither the integrator nor the residual functions: it integrat
 ``keras.StatelessScope`` that (a) replays the random-generator states each step saw in the
 forward, so dropout and stochastic-depth draws repeat exactly, and (b) discards variable
 updates, so BatchNorm moving statistics are updated once per training step (by the forward)
-while recomputation normalizes with the same batch statistics as the forward did.
+while recomputation normalizes with the batch statistics of the same states as the forward.
+
+Two generic hooks, for callers that opt in:
+
+- :func:`once_per_step`: a value computed inside the forward of step n (e.g. synchronized
+  BatchNorm's all-reduced moments) is recorded and handed back, not recomputed, when the
+  backward recomputes step n; a collective is then issued once per train step, as in backprop.
+- :func:`evaluate`: the stage routes its residual-function calls through it. When
+  ``Dynamics.reuse_reverse_evaluations`` (exact reversals: the reverse step evaluates f at the
+  very states the forward step evaluated it at), the reverse step's evaluations are taped and
+  the next vector-Jacobian product that calls the same function differentiates that
+  evaluation instead of evaluating it again: one evaluation per reverse step.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +61,111 @@ class Dynamics:
     rng_variables: Sequence[keras.Variable] = ()
     #: forward step (−1: init) whose random draws ``reverse_step(n)`` repeats.
     reverse_replays: Callable[[int], int] = lambda n: n
+    #: the reverse step evaluates each function at the state the forward evaluated it at
+    #: (exact reversals): the vector-Jacobian products may differentiate those evaluations.
+    reuse_reverse_evaluations: bool = False
+
+
+# ----------------------------------------------------------------- hooks for the callers
+
+_context = threading.local()  # MirroredStrategy runs the replicas in threads
+
+
+class _StepValues:
+    """Values recorded per (forward step, owner), in call order."""
+
+    def __init__(self):
+        self.values: dict[tuple[int, int], list] = {}
+        self.step, self.recording, self.calls = None, False, {}
+
+    def __call__(self, step: int, recording: bool):
+        self.step, self.recording, self.calls = step, recording, {}
+        return self
+
+    def __enter__(self):
+        self.previous = getattr(_context, "values", None)
+        _context.values = self
+        return self
+
+    def __exit__(self, *exc):
+        _context.values = self.previous
+        self.step = None
+
+
+def once_per_step(owner, compute: Callable[[], list], replay: Callable[[list], list]):
+    """``compute()`` in a stage's forward step, recorded; when the backward recomputes that
+    step, ``replay(recorded)`` instead (e.g. the recorded value with the gradient the computed
+    one would have). Outside a memory-saving stage: ``compute()``."""
+    store = getattr(_context, "values", None)
+    if store is None or store.step is None:
+        return compute()
+    key = (store.step, id(owner))
+    index = store.calls.get(id(owner), 0)
+    store.calls[id(owner)] = index + 1
+    if store.recording:
+        value = compute()
+        store.values.setdefault(key, []).append(value)
+        return value
+    recorded = store.values.get(key, [])
+    return replay(recorded[index]) if index < len(recorded) else compute()
+
+
+class _Evaluations:
+    """Taped residual-function evaluations of a reverse step, differentiated by the next
+    vector-Jacobian product that calls the same function (instead of evaluating it again)."""
+
+    def __init__(self, variables: list):
+        self.variables = variables
+        self.recorded: dict[int, tuple] = {}
+        self.var_grads: list = [None] * len(variables)
+        self.recording = False
+
+    def run(self, recording: bool, fn: Callable):
+        previous = getattr(_context, "evaluations", None)
+        self.recording, _context.evaluations = recording, self
+        try:
+            return fn()
+        finally:
+            _context.evaluations = previous
+
+    def evaluate(self, fn, x):
+        if self.recording:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = fn(x)
+            self.recorded[id(fn)] = (x, y, tape)
+            return y
+        recorded = self.recorded.pop(id(fn), None)
+        if recorded is None or recorded[0].shape != x.shape:
+            return fn(x)
+        return self._differentiate(x, *recorded)
+
+    def _differentiate(self, x, x_rec, y_rec, tape):
+        @tf.custom_gradient
+        def reused(point):
+            del point  # equal to x_rec up to rounding: the reversal is exact
+
+            def grad(dy):
+                grads = tape.gradient(y_rec, [x_rec, *self.variables], output_gradients=dy)
+                _accumulate(self.var_grads, grads[1:])
+                return tf.zeros_like(x_rec) if grads[0] is None else grads[0]
+
+            return tf.identity(y_rec), grad
+
+        return reused(x)
+
+    def take_var_grads(self) -> list:
+        grads, self.var_grads = self.var_grads, [None] * len(self.variables)
+        return grads
+
+
+def evaluate(fn: Callable, x):
+    """``fn(x)``. Inside an adjoint backward that reuses reverse-step evaluations (the caller
+    passes one ``fn`` object per residual function: it is the key), a reverse step's call is
+    taped, and the next vector-Jacobian product's call of the same ``fn`` differentiates that
+    evaluation instead of evaluating ``fn`` again."""
+    evaluations = getattr(_context, "evaluations", None)
+    return fn(x) if evaluations is None else evaluations.evaluate(fn, x)
 
 
 def check_gradient_mode(mode: str, integrator, num_steps: int | None = None) -> str:
@@ -109,11 +226,16 @@ def _snapshot(variables) -> list:
     return [tf.identity(v.value) for v in variables]
 
 
-def _replay(dynamics: Dynamics, rng_values, fn):
-    """Run ``fn`` with the random generators as they were and without lasting updates."""
+def _replay(dynamics: Dynamics, rng_values, fn, values: _StepValues | None = None,
+            step: int | None = None):
+    """Run ``fn`` with the random generators as they were and without lasting updates (and
+    with the values the forward recorded for ``step``, if given)."""
     mapping = list(zip(dynamics.rng_variables, rng_values, strict=True))
     with keras.StatelessScope(state_mapping=mapping):
-        return fn()
+        if values is None or step is None:
+            return fn()
+        with values(step, recording=False):
+            return fn()
 
 
 def _zeros_for_none(grads, like) -> list:
@@ -136,22 +258,30 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
     def forward(*inputs):
         hist = inputs[1] if len(inputs) > 1 else None
         # Without stop_recording an outer eager tape would keep every intermediate alive.
+        values = _StepValues()
         with record.stop_recording():
             rng_init = _snapshot(dynamics.rng_variables)
-            state = dynamics.init(inputs[0], hist)
+            with values(-1, recording=True):
+                state = dynamics.init(inputs[0], hist)
             rng_at, stored = [], {}
             starts = {start for start, _ in segments}
             for n in range(dynamics.num_steps):
                 rng_at.append(_snapshot(dynamics.rng_variables))
                 if mode == CHECKPOINT and n in starts:
                     stored[n] = state
-                state = dynamics.step(n, state)
+                with values(n, recording=True):
+                    state = dynamics.step(n, state)
             out = dynamics.output(state)
         final_state = state
 
         def grad_fn(*dys, variables=None):
             variables = list(variables or [])
             var_grads = [None] * len(variables)
+            reuse = mode == ADJOINT and dynamics.reuse_reverse_evaluations
+            evaluations = _Evaluations(variables) if reuse else None
+
+            def evaluating(recording, fn):
+                return fn() if evaluations is None else evaluations.run(recording, fn)
             with tf.GradientTape() as tape:
                 targets = _tensors(final_state)
                 tape.watch(targets)
@@ -166,10 +296,9 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
                 with tf.control_dependencies(adjoint):
                     if mode == ADJOINT:
                         replayed = dynamics.reverse_replays(start)
-                        state_in = _replay(
-                            dynamics, rng_at[replayed] if replayed >= 0 else rng_init,
-                            lambda s=state_out, n=start: dynamics.reverse_step(n, s),
-                        )
+                        state_in = evaluating(True, lambda s=state_out, n=start, r=replayed: (
+                            _replay(dynamics, rng_at[r] if r >= 0 else rng_init,
+                                    lambda: dynamics.reverse_step(n, s), values, r)))
                         state_in = tuple(
                             None if s is None else tf.stop_gradient(s) for s in state_in
                         )
@@ -182,20 +311,24 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
                     tape.watch(sources)
                     state = state_in
                     for n in range(start, end):
-                        state = _replay(
-                            dynamics, rng_at[n], lambda s=state, n=n: dynamics.step(n, s)
-                        )
+                        state = evaluating(False, lambda s=state, n=n: _replay(
+                            dynamics, rng_at[n], lambda: dynamics.step(n, s), values, n))
                 grads = tape.gradient(_tensors(state), sources + variables,
                                       output_gradients=adjoint)
                 adjoint = _zeros_for_none(grads[: len(sources)], sources)
                 _accumulate(var_grads, grads[len(sources):])
+                if evaluations is not None:
+                    _accumulate(var_grads, evaluations.take_var_grads())
                 state_out = state_in
             with tf.GradientTape() as tape:
                 tape.watch(list(inputs))
-                state = _replay(dynamics, rng_init, lambda: dynamics.init(inputs[0], hist))
+                state = evaluating(False, lambda: _replay(
+                    dynamics, rng_init, lambda: dynamics.init(inputs[0], hist), values, -1))
             grads = tape.gradient(_tensors(state), list(inputs) + variables,
                                   output_gradients=adjoint)
             _accumulate(var_grads, grads[len(inputs):])
+            if evaluations is not None:
+                _accumulate(var_grads, evaluations.take_var_grads())
             var_grads = [
                 g if g is not None and v.trainable else None
                 for g, v in zip(var_grads, variables, strict=True)

@@ -15,13 +15,19 @@ the fused kernel when it can:
 
 The fused path needs the TensorFlow backend, a 4-D input with the channel axis last or first,
 float32/float16/bfloat16 input (statistics and γ, β stay float32), no mask, no renorm and
-``synchronized=False``; anything else runs Keras' own code.
+``synchronized=False``; anything else runs Keras' own code. Synchronized moments (sums
+all-reduced over the replicas) go through :func:`kode.gradients.once_per_step`: when an
+adjoint or checkpointed stage recomputes a step in its backward, the layer reuses the sums
+the forward all-reduced (no second collective, whose ordering against the optimizer's
+all-reduce differs between replica threads) with the all-reduce's gradient attached.
 """
 
 from __future__ import annotations
 
 import keras
 from keras import ops
+
+from kode.gradients import once_per_step
 
 _PACKAGE = "kode"
 _FUSED_DTYPES = ("float32", "float16", "bfloat16")
@@ -83,3 +89,46 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 epsilon=self.epsilon, data_format=data_format, is_training=False,
             )
         return ops.cast(outputs, self.compute_dtype)
+
+    def _moments(self, inputs, mask):
+        if not self.synchronized or mask is not None:
+            return super()._moments(inputs, mask)
+        import tensorflow as tf
+
+        context = tf.distribute.get_replica_context()
+        if context is None:  # cross-replica context: Keras computes local moments
+            return super()._moments(inputs, mask)
+        axes = self._reduction_axes
+        local = [tf.reduce_sum(inputs, axes, keepdims=True),
+                 tf.reduce_sum(tf.square(inputs), axes, keepdims=True),
+                 tf.reduce_sum(tf.ones_like(inputs), axes, keepdims=True)]
+
+        def all_reduce():
+            # Three all-reduces, as Keras issues them.
+            return [context.all_reduce(tf.distribute.ReduceOp.SUM, t) for t in local]
+
+        def replay(recorded):
+            return [_recorded_sum(context, t, r) for t, r in zip(local, recorded, strict=True)]
+
+        total, squares, count = once_per_step(self, all_reduce, replay)
+        # Keras' synchronized moments: var = E(x²) − E(x)², clipped at 0.
+        mean = tf.math.divide_no_nan(total, count)
+        variance = tf.maximum(tf.math.divide_no_nan(squares, count) - tf.square(mean), 0.0)
+        return tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+
+
+def _recorded_sum(context, local, recorded):
+    """The forward's all-reduced ``recorded`` in place of all_reduce(``local``), with the
+    all-reduce's gradient (the all-reduced cotangent)."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def replayed(x):
+        del x
+
+        def grad(dy):
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, dy)
+
+        return tf.identity(recorded), grad
+
+    return replayed(local)

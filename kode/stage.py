@@ -14,8 +14,8 @@ import keras
 from keras import layers
 
 from kode.errors import KodeError
-from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, integrate
-from kode.integrators import Integrator, get_integrator, serialize_integrator
+from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, evaluate, integrate
+from kode.integrators import EXACT, Integrator, get_integrator, serialize_integrator
 from kode.tracking import CheckpointTracked
 
 _PACKAGE = "kode"
@@ -117,13 +117,20 @@ class IntegratorStage(CheckpointTracked, layers.Layer):
         )
 
     def residual_callables(self, training=None) -> list:
-        """The residual functions as x ↦ f_n(x) callables with ``training`` bound.
+        """The residual functions as x ↦ f_n(x) callables with ``training`` bound (through
+        :func:`kode.gradients.evaluate`, which may reuse an adjoint's reverse evaluation).
 
         f_n(x) comes back in x's dtype: the state keeps the stage's compute dtype (float16,
         bfloat16) even when a residual function was built with another dtype policy.
         """
-        return [lambda x, f=f: _in_dtype_of(x, f(x, training=training))
-                for f in self.residual_functions]
+
+        def bind(f):
+            def fn(x):
+                return _in_dtype_of(x, f(x, training=training))
+
+            return lambda x: evaluate(fn, x)
+
+        return [bind(f) for f in self.residual_functions]
 
     def dynamics(self, training=None) -> Dynamics:
         """This stage as init/step/reverse callables for :func:`kode.gradients.integrate`."""
@@ -138,6 +145,7 @@ class IntegratorStage(CheckpointTracked, layers.Layer):
             if integrator.reversible else None,
             rng_variables=[v for v in self.non_trainable_variables if "int" in str(v.dtype)],
             reverse_replays=integrator.reverse_replays,
+            reuse_reverse_evaluations=integrator.reversal == EXACT,
         )
 
     def call(self, inputs, training=None):
