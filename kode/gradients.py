@@ -23,10 +23,10 @@ Two generic hooks, for callers that opt in:
   BatchNorm's all-reduced moments) is recorded and handed back, not recomputed, when the
   backward recomputes step n; a collective is then issued once per train step, as in backprop.
 - :func:`evaluate`: the stage routes its residual-function calls through it. When
-  ``Dynamics.reuse_reverse_evaluations`` (exact reversals: the reverse step evaluates f at the
-  very states the forward step evaluated it at), the reverse step's evaluations are taped and
-  the next vector-Jacobian product that calls the same function differentiates that
-  evaluation instead of evaluating it again: one evaluation per reverse step.
+  ``Dynamics.reuse_reverse_evaluations`` (exact reversals: ``reverse_step(n)`` evaluates f at
+  the very states forward step ``reverse_replays(n)`` evaluated it at), the reverse step's
+  evaluations are taped, and the vector-Jacobian product of that forward step differentiates
+  them instead of evaluating the functions again: one evaluation per reverse step.
 """
 
 from __future__ import annotations
@@ -116,26 +116,29 @@ class _Evaluations:
 
     def __init__(self, variables: list):
         self.variables = variables
-        self.recorded: dict[int, tuple] = {}
+        self.recorded: dict[tuple[int, int], tuple] = {}
         self.var_grads: list = [None] * len(variables)
-        self.recording = False
+        self.recording, self.step = False, None
 
-    def run(self, recording: bool, fn: Callable):
+    def run(self, recording: bool, step: int, fn: Callable):
+        """``fn()`` recording (reverse step) or reusing (VJP) the evaluations of forward
+        ``step``: a reverse step records under the step it replays (``reverse_replays``)."""
         previous = getattr(_context, "evaluations", None)
-        self.recording, _context.evaluations = recording, self
+        self.recording, self.step, _context.evaluations = recording, step, self
         try:
             return fn()
         finally:
             _context.evaluations = previous
 
     def evaluate(self, fn, x):
+        key = (id(fn), self.step)
         if self.recording:
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y = fn(x)
-            self.recorded[id(fn)] = (x, y, tape)
+            self.recorded[key] = (x, y, tape)
             return y
-        recorded = self.recorded.pop(id(fn), None)
+        recorded = self.recorded.pop(key, None)
         if recorded is None or recorded[0].shape != x.shape:
             return fn(x)
         return self._differentiate(x, *recorded)
@@ -161,9 +164,10 @@ class _Evaluations:
 
 def evaluate(fn: Callable, x):
     """``fn(x)``. Inside an adjoint backward that reuses reverse-step evaluations (the caller
-    passes one ``fn`` object per residual function: it is the key), a reverse step's call is
-    taped, and the next vector-Jacobian product's call of the same ``fn`` differentiates that
-    evaluation instead of evaluating ``fn`` again."""
+    passes one ``fn`` object per residual function: with the forward step, it is the key),
+    a reverse step's call is taped, and the vector-Jacobian product of the forward step it
+    replays differentiates that evaluation when it calls the same ``fn``, instead of
+    evaluating ``fn`` again."""
     evaluations = getattr(_context, "evaluations", None)
     return fn(x) if evaluations is None else evaluations.evaluate(fn, x)
 
@@ -280,8 +284,8 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
             reuse = mode == ADJOINT and dynamics.reuse_reverse_evaluations
             evaluations = _Evaluations(variables) if reuse else None
 
-            def evaluating(recording, fn):
-                return fn() if evaluations is None else evaluations.run(recording, fn)
+            def evaluating(recording, step, fn):
+                return fn() if evaluations is None else evaluations.run(recording, step, fn)
             with tf.GradientTape() as tape:
                 targets = _tensors(final_state)
                 tape.watch(targets)
@@ -296,7 +300,8 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
                 with tf.control_dependencies(adjoint):
                     if mode == ADJOINT:
                         replayed = dynamics.reverse_replays(start)
-                        state_in = evaluating(True, lambda s=state_out, n=start, r=replayed: (
+                        state_in = evaluating(True, replayed, lambda s=state_out, n=start,
+                                              r=replayed: (
                             _replay(dynamics, rng_at[r] if r >= 0 else rng_init,
                                     lambda: dynamics.reverse_step(n, s), values, r)))
                         state_in = tuple(
@@ -311,7 +316,7 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
                     tape.watch(sources)
                     state = state_in
                     for n in range(start, end):
-                        state = evaluating(False, lambda s=state, n=n: _replay(
+                        state = evaluating(False, n, lambda s=state, n=n: _replay(
                             dynamics, rng_at[n], lambda: dynamics.step(n, s), values, n))
                 grads = tape.gradient(_tensors(state), sources + variables,
                                       output_gradients=adjoint)
@@ -322,7 +327,7 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
                 state_out = state_in
             with tf.GradientTape() as tape:
                 tape.watch(list(inputs))
-                state = evaluating(False, lambda: _replay(
+                state = evaluating(False, -1, lambda: _replay(
                     dynamics, rng_init, lambda: dynamics.init(inputs[0], hist), values, -1))
             grads = tape.gradient(_tensors(state), list(inputs) + variables,
                                   output_gradients=adjoint)

@@ -107,6 +107,58 @@ def test_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
     assert np.max(np.abs(np.subtract(per_replica, result["revheun-syncbn"]["one"][0]))) > 1e-3
 
 
+SYNC_BN_RECOMPUTED = textwrap.dedent("""
+    import json
+    from kode.distribute import configure_cpu_devices, make_strategy, synchronize_batchnorm
+    configure_cpu_devices(2)
+    import keras, numpy as np, tensorflow as tf
+    import zoo
+
+    calls = []
+    all_reduce = tf.distribute.ReplicaContext.all_reduce
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return all_reduce(self, *args, **kwargs)
+    tf.distribute.ReplicaContext.all_reduce = counted
+
+    x = np.random.default_rng(0).standard_normal((32, 8, 8, 1)).astype("float32")
+    y = np.arange(32) % 10
+    strategy = make_strategy("mirrored", devices=2)
+    out = {}
+    for mode in ("backprop", "adjoint", "checkpoint"):
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            model = zoo.create_model("revheun_resnet20", depth=8, input_shape=(8, 8, 1),
+                                     gradient=mode)
+            synchronize_batchnorm(model)
+            model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                          "sparse_categorical_crossentropy", jit_compile=False)
+        calls.clear()
+        losses = model.fit(x, y, batch_size=16, epochs=2, shuffle=False,
+                           verbose=0).history["loss"]
+        out[mode] = {"losses": losses, "all_reduces": len(calls),
+                     "weights": [w.tolist() for w in model.get_weights()]}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_synchronized_batchnorm_recomputation_reuses_the_forward_all_reduce():
+    # The backward's recomputation used to all-reduce BN moments again; the extra collectives
+    # raced the optimizer's all-reduce between replica threads ("Shape mismatch in the
+    # collective instance"). Now it reuses the forward's sums: as many all-reduces as backprop.
+    out = _python(SYNC_BN_RECOMPUTED)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = _result(out.stdout)
+    backprop = result["backprop"]
+    assert backprop["all_reduces"] > 0
+    for mode in ("adjoint", "checkpoint"):
+        assert result[mode]["all_reduces"] == backprop["all_reduces"], mode
+        np.testing.assert_allclose(result[mode]["losses"], backprop["losses"], rtol=1e-5)
+        worst = max(float(np.max(np.abs(np.subtract(a, b)))) for a, b in
+                    zip(result[mode]["weights"], backprop["weights"], strict=True))
+        assert worst < 1e-4, f"{mode}: max |w - w_backprop| = {worst}"
+
+
 def test_kode_train_mirrored_over_two_devices(tmp_path):
     # Its own process: after several models trained under MirroredStrategy in one process,
     # a later fit failed with "Shape mismatch in the collective instance" (see the docs).
