@@ -26,6 +26,8 @@ from pathlib import Path
 
 MODES = ("backprop", "checkpoint", "adjoint", "remat")
 STAGE_INTEGRATORS = ("euler", "reversible_heun")
+#: adjoint step time ≤ limit × backprop's.
+TIME_TARGETS = (("euler", 1.6), ("reversible_heun", 1.4))
 RESULT_PREFIX = "RESULT "
 
 # ---------------------------------------------------------------------------------- worker
@@ -147,9 +149,10 @@ def _data(batch: int, shape):
 
 def run_pair_worker(cfg: dict) -> dict:
     """Time the modes ``cfg["modes"]`` of one configuration in one process, alternating their
-    steps (A B fwd, B A fwd, …) so that load on the machine hits all of them alike. Reports
-    per-mode medians and the median over rounds of the per-round time ratio to the first
-    mode; ``fwd`` is a forward pass of the first mode's model (training mode)."""
+    steps in a random order per round (:func:`benchmarks.paired.alternate`) so that load on
+    the machine hits all of them alike. Reports per-mode medians and the median over rounds
+    of the per-round time ratio to the first mode with its bootstrap 95% interval; ``fwd`` is
+    a forward pass of the first mode's model (training mode)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
@@ -166,17 +169,15 @@ def run_pair_worker(cfg: dict) -> dict:
     for name in (*modes, "fwd"):  # trace, then one untimed full-batch step
         float(tf.reduce_sum(steps[name](x[:1], y[:1])))
         float(tf.reduce_sum(steps[name](x, y)))
-    times: dict[str, list] = {name: [] for name in (*modes, "fwd")}
-    for r in range(cfg.get("rounds", 5)):
-        for name in (modes if r % 2 == 0 else modes[::-1]) + ["fwd"]:
-            t = time.perf_counter()
-            float(tf.reduce_sum(steps[name](x, y)))
-            times[name].append(time.perf_counter() - t)
-    ratios = {m: statistics.median(a / b for a, b in zip(times[m], times[modes[0]],
-                                                         strict=True)) for m in modes[1:]}
+    from benchmarks.paired import alternate, median_interval, ratios
+
+    times = alternate({name: lambda name=name: float(tf.reduce_sum(steps[name](x, y)))
+                       for name in (*modes, "fwd")}, cfg.get("rounds", 5))
+    intervals = {m: median_interval(ratios(times[m], times[modes[0]])) for m in modes[1:]}
     return {**cfg, "num_steps": num_steps, "times_s": times,
             "step_s": {k: statistics.median(v) for k, v in times.items()},
-            "ratio": ratios, "finite": True}
+            "ratio": {m: v[0] for m, v in intervals.items()},
+            "interval": {m: v[1:] for m, v in intervals.items()}, "finite": True}
 
 
 def run_worker(cfg: dict) -> dict:
@@ -398,6 +399,8 @@ def aggregate(results: list[dict]) -> dict:
                 "ratio": {m: statistics.median(r["ratio"][m] for r in ok)
                           for m in ok[0]["ratio"]},
                 "rounds": ok[0]["rounds"], "runs": len(ok), "num_steps": ok[0]["num_steps"],
+                **({"interval": ok[0]["interval"]} if len(ok) == 1 and "interval" in ok[0]
+                   else {}),
             }
             continue
 
@@ -586,13 +589,15 @@ def _timing_table(table: dict) -> list[str]:
         "Single-process step times on a shared 2-core machine vary by ±30% with other jobs "
         "(compare backprop and remat above, the same computation). For the time targets each "
         "process below builds the backprop and the adjoint model of one configuration and "
-        f"alternates their steps for {rounds} rounds (A B F, B A F, …; F: a forward pass of the "
-        "backprop model in training mode), after one untimed full-batch step each. Ratio: "
-        "median over rounds of adjoint/backprop within the round.",
+        f"alternates their steps for {rounds} rounds (backprop, adjoint and F in a random order "
+        "per round; F: a forward pass of the backprop model in training mode), after one "
+        "untimed full-batch step each. Ratio: median over rounds of adjoint/backprop within the "
+        "round, with a bootstrap 95% interval of that median in brackets (`benchmarks/"
+        "paired.py`).",
         "",
-        "| integrator | N | backprop s | adjoint s | fwd s | adjoint/backprop | "
-        "fwd/backprop | predicted 1 + 2·fwd/bp |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| integrator | N | backprop s | adjoint s | fwd s | adjoint/backprop [95%] | "
+        "fwd/backprop | predicted 1 + 2·fwd/bp | 1 + fwd/bp |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in sorted(keys, key=lambda k: (STAGE_INTEGRATORS.index(k[1]), k[2])):
         row = table[k]
@@ -602,8 +607,8 @@ def _timing_table(table: dict) -> list[str]:
         t = row["step_s"]
         f = t["fwd"] / t["backprop"]
         lines.append(f"| {k[1]} | {k[2]} | {t['backprop']:.3f} | {t['adjoint']:.3f} | "
-                     f"{t['fwd']:.3f} | {row['ratio']['adjoint']:.2f} | {f:.2f} | "
-                     f"{1 + 2 * f:.2f} |")
+                     f"{t['fwd']:.3f} | {_with_interval(row)} | {f:.2f} | "
+                     f"{1 + 2 * f:.2f} | {1 + f:.2f} |")
     return lines + [""]
 
 
@@ -725,6 +730,12 @@ def _overhead(table: dict) -> list[str]:
     ]
 
 
+def _with_interval(row: dict, mode: str = "adjoint") -> str:
+    interval = row.get("interval", {}).get(mode)
+    text = f"{row['ratio'][mode]:.2f}"
+    return text + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
@@ -751,9 +762,19 @@ def targets(table: dict) -> list[str]:
                 f"{base['allocator_increment_mb']:.0f} MiB = {ra:.3f}×) — "
                 f"{_verdict(r <= limit)}"
                 + ("" if r <= limit else f", by {r / limit - 1:.0%}") + ".")
-    for integrator, limit in (("euler", 1.7), ("reversible_heun", 1.4)):
-        paired = {k[2]: table[k]["ratio"]["adjoint"] for k in table
-                  if k[0] == "timing" and k[1] == integrator and _ok(table[k])}
+    for integrator, limit in TIME_TARGETS:
+        rows = {k[2]: table[k] for k in table
+                if k[0] == "timing" and k[1] == integrator and _ok(table[k])}
+        if rows and all("interval" in r for r in rows.values()):
+            from benchmarks.paired import verdict
+
+            for n, row in sorted(rows.items()):
+                low, high = row["interval"]["adjoint"]
+                out.append(f"- {integrator}, adjoint step time ≤ {limit}× backprop (paired "
+                           f"timing, N={n}, {row['rounds']} rounds): {_with_interval(row)} — "
+                           f"**{verdict(low, high, limit, at_least=False)}**.")
+            continue
+        paired = {n: row["ratio"]["adjoint"] for n, row in rows.items()}
         if paired:
             ratios, source = dict(sorted(paired.items())), "paired timing"
         else:
@@ -1053,8 +1074,8 @@ def run_all(args) -> None:
         configs += stage_configs(ns, STAGE_INTEGRATORS, MODES, args.stage_batch,
                                  2 if quick else args.steps, 1, args.repeats)
     if not args.merge and "timing" in args.sweeps:
-        configs += timing_configs([8, 32] if quick else [16, 32, 64, 128], STAGE_INTEGRATORS,
-                                  args.stage_batch, 5)
+        configs += timing_configs(args.timing_ns or ([8, 32] if quick else [16, 32, 64, 128]),
+                                  STAGE_INTEGRATORS, args.stage_batch, args.rounds)
     if not args.merge and "overhead" in args.sweeps:
         configs += overhead_configs([8, 32] if quick else [8, 128])
     if not args.merge and "xla" in args.sweeps:
@@ -1124,6 +1145,8 @@ def main(argv=None) -> None:
     sweeps = ["stage", "timing", "overhead", "xla", "zoo", "zoo-timing"]
     parser.add_argument("--sweeps", nargs="+", default=sweeps, choices=sweeps)
     parser.add_argument("--ns", type=int, nargs="+", help="override the stage sweep's N")
+    parser.add_argument("--timing-ns", type=int, nargs="+", help="override the timing sweep's N")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the timing sweep")
     parser.add_argument("--repeats", type=int, default=1, help="processes per stage config")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per stage process")
     parser.add_argument("--stage-batch", type=int, default=32)
