@@ -114,3 +114,48 @@ def test_profiler_op_categories():
         "batchnorm"
     assert cat("m/stage1_1/add", "AddV2") == "other"
     assert cat("SGD/AssignSubVariableOp", "AssignSubVariableOp") == "optimizer"
+
+
+def test_paired_statistics_and_verdicts():
+    from benchmarks.paired import alternate, median_interval, verdict
+
+    order = []
+    times = alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 40)
+    assert len(times["a"]) == len(times["b"]) == 40
+    firsts = order[::2]
+    assert 5 < firsts.count("a") < 35  # random order per round, not always A first
+    med, low, high = median_interval([1.0, 1.1, 0.9, 1.2, 1.05, 0.95, 1.0, 1.02, 0.98])
+    assert low <= med <= high and low < 1.0 < high and high - low < 0.2
+    assert median_interval([2.0] * 5) == (2.0, 2.0, 2.0)
+    assert verdict(1.45, 1.6, 1.4) == "met"
+    assert verdict(1.3, 1.5, 1.4) == "not decided"
+    assert verdict(1.1, 1.2, 1.4) == "missed by 14–21%"
+    assert verdict(1.2, 1.35, 1.4, at_least=False) == "met"
+    assert verdict(1.5, 1.6, 1.4, at_least=False) == "missed by 7–14%"
+
+
+def test_paired_summary_and_doc_from_fake_times(tmp_path):
+    rounds = 9
+    step = {throughput.REFERENCE: 1.5, "resnet56": 1.0, "lm_resnet56": 1.04,
+            "heun_resnet56": 2.0, "matmul": 0.1}
+    times = {name: [t * (1 + 0.01 * (i % 3)) for i in range(rounds)]
+             for name, t in step.items()}
+    info = {name: {"macs": 125.7e6 * (2 if name.startswith("heun") else 1), "evaluations": 27,
+                   "trainable_params": 855_770} for name in step if name != "matmul"}
+    result = {"batch": 128, "times_s": times, "models_info": info, "matmul_flop": 2 * 2048**3}
+    summary = throughput.summarize_paired(result)
+    by = {(c["model"], c["base"]): c for c in summary["comparisons"]}
+    zoo = by["resnet56", throughput.REFERENCE]
+    assert zoo["low"] <= zoo["ratio"] <= zoo["high"] and abs(zoo["ratio"] - 1.5) < 0.02
+    assert zoo["verdict"] == "met"
+    assert by["lm_resnet56", "resnet56"]["ratio"] == pytest.approx(1 / 1.04, rel=0.02)
+    # Heun: half the speed, twice the MACs per image: equal speed per evaluation.
+    assert by["heun_resnet56", "resnet56"]["ratio"] == pytest.approx(1.0, rel=0.02)
+    flops = 128 / 1.0 * 125.7e6 * 6 / (2 * 2048**3 / 0.1)
+    assert by["resnet56", "matmul"]["ratio"] == pytest.approx(flops, rel=0.03)
+    meta = {"command": "python -m benchmarks.throughput --paired", "date": "today",
+            "wall_s": 60.0, "machine": "test", "load_before": 9.0, "load_after": 10.0,
+            "findings": throughput.paired_findings(summary)}
+    text = throughput.write_paired_doc(summary, meta, tmp_path).read_text()
+    assert "--paired" in text and "a shared machine" in text and "**met**" in text
+    assert f"{zoo['ratio']:.3f} [{zoo['low']:.3f}, {zoo['high']:.3f}]" in text
