@@ -3,8 +3,8 @@
 
 Models with BatchNorm are compared with synchronized BatchNorm (``sync_batchnorm``): with
 per-replica statistics each replica normalizes over half the batch, which is another model (shown
-below). Under MirroredStrategy the adjoint is compared on a BN-free dense model: synchronized BN
-inside the adjoint's recomputation fails there (see docs/distributed.md).
+below). Under MirroredStrategy the adjoint is compared on a BN-free dense model against one
+device, and with synchronized BN against backprop on two devices (same collectives, same weights).
 Logical devices and collective ops must be configured before TensorFlow starts, hence the
 subprocesses.
 """
