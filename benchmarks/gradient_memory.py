@@ -965,7 +965,10 @@ def notes(table: dict) -> list[str]:
         return measured, f
 
     def span(xs, digits=2):
-        return f"{min(xs):.{digits}f}–{max(xs):.{digits}f}" if xs else "?"
+        if not xs:
+            return "?"
+        low, high = f"{min(xs):.{digits}f}", f"{max(xs):.{digits}f}"
+        return low if low == high else f"{low}–{high}"
 
     bp = sorted((k[2], v["allocator_increment_mb"]) for k, v in table.items()
                 if k[0] == "stage" and k[1] == "euler" and k[3] == "backprop" and _ok(v))
