@@ -283,6 +283,9 @@ def measure(cfg: dict, timeout: float = 1800.0, mem_cap_gb: float = 16.0,
     available memory falls under ``min_available_gb`` or after ``timeout`` seconds.
     """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    # The standard tensorflow wheel's CPU allocator keeps no statistics unless it is the BFC
+    # allocator ("Allocator stats not available"); tensorflow-cpu's was BFC by default.
+    env.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
