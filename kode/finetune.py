@@ -18,7 +18,6 @@ three of its steps differ:
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError
-from kode.training import TrainingPipeline, TrainResult, TrainSettings
+from kode.training import TrainingPipeline, TrainResult, TrainSettings, keyword_signature
 
 #: keras.applications ResNets are used at this input size unless ``input_size`` says otherwise.
 KERAS_DEFAULT_SIZE = 224
@@ -332,16 +331,8 @@ def run_name(source: str) -> str:
     return f"finetune_{base.lower()}"
 
 
-_fields = [p for p in inspect.signature(FinetuneSettings).parameters.values()
-           if p.name not in ("dataset", "source")]
-finetune.__signature__ = inspect.Signature(
-    [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-     inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
-                       annotation=str),
-     *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY,
-                 default=None if p.name == "model" else p.default) for p in _fields]],
-    return_annotation=TrainResult,
-)
+finetune.__signature__ = keyword_signature(FinetuneSettings, "source",
+                                           skip=("dataset", "source"), defaults={"model": None})
 
 
 class _CallableModule(types.ModuleType):

@@ -631,13 +631,20 @@ def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
     return TrainingPipeline(TrainSettings(model_name, dataset, **settings)).run()
 
 
-_fields = [p for p in inspect.signature(TrainSettings).parameters.values()
-           if p.name not in ("model", "dataset")]
-train.__signature__ = inspect.Signature(
-    [inspect.Parameter("model_name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-     inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
-                       annotation=str),
-     *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in _fields]],
-    return_annotation=TrainResult,
-)
-del _fields
+def keyword_signature(settings_cls: type, first: str, *, skip: tuple[str, ...],
+                      defaults: dict | None = None) -> inspect.Signature:
+    """The signature of an entry point over ``settings_cls``: ``(first, dataset="digits", *,
+    <every other settings field>)``, shown by help() and IDEs instead of ``**settings``."""
+    fields = [p for p in inspect.signature(settings_cls).parameters.values() if p.name not in skip]
+    defaults = defaults or {}
+    return inspect.Signature(
+        [inspect.Parameter(first, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+         inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
+                           annotation=str),
+         *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=defaults.get(p.name, p.default))
+           for p in fields]],
+        return_annotation=TrainResult,
+    )
+
+
+train.__signature__ = keyword_signature(TrainSettings, "model_name", skip=("model", "dataset"))
