@@ -46,22 +46,25 @@ TRAIN_ENDS = False
 
 
 def build_model(integrator: str, depth: int, gradient: str, seed: int,
-                width: int | None = None, horizon: float | None = None):
-    """Flatten → Dense(width) → stage of ``depth`` tanh residual functions → Dense(10) logits."""
+                width: int | None = None, horizon: float | None = None,
+                function_width: int | None = None, name: str | None = None):
+    """Flatten → Dense(width) → stage of ``depth`` tanh residual functions (of
+    ``function_width``, default ``width``: RevNet's act on half the state) → Dense(10) logits."""
     import keras
 
     from kode.stage import IntegratorStage
 
     width, horizon = width or WIDTH, horizon or HORIZON
     keras.utils.set_random_seed(seed)
-    fns = [keras.layers.Dense(width, activation="tanh", name=f"f{n}") for n in range(depth)]
+    fns = [keras.layers.Dense(function_width or width, activation="tanh", name=f"f{n}")
+           for n in range(depth)]
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Flatten()(inputs)
     x = keras.layers.Dense(width, name="stem", trainable=TRAIN_ENDS)(x)
     x = IntegratorStage(fns, integrator, step_size="ode", horizon=horizon, gradient=gradient,
                         name="stage")(x)
     outputs = keras.layers.Dense(10, name="head", trainable=TRAIN_ENDS)(x)
-    return keras.Model(inputs, outputs, name=f"{integrator}_{depth}_{gradient}")
+    return keras.Model(inputs, outputs, name=name or f"{integrator}_{depth}_{gradient}")
 
 
 def _loss():

@@ -27,12 +27,11 @@ from benchmarks import gradient_memory as gm
 from benchmarks.reproduce.common import Context, fmt, markdown_table, mean_std
 from benchmarks.reproduce.depth_accuracy import (
     BATCH,
-    HORIZON,
     LEARNING_RATE,
-    TRAIN_ENDS,
     _guard_batch,
     _loss,
 )
+from benchmarks.reproduce.depth_accuracy import build_model as build_depth_model
 
 TITLE = "Lu et al.'s schemes side by side: ResNet, PolyNet, FractalNet, RevNet (digits)"
 
@@ -52,20 +51,9 @@ MEMORY_BATCH = 32
 
 def build_model(scheme: str, gradient: str, seed: int):
     """Flatten → Dense(32) → stage → Dense(10) logits, the scheme's budget of functions."""
-    import keras
-
-    from kode.stage import IntegratorStage
-
     integrator, num, width = SCHEMES[scheme]
-    keras.utils.set_random_seed(seed)
-    fns = [keras.layers.Dense(width, activation="tanh", name=f"f{n}") for n in range(num)]
-    inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(WIDTH, name="stem", trainable=TRAIN_ENDS)(x)
-    x = IntegratorStage(fns, integrator, step_size="ode", horizon=HORIZON, gradient=gradient,
-                        name="stage")(x)
-    outputs = keras.layers.Dense(10, name="head", trainable=TRAIN_ENDS)(x)
-    return keras.Model(inputs, outputs, name=f"{integrator}_{gradient}")
+    return build_depth_model(integrator, num, gradient, seed, width=WIDTH,
+                             function_width=width, name=f"{integrator}_{gradient}")
 
 
 def _check(model, batch) -> dict:
