@@ -82,10 +82,15 @@ def _build_model(cfg: dict):
         return keras.Model(inputs, outputs), (size, size, channels), stage.num_steps
     import zoo
 
-    model = zoo.create_model(cfg["model"], gradient=gradient, input_shape=(32, 32, 3),
-                             classes=10)
+    shape = (cfg.get("input_size", 32),) * 2 + (3,)
+    model = zoo.create_model(cfg["model"], gradient=gradient, input_shape=shape,
+                             classes=cfg.get("classes", 10))
+    if cfg.get("refine", 1) != 1:  # Sander et al.'s untying: m steps of h/m per step
+        from kode.refine import refine
+
+        model = refine(model, cfg["refine"])
     stages = [layer for layer in model._flatten_layers() if hasattr(layer, "dynamics")]
-    return model, (32, 32, 3), sum(s.num_steps for s in stages)
+    return model, shape, sum(s.num_steps for s in stages)
 
 
 def _allocator_stats() -> dict:
@@ -249,6 +254,7 @@ def run_worker(cfg: dict) -> dict:
         **cfg,
         "num_steps": num_steps,
         "params": int(model.count_params()),
+        "trainable_params": int(sum(v.numpy().size for v in model.trainable_variables)),
         "rss_built_mb": rss_built / 1024,
         "baseline_mb": baseline / 1024,
         "peak_mb": peak / 1024,

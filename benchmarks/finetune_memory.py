@@ -1,0 +1,241 @@
+"""Memory and step time of fine-tuning keras.applications ResNet152V2 ported into kode, per
+gradient mode, before and after refinement (issue: fine-tune pretrained ResNets).
+
+    python -m benchmarks.finetune_memory [--input-size 224] [--batch 16] [--out docs]
+
+Every memory configuration runs in its own process with the method of
+:mod:`benchmarks.gradient_memory` (peak RSS increment over the model built and traced on a
+batch of 1, and the allocator's peak). Step times come from one more process per
+refinement factor that builds the three models and alternates their steps
+(:mod:`benchmarks.paired`). Writes ``<out>/finetune_memory.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.gradient_memory import _rotated, machine_description, measure
+from benchmarks.paired import verdict
+from kode.files import atomic_open, write_json
+
+MODES = ("backprop", "checkpoint", "adjoint")
+#: adjoint memory increment ≤ limit × backprop's; adjoint step time ≤ limit × backprop's.
+MEMORY_TARGET, TIME_TARGET = 0.25, 1.8
+
+
+def configs(args) -> list[dict]:
+    """One memory process per (refinement, mode), modes rotated between refinements; then one
+    paired-timing process per refinement (backprop and adjoint: the target's two sides)."""
+    base = {"sweep": "finetune", "kind": "zoo", "model": args.model, "classes": args.classes,
+            "input_size": args.input_size, "batch": args.batch}
+    memory = [{**base, "refine": m, "mode": mode, "steps": args.steps, "warmup": 1}
+              for k, m in enumerate(args.refine) for mode in _rotated(MODES, k)]
+    timing = [{**base, "refine": m, "mode": "pair", "modes": ["backprop", "adjoint"],
+               "rounds": args.rounds} for m in args.refine]
+    return memory + timing
+
+
+def _cell(row: dict | None, field: str, fmt: str = "{:.0f}") -> str:
+    if row is None:
+        return "—"
+    if "error" in row:
+        return f"killed ({row['error']})"
+    return fmt.format(row[field])
+
+
+def _ratio(a: dict | None, b: dict | None, field: str) -> float | None:
+    if not a or not b or "error" in a or "error" in b or not b[field]:
+        return None
+    return a[field] / b[field]
+
+
+def memory_verdict(rss: float | None, alloc: float | None, limit: float) -> str:
+    """Met/missed when the RSS and allocator ratios agree about ``limit``, else not decided
+    (one process per configuration: the two measures are the only spread we have)."""
+    if rss is None or alloc is None:
+        return "not measured"
+    if max(rss, alloc) <= limit:
+        return "met"
+    if min(rss, alloc) > limit:
+        return f"missed (by {min(rss, alloc) / limit - 1:.0%}–{max(rss, alloc) / limit - 1:.0%})"
+    return "not decided"
+
+
+def write_doc(results: list[dict], meta: dict, out: Path) -> Path:
+    """``out/finetune_memory.md``; every number comes from ``results``."""
+    mem = {(r["refine"], r["mode"]): r for r in results if r["mode"] in MODES}
+    pairs = {r["refine"]: r for r in results if r["mode"] == "pair"}
+    factors = sorted({r["refine"] for r in results})
+    first = next((r for r in results if "error" not in r and "params" in r), {})
+    size, batch = first.get("input_size", meta["input_size"]), first.get("batch", meta["batch"])
+    lines = [
+        "# Fine-tuning a ported ResNet152V2: memory and step time per gradient mode",
+        "",
+        f"`keras.applications.ResNet152V2(weights=None)` at {size}×{size}×3 with a "
+        f"{first.get('classes', 10)}-class head, ported with `zoo.create_model("
+        f"\"{meta['model']}\", gradient=mode)` (its 43 identity blocks become Euler stages; "
+        "the stem, the 7 blocks that change shape and the head always backpropagate), "
+        "refined with `kode.refine.refine(model, m)` where m > 1 (each stage step becomes m "
+        f"untied steps of h/m). Every weight is trained (SGD, batch {batch}, float32, "
+        "`tf.function` without XLA), as in `kode finetune` without `--freeze`.",
+        "",
+        "## How it was measured",
+        "",
+        f"Machine: {meta['machine']}.",
+        "",
+        f"Command (worker processes took {meta['wall_s'] / 60:.0f} min in total; 1-minute "
+        f"load average {meta['load']} when they started, on 2 cores):",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        "**Memory**: one process per configuration, the method of "
+        "`benchmarks/gradient_memory.py` (described in [gradients.md](gradients.md)): the "
+        "train step is traced and run once on a batch of 1, then the peak RSS (`VmHWM`) over "
+        f"the RSS at that point is taken over 1 untimed and {first.get('steps', '?')} timed "
+        "full-batch steps; in parentheses the peak of TensorFlow's CPU allocator (BFC) over "
+        "its bytes in use at the same point. The increment is what training adds to the "
+        "built model traced on a batch of 1. Everything whose size does not depend on the batch "
+        "was allocated by that batch-1 step and stays in TensorFlow's pool, among it the "
+        f"{first.get('trainable_params', 0) * 4 / 2**20:.0f} MiB of float32 weight gradients "
+        "(m = 1), so the increment is the batch-sized memory: activations kept for the "
+        "backward and temporaries.",
+        "",
+        "**Time**: one more process per refinement factor builds the backprop and the "
+        "adjoint model and alternates their training steps for "
+        f"{next(iter(pairs.values()), {}).get('rounds', '?')} rounds in a random order per "
+        "round, after one untimed step each "
+        "(`benchmarks/paired.py`); ratio = median over rounds of the per-round ratio to "
+        "backprop, with a bootstrap 95% interval; forward: a forward pass of the backprop "
+        "model in training mode, alternated with them. The Euler adjoint adds a reverse step "
+        "and a recomputation of every stage step (≈ 2 forwards of the stages) to backprop's "
+        "step, hence the prediction 1 + 2·forward/backprop (an upper bound here: the stem, "
+        "transitions and head are not recomputed).",
+        "",
+        "## Memory",
+        "",
+        "| refine m | stage steps | parameters | backprop MB | checkpoint MB | adjoint MB | "
+        "checkpoint/backprop | adjoint/backprop | losses finite |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for m in factors:
+        row = {mode: mem.get((m, mode)) for mode in MODES}
+        ok = next((r for r in row.values() if r and "error" not in r), {})
+        cells = [f"{_cell(r, 'increment_mb')} ({_cell(r, 'allocator_increment_mb')})"
+                 if r and "error" not in r else _cell(r, "increment_mb") for r in row.values()]
+        ratios = []
+        for mode in ("checkpoint", "adjoint"):
+            rss = _ratio(row[mode], row["backprop"], "increment_mb")
+            alloc = _ratio(row[mode], row["backprop"], "allocator_increment_mb")
+            ratios.append("—" if rss is None else f"{rss:.2f} ({alloc:.2f})")
+        finite = all(r["finite"] for r in row.values() if r and "error" not in r)
+        lines.append(f"| {m} | {ok.get('num_steps', '—')} | {ok.get('params', 0):,} | "
+                     + " | ".join(cells) + " | " + " | ".join(ratios) + f" | {finite} |")
+    lines += [
+        "",
+        "Cells: RSS increment in MB (allocator increment in MiB); ratios RSS (allocator).",
+        "",
+        "## Step time",
+        "",
+        "| refine m | backprop s | adjoint s | forward s | adjoint/backprop [95%] | "
+        "predicted 1 + 2·forward/backprop |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in factors:
+        r = pairs.get(m)
+        if r is None or "error" in r:
+            lines.append(f"| {m} | {_cell(r, 'x')} | | | | |")
+            continue
+        t, (low, high) = r["step_s"], r["interval"]["adjoint"]
+        lines.append(f"| {m} | {t['backprop']:.1f} | {t['adjoint']:.1f} | {t['fwd']:.1f} | "
+                     f"{r['ratio']['adjoint']:.2f} [{low:.2f}, {high:.2f}] | "
+                     f"{1 + 2 * t['fwd'] / t['backprop']:.2f} |")
+    lines += ["", "## Targets", ""]
+    for m in factors:
+        a, b = mem.get((m, "adjoint")), mem.get((m, "backprop"))
+        rss, alloc = (_ratio(a, b, f) for f in ("increment_mb", "allocator_increment_mb"))
+        text = (f"- m = {m}: adjoint memory ≤ {MEMORY_TARGET}× backprop's: "
+                + ("—" if rss is None else f"RSS {rss:.3f}×, allocator {alloc:.3f}×")
+                + f" — **{memory_verdict(rss, alloc, MEMORY_TARGET)}**")
+        r = pairs.get(m)
+        if r and "error" not in r:
+            low, high = r["interval"]["adjoint"]
+            text += (f"; adjoint step time ≤ {TIME_TARGET}× backprop's: "
+                     f"{r['ratio']['adjoint']:.2f} [{low:.2f}, {high:.2f}] — "
+                     f"**{verdict(low, high, TIME_TARGET, at_least=False)}**")
+        lines.append(text + ".")
+    lines += ["", *meta.get("findings", [])]
+    path = out / "finetune_memory.md"
+    with atomic_open(str(path)) as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _load() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.1f}–{max(values):.1f}" if values else "not recorded"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="keras_resnet152v2")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--refine", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per memory process")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the paired timing")
+    parser.add_argument("--out", default="docs")
+    parser.add_argument("--json", help="write the raw per-process results here")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="write the doc from raw results of earlier runs, run nothing")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--mem-cap-gb", type=float, default=18.0)
+    parser.add_argument("--findings", help="a Markdown file of findings appended to the doc")
+    args = parser.parse_args(argv)
+    results: list[dict] = []
+    for path in args.merge or []:
+        results += json.loads(Path(path).read_text())
+    command = "python -m benchmarks.finetune_memory " + shlex.join(sys.argv[1:] if argv is None
+                                                                   else argv)
+    started = time.monotonic()
+    todo = [] if args.merge else configs(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    for i, cfg in enumerate(todo):
+        load = _load()
+        r = measure(cfg, timeout=args.timeout, mem_cap_gb=args.mem_cap_gb)
+        r["command"] = command
+        r["load_at_start"] = load
+        results.append(r)
+        status = r.get("error") or (
+            f"+{r['increment_mb']:.0f} MB (alloc {r['allocator_increment_mb']:.0f}), "
+            f"{r['step_s']:.2f} s/step" if "increment_mb" in r else
+            ", ".join(f"{k} {v:.2f} s" for k, v in r["step_s"].items()))
+        print(f"[{i + 1}/{len(todo)} {time.monotonic() - started:.0f}s] refine={cfg['refine']} "
+              f"{cfg['mode']}: {status} (process {r['wall_s']:.0f} s)", flush=True)
+        if args.json:
+            write_json(args.json, results, indent=1)
+    commands = sorted({r["command"] for r in results if r.get("command")})
+    meta = {"machine": machine_description(), "model": args.model, "batch": args.batch,
+            "input_size": args.input_size, "command": "\n".join(commands),
+            "wall_s": sum(r.get("wall_s", 0) for r in results),
+            "load": _span([r["load_at_start"] for r in results if "load_at_start" in r]),
+            "findings": Path(args.findings).read_text().splitlines() if args.findings else []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_doc(results, meta, out)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
