@@ -58,7 +58,8 @@ def train_settings(args):
     from kode.training import TrainSettings
 
     return TrainSettings(
-        args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+        steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         schedule=args.schedule, weight_decay=args.weight_decay, decay_lm_k=args.decay_lm_k,
         seed=args.seed, logdir=args.logdir, export_dir=args.export, data_dir=args.data_dir,
         manual_dir=args.manual_dir, model_options=_model_options(args), gradient=args.gradient,
@@ -236,6 +237,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="epochs (default: the dataset's recipe)")
     parser.add_argument("--batch-size", type=int,
                        help="global batch size, all replicas (default: the recipe)")
+    parser.add_argument("--steps-per-epoch", type=int, metavar="N",
+                       help="optimizer steps per epoch, as Keras' fit(steps_per_epoch=N): "
+                       "epochs take the next N batches of the reshuffled passes over the "
+                       "training set (default: one pass)")
     parser.add_argument("--lr", type=float,
                        help="initial learning rate, finite and > 0 (default: the recipe)")
     parser.add_argument("--schedule", choices=["step", "cosine", "constant"],

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -595,6 +596,21 @@ def _batches(distributed, dataset: tf.data.Dataset):
         yield next(iterator)
 
 
+def _stream(distributed, dataset: tf.data.Dataset, start: int):
+    """The batches of pass after pass over ``distributed`` (one iterator per pass, so each
+    pass draws its own shuffle, as in ``fit`` over ``dataset.repeat()``), from batch ``start``
+    of that stream on: the passes before it only create their iterator, the batches of the
+    current pass before it are read and dropped."""
+    passes, offset = divmod(start, int(dataset.cardinality()))
+    skip_epochs(distributed, passes)
+    while True:
+        for batch in _batches(distributed, dataset):
+            if offset:
+                offset -= 1
+                continue
+            yield batch
+
+
 def fit_distributed(
     model: keras.Model,
     train_ds: tf.data.Dataset,
@@ -605,6 +621,7 @@ def fit_distributed(
     initial_epoch: int = 0,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> dict:
     """Train a compiled classifier (sparse labels, probability outputs) with a custom loop
     around ``strategy.run``: what ``model.fit`` does, for strategies ``fit`` cannot drive.
@@ -613,7 +630,9 @@ def fit_distributed(
     the all-reduced example count, and the optimizer sums the replicas' gradients. So the
     ragged last batch (split unevenly between replicas) is weighted exactly as on one device.
     Logs (``loss``, ``accuracy``, ``val_*``) are example-weighted epoch means, as in ``fit``.
-    Returns the history dict.
+    ``steps_per_epoch`` (as in ``fit``; None: one pass of ``train_ds``): epoch k trains on
+    batches [k·S, (k+1)·S) of the stream of passes over ``train_ds``, each pass shuffled anew,
+    also when resumed at ``initial_epoch``. Returns the history dict.
     """
     optimizer = model.optimizer
     loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
@@ -646,13 +665,20 @@ def fit_distributed(
 
     test_step = make_step(replica_test)
     steps = int(train_ds.cardinality())
+    if steps_per_epoch is not None and steps < 0:
+        raise KodeError("steps_per_epoch needs a training dataset of known length "
+                        "(cardinality); this one has none")
+    if steps_per_epoch is not None:
+        steps = int(steps_per_epoch)
+        stream = _stream(dist_train, train_ds, initial_epoch * steps)
     callback_list = keras.callbacks.CallbackList(
         list(callbacks), add_history=True, add_progbar=verbose != 0, model=model,
         verbose=verbose, epochs=epochs, steps=steps if steps >= 0 else None,
     )
     model.stop_training = False
     callback_list.on_train_begin()
-    skip_epochs(dist_train, initial_epoch)
+    if steps_per_epoch is None:
+        skip_epochs(dist_train, initial_epoch)
     train_step, traced_modes = None, None
     for epoch in range(initial_epoch, epochs):
         # The gradient guard may switch stages to 'checkpoint' (fallback): retrace then.
@@ -661,7 +687,9 @@ def fit_distributed(
             train_step, traced_modes = make_step(replica_train), modes
         callback_list.on_epoch_begin(epoch)
         totals = np.zeros(3)
-        for batch, (x, y) in enumerate(_batches(dist_train, train_ds)):
+        batches = (_batches(dist_train, train_ds) if steps_per_epoch is None
+                   else itertools.islice(stream, steps))
+        for batch, (x, y) in enumerate(batches):
             callback_list.on_train_batch_begin(batch)
             sums = np.array([float(v) for v in train_step(x, y)])
             totals += sums

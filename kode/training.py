@@ -221,6 +221,9 @@ class TrainSettings:
     dataset: str = "digits"
     epochs: int | None = None
     batch_size: int | None = None  #: the global batch (all replicas)
+    #: optimizer steps per epoch, as ``model.fit(steps_per_epoch=...)``: epochs then cut the
+    #: endless stream of shuffled passes into pieces of this many batches (None: one pass).
+    steps_per_epoch: int | None = None
     lr: float | None = None
     schedule: str | None = None
     weight_decay: float | None = None
@@ -267,6 +270,7 @@ class TrainSettings:
                 setattr(s, name, getattr(recipe, name))
         _check_positive("epochs", s.epochs)
         _check_positive("batch_size", s.batch_size)
+        _check_positive("steps_per_epoch", s.steps_per_epoch)
         _check_positive("lr", s.lr, float)
         _check_non_negative("weight_decay", s.weight_decay)
         _check_non_negative("momentum", s.momentum)
@@ -301,12 +305,16 @@ class TrainSettings:
 
     def fingerprint(self) -> dict:
         """What must be equal for a checkpoint of another process to be resumed."""
-        return {"model": self.model, "dataset": self.dataset, "epochs": self.epochs,
-                "batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
-                "weight_decay": self.weight_decay, "momentum": self.momentum,
-                "decay_lm_k": self.decay_lm_k, "seed": self.seed, "augment": self.augment,
-                "model_options": self.model_options, "gradient": self.gradient,
-                "precision": self.precision}
+        fingerprint = {
+            "model": self.model, "dataset": self.dataset, "epochs": self.epochs,
+            "batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
+            "weight_decay": self.weight_decay, "momentum": self.momentum,
+            "decay_lm_k": self.decay_lm_k, "seed": self.seed, "augment": self.augment,
+            "model_options": self.model_options, "gradient": self.gradient,
+            "precision": self.precision}
+        if self.steps_per_epoch is not None:  # absent when unset: older checkpoints still match
+            fingerprint["steps_per_epoch"] = self.steps_per_epoch
+        return fingerprint
 
     def to_dict(self) -> dict:
         """JSON-able: the strategy as its name."""
@@ -419,7 +427,8 @@ class TrainingPipeline:
             s.dataset, batch_size=s.batch_size, augment=s.augment, data_dir=s.data_dir,
             manual_dir=s.manual_dir, seed=s.seed,
         )
-        self.steps_per_epoch = math.ceil(self.info.train_size / s.batch_size)
+        self.batches_per_pass = math.ceil(self.info.train_size / s.batch_size)
+        self.steps_per_epoch = s.steps_per_epoch or self.batches_per_pass
 
     def build_model(self, info: DatasetInfo) -> keras.Model:
         """The uncompiled model (the extension point; see the class docstring)."""
@@ -477,12 +486,13 @@ class TrainingPipeline:
         if s.diagnostics:
             from kode.diagnostics import Diagnostics
 
-            callbacks.append(Diagnostics(self.logdir, self.test_ds, self.info.train_size))
+            examples = round(self.info.train_size * self.steps_per_epoch / self.batches_per_pass)
+            callbacks.append(Diagnostics(self.logdir, self.test_ds, examples))
         callbacks.append(CheckpointCallback(self.epoch_checkpoint))  # last: logs complete
         return callbacks
 
     def fit(self, callbacks: list[keras.callbacks.Callback]) -> None:
-        from kode.distribute import evaluate_distributed, fit_distributed, skip_epochs
+        from kode.distribute import evaluate_distributed, fit_distributed
 
         s, model = self.settings, self.model
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -490,17 +500,12 @@ class TrainingPipeline:
                 model, self.train_ds, epochs=s.epochs, strategy=self.strategy,
                 validation_data=self.test_ds, initial_epoch=self.initial_epoch,
                 callbacks=callbacks, verbose=0 if s.verbose == 0 else 2,
+                steps_per_epoch=self.steps_per_epoch,
             )
             evaluation = evaluate_distributed(model, self.test_ds, self.strategy)
         else:
-            # The shuffle of epoch k is drawn when an iterator of train_ds is created, and fit
-            # creates iterators of a finite dataset at times that depend on initial_epoch (an
-            # extra one after the first epoch). Over train_ds.repeat() with steps_per_epoch,
-            # fit keeps one iterator and repetition k is epoch k; a resumed run skips the
-            # repetitions already trained (see kode.distribute.skip_epochs).
-            skip_epochs(self.train_ds, self.initial_epoch)
             history = model.fit(
-                self.train_ds.repeat(), steps_per_epoch=self.steps_per_epoch,
+                self.train_stream(), steps_per_epoch=self.steps_per_epoch,
                 validation_data=self.test_ds, epochs=s.epochs, callbacks=callbacks,
                 verbose=s.verbose, initial_epoch=self.initial_epoch,
                 shuffle=False,  # the tf.data pipeline shuffles (seeded, per epoch)
@@ -511,6 +516,26 @@ class TrainingPipeline:
             raise KodeError(f"training diverged: test metrics are not finite "
                             f"({self.test_metrics}); no model was saved or exported")
         self.history = self.epoch_checkpoint.merged_history(history)
+
+    def train_stream(self) -> tf.data.Dataset:
+        """The batches ``fit`` trains on from epoch ``initial_epoch`` on: pass after pass over
+        ``train_ds`` (each pass shuffled anew), epoch k being batches [k·S, (k+1)·S) of that
+        stream for S = ``steps_per_epoch``.
+
+        The shuffle of a pass is drawn when an iterator of train_ds is created, and fit
+        creates iterators of a finite dataset at times that depend on initial_epoch (an extra
+        one after the first epoch). Over train_ds.repeat() with steps_per_epoch, fit keeps one
+        iterator and repetition p is pass p; a resumed run creates (and drops) an iterator for
+        each pass already trained through (see kode.distribute.skip_epochs), then skips the
+        batches of the current pass trained before the interruption.
+        """
+        from kode.distribute import skip_epochs
+
+        passes, offset = divmod(self.initial_epoch * self.steps_per_epoch,
+                                self.batches_per_pass)
+        skip_epochs(self.train_ds, passes)
+        stream = self.train_ds.repeat()
+        return stream.skip(offset) if offset else stream
 
     def config(self) -> dict:
         """``metrics.json``'s ``config``: the settings and what the run found out."""

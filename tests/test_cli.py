@@ -130,6 +130,8 @@ def test_models_lists_the_zoo():
     (["--option", "input_shape=[8,8,1]"], "option input_shape is set by the training pipeline"),
     (["--option", "width_multiplier=abc"], "option width_multiplier takes a finite number"),
     (["--dataset", "Digits", "--epochs", "0"], "epochs must be a positive integer"),
+    (["--steps-per-epoch", "0"], "steps_per_epoch must be a positive integer, got 0"),
+    (["--steps-per-epoch", "2.5"], "train: argument --steps-per-epoch: invalid int value"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/kode-data"], "not prepared"),
 ])
 def test_bad_training_input_is_one_line_in_process_and_leaves_no_run_folder(

@@ -3,11 +3,14 @@ divergence stop, atomic outputs."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
 
 import keras
+import numpy as np
 import pytest
 
 from kode.errors import KodeError
@@ -24,6 +27,8 @@ FAST = {"epochs": 1, "verbose": 0, "diagnostics": False}
     ({"momentum": math.inf}, "momentum must be a finite number >= 0"),
     ({"epochs": 1.5}, "epochs must be a positive integer"),
     ({"batch_size": True}, "batch_size must be a positive integer"),
+    ({"steps_per_epoch": 0}, "steps_per_epoch must be a positive integer"),
+    ({"steps_per_epoch": 2.5}, "steps_per_epoch must be a positive integer"),
     ({"model_options": {"step_size": math.inf}}, "step_size must be a finite positive"),
     ({"model_options": {"step_size": 0}}, "step_size must be a finite positive"),
     ({"model_options": {"step_size": "ode", "horizon": 0}}, "horizon must be a finite positive"),
@@ -106,3 +111,115 @@ def test_the_python_api_refuses_non_finite_step_sizes_and_horizons(options):
 
     with pytest.raises(KodeError, match="(step_size|horizon) must be a finite positive"):
         zoo.create_model("resnet20", depth=8, input_shape=(8, 8, 1), **options)
+
+
+def _small_dense(pipeline, info):
+    keras.utils.set_random_seed(pipeline.settings.seed)
+    return keras.Sequential([keras.Input(info.input_shape), keras.layers.Flatten(),
+                             keras.layers.Dense(info.num_classes, activation="softmax")],
+                            name="small_dense")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopBeforeEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise _Interrupted  # as a kill after the previous epoch's checkpoint
+
+
+def _pipeline(settings, stop_before=None):
+    pipeline = TrainingPipeline(settings, build_model=_small_dense)
+    pipeline.check_model = lambda: None  # not a zoo name
+    if stop_before is not None:
+        callbacks = pipeline.callbacks
+        pipeline.callbacks = lambda: [*callbacks(), _StopBeforeEpoch(stop_before)]
+    return pipeline
+
+
+def test_steps_per_epoch_sets_the_optimizer_steps_the_schedule_and_survives_a_resume(tmp_path):
+    """digits, batch 64: a pass is 23 batches. 15 steps per epoch: epoch 2 crosses into the
+    second pass, epoch 3 starts at its 8th batch. The learning-rate schedule spans 3·15 steps
+    (÷10 at step 22 and 33), and an interrupted run resumed at epoch 3 trains on the same
+    batches: it ends with the uninterrupted run's weights."""
+    def settings(logdir):
+        return TrainSettings("small_dense", epochs=3, batch_size=64, steps_per_epoch=15,
+                             lr=0.05, logdir=str(logdir), verbose=0, diagnostics=False)
+
+    whole = _pipeline(settings(tmp_path / "whole")).run()
+    assert int(whole.model.optimizer.iterations) == 45
+    np.testing.assert_allclose(whole.history["learning_rate"], [0.05, 0.005, 0.0005],
+                               rtol=1e-6)
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics["config"]["steps_per_epoch"] == 15
+    kode_json = json.loads((tmp_path / "whole" / "kode.json").read_text())
+    assert kode_json["training"]["steps_per_epoch"] == 15
+
+    with pytest.raises(_Interrupted):
+        _pipeline(settings(tmp_path / "cut"), stop_before=2).run()
+    progress = json.loads((tmp_path / "cut" / "checkpoints" / "progress.json").read_text())
+    assert progress["epoch"] == 2 and progress["fingerprint"]["steps_per_epoch"] == 15
+    resumed = _pipeline(settings(tmp_path / "cut")).run()
+    assert resumed.config["resumed_from_epoch"] == 2
+    assert int(resumed.model.optimizer.iterations) == 45
+    assert len(resumed.history["loss"]) == 3
+    np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], rtol=1e-6)
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    # Another steps_per_epoch is another run: its checkpoints are not mixed in.
+    other = dataclasses.replace(settings(tmp_path / "cut"), steps_per_epoch=16)
+    with pytest.raises(KodeError, match="different run.*steps_per_epoch"):
+        _pipeline(other).run()
+
+
+def test_the_stream_resumed_at_epoch_k_is_the_uninterrupted_stream_from_batch_k_times_n(
+        tmp_path):
+    """What the resume above relies on, batch by batch: the passes already trained through are
+    skipped (each reshuffled), then the batches of the current pass."""
+    def labels(initial_epoch, count):
+        pipeline = _pipeline(TrainSettings("small_dense", batch_size=64, steps_per_epoch=15,
+                                           logdir=str(tmp_path), verbose=0))
+        pipeline.prepare()
+        pipeline.load_data()
+        pipeline.initial_epoch = initial_epoch
+        return [y.numpy().tolist() for _, y in pipeline.train_stream().take(count)]
+
+    whole = labels(0, 60)
+    assert whole[:23] != whole[23:46]  # each pass is shuffled anew
+    for epoch in (1, 2, 3):
+        assert labels(epoch, 15) == whole[15 * epoch:15 * (epoch + 1)], epoch
+
+
+def test_the_custom_loop_takes_steps_per_epoch_from_the_stream_of_passes():
+    """fit_distributed (the multi-worker loop), default strategy: N optimizer steps per epoch,
+    epochs continue the stream, and a resumed loop starts where the stream left off."""
+    import tensorflow as tf
+
+    from kode.distribute import _stream, fit_distributed
+
+    def batches():  # a new dataset (its own shuffle seed generator), as in a new process
+        data = tf.data.Dataset.range(10).shuffle(10, seed=1, reshuffle_each_iteration=True)
+        return data.map(lambda i: (tf.fill([4], tf.cast(i, tf.float32)), i % 3)).batch(4)
+
+    def labels(start, count):
+        dataset = batches()
+        stream = _stream(strategy.experimental_distribute_dataset(dataset), dataset, start)
+        return [y.numpy().tolist() for _, y in itertools.islice(stream, count)]
+
+    strategy = tf.distribute.get_strategy()
+    whole = labels(0, 9)  # passes of 3 batches (4, 4, 2 examples)
+    assert whole[:3] != whole[3:6]
+    for start in (2, 3, 4, 7):
+        assert labels(start, 2) == whole[start:start + 2], start
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    history = fit_distributed(model, batches(), epochs=3, strategy=strategy, initial_epoch=1,
+                              steps_per_epoch=4)
+    assert int(model.optimizer.iterations) == 8 and len(history["loss"]) == 2
