@@ -128,3 +128,69 @@ def test_freeze_counts_stages_from_the_stem():
     assert frozen[-1] == "stage2" and "stage3" not in frozen
     with pytest.raises(KodeError, match="only 3 stages"):
         freeze_layers(model, 4)
+
+
+def test_kode_finetune_a_keras_applications_resnet_v2_end_to_end_with_the_adjoint(
+        tmp_path, capsys):
+    """`kode finetune ResNet50V2 --weights FILE` at 32×32 on digits, two adjoint steps: the
+    guard's error is printed with what it decided (random weights at h = 1: far above the
+    tolerance, so those stages fall back to checkpoint), kode.json carries the source's
+    [−1, 1] scaling, and the verified SavedModel answers raw 0–255 pixels as the Keras model
+    answers the scaled ones."""
+    import tensorflow as tf
+
+    from kode.export import load_metadata
+    from kode.testing import image_serving_contract, serving_contract
+
+    keras.utils.set_random_seed(0)
+    original = keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",
+                                             input_shape=(32, 32, 3))
+    weights = os.path.join(tmp_path, "resnet50v2_notop.weights.h5")
+    original.save_weights(weights)
+    logdir, export = os.path.join(tmp_path, "run"), os.path.join(tmp_path, "export")
+    code = main(["finetune", "ResNet50V2", "--weights", weights, "--input-size", "32",
+                 "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8",
+                 "--gradient", "adjoint", "--on-inaccurate", "fallback", "--freeze", "stem",
+                 "--no-diagnostics", "--logdir", logdir, "--export", export])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+
+    # The guard's numbers, per stage, as recorded, and its decision.
+    metrics = json.loads(open(os.path.join(logdir, "metrics.json")).read())
+    (report,) = metrics["config"]["gradient_guard"]
+    assert "gradient guard (epoch 0):" in out
+    for stage in report["stages"]:
+        assert f"{stage['gradient_error']:12.3e}" in out and stage["name"] in out
+    assert report["max_error"] > 0.05 and report["action"] == "fallback"
+    switched = sorted(s["name"] for s in report["stages"] if s["gradient_error"] > 0.05)
+    assert (f"relative error {report['max_error']:.3g} > tolerance 0.05; switched "
+            f"{', '.join(switched)} to 'checkpoint'") in out
+    assert metrics["config"]["steps_per_epoch"] == 2 and len(metrics["history"]["loss"]) == 1
+
+    trained = keras.saving.load_model(os.path.join(logdir, "model.keras"))
+    assert int(trained.optimizer.iterations) == 2  # --steps-per-epoch 2
+    modes = {s.name: s.gradient for s in trained.layers if isinstance(s, IntegratorStage)}
+    assert {modes[name] for name in switched} == {"checkpoint"}
+    assert not trained.get_layer("conv1_conv").trainable  # --freeze stem
+
+    meta = json.loads(open(os.path.join(logdir, "kode.json")).read())
+    assert meta["preprocessing"] == {"kind": "scale", "scale": 1 / 127.5, "offset": -1.0}
+    assert meta["input_shape"] == [32, 32, 3] and meta["finetune"]["kind"] == \
+        "keras_applications"
+
+    # The export: verified when written (all three signatures within 1e-5 of Keras), printed.
+    path = os.path.join(export, "finetune_resnet50v2", "1")
+    line = next(ln for ln in out.splitlines() if ln.startswith("exported SavedModel"))
+    assert line.startswith(f"exported SavedModel to {path} (version 1)")
+    assert float(line.rsplit("= ", 1)[1]) <= 1e-5
+    assert serving_contract(path) == image_serving_contract((32, 32, 3))
+    assert load_metadata(path)["preprocessing"] == meta["preprocessing"]
+    # …and checked here again: raw pixels in, the source's preprocessing in the graph.
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype(np.float32)
+    expected = trained(pixels / 127.5 - 1.0, training=False).numpy()
+    signatures = tf.saved_model.load(path).signatures
+    for name, images in (("serving_default", pixels), ("serving_uint8", pixels.astype(np.uint8)),
+                         ("serving_preprocessed", pixels / 127.5 - 1.0)):
+        served = signatures[name](images=tf.constant(images))
+        np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(served["class_ids"], expected.argmax(-1))
