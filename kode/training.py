@@ -641,8 +641,11 @@ def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
     many logical devices for "mirrored"; "multiworker" reads ``TF_CONFIG`` and waits at most
     ``connect_timeout`` seconds for its peers; "tpu" uses ``tpu`` or ``$TPU_NAME``).
     "multiworker" trains with a custom ``strategy.run`` loop, the others with ``fit``.
-    ``batch_size`` is the global batch. ``sync_batchnorm`` computes BatchNorm statistics over
-    the global batch (all replicas), which a multi-replica run needs to match one device.
+    ``batch_size`` is the global batch. ``steps_per_epoch`` (as Keras' ``fit``; default one pass
+    over the training set): epoch k trains on batches k·N … k·N + N − 1 of the endless sequence
+    of reshuffled passes, and the learning-rate schedule spans epochs·N steps.
+    ``sync_batchnorm`` computes BatchNorm statistics over the global batch (all replicas),
+    which a multi-replica run needs to match one device.
     ``precision`` sets the Keras dtype policy for this run ("mixed_float16" adds dynamic loss
     scaling). ``resume``: continue from ``<logdir>/checkpoints`` if a previous run with the same
     settings was interrupted (checkpoints are written atomically after every epoch).

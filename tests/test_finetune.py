@@ -99,6 +99,7 @@ def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_
     (["ResNet50V2", "--weights", "missing.h5"], "weights file 'missing.h5' does not exist"),
     (["resnet20"], "zoo source 'resnet20' needs --weights FILE"),
     (["ResNet50V2", "--freeze", "early"], "freeze must be 'stem' or a number"),
+    (["ResNet50V2", "--steps-per-epoch", "0"], "steps_per_epoch must be a positive integer"),
 ])
 def test_bad_inputs_are_one_line_errors(argv, message, capsys, tmp_path):
     code = main(["finetune", *argv, "--epochs", "1", "--logdir", str(tmp_path / "run")])
