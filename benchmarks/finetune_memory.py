@@ -199,6 +199,9 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the raw per-process results here")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="write the doc from raw results of earlier runs, run nothing")
+    parser.add_argument("--resume", metavar="JSON",
+                        help="keep the results of an interrupted run (its --json) and run only "
+                             "the configurations it lacks, appending to it")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--mem-cap-gb", type=float, default=18.0)
     parser.add_argument("--findings", help="a Markdown file of findings appended to the doc")
@@ -209,7 +212,12 @@ def main(argv=None) -> None:
     command = "python -m benchmarks.finetune_memory " + shlex.join(sys.argv[1:] if argv is None
                                                                    else argv)
     started = time.monotonic()
-    todo = [] if args.merge else configs(args)
+    if args.resume:
+        results = [r for r in json.loads(Path(args.resume).read_text()) if "error" not in r]
+        args.json = args.json or args.resume
+    done = {(r["refine"], r["mode"]) for r in results}
+    todo = [] if args.merge else [c for c in configs(args)
+                                  if (c["refine"], c["mode"]) not in done]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for i, cfg in enumerate(todo):
