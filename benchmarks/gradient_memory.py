@@ -202,6 +202,10 @@ def run_worker(cfg: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    if cfg.get("inter_op_threads"):
+        # 1: one op at a time, so the peak holds one op's scratch buffer, not as many as
+        # ops that happen to overlap (a schedule-dependent constant, see the module doc).
+        tf.config.threading.set_inter_op_parallelism_threads(cfg["inter_op_threads"])
     if cfg.get("record_forward"):
         # Negative control for the tests: let an outer tape record the adjoint's forward
         # (what happens without stop_recording), so its activations stay alive.
