@@ -953,6 +953,17 @@ METHOD = [
     "increment to within a few MB plus the pool's rounding. The backprop rows, which grow ∝ N, "
     "show the method sees the stored activations.",
     "",
+    "The peak includes the scratch buffers of the ops running at that moment. TensorFlow's "
+    "convolution filter gradient takes 27 MiB of scratch at batch 16 on a 32×32×16 state, and "
+    "when two of them overlap on the two inter-op threads (a slowed one, under load, still "
+    "running when the next starts) the peak is one such buffer higher at any N: in graph "
+    "mode the Euler adjoint at batch 16 peaked at 64–68 MiB (allocator) at N = 16, 32 and 64 "
+    "with an overlap, 34–40 MiB without. A deeper stage offers more chances of an overlap, "
+    "which looked like growth from N = 4 to 16 in a test run (2026-11-30). "
+    "`tests/test_gradient_memory.py` therefore runs its workers one op at a time "
+    "(`\"inter_op_threads\": 1` in the worker's configuration; peaks then repeat to ~0.2 MB); "
+    "the tables here use TensorFlow's default scheduling.",
+    "",
     "**Time**: median wall time of the timed full-batch steps (each returns the loss as a "
     "Python float, so the step has finished).",
 ]
