@@ -21,6 +21,10 @@ def test_one_memory_process_per_mode_and_refinement_and_one_pair_per_refinement(
     assert [(c["refine"], c["modes"]) for c in pairs] == [
         (1, ["backprop", "adjoint"]), (2, ["backprop", "adjoint"])]
     assert all(c["input_size"] == 224 and c["batch"] == 16 for c in cfgs)
+    # an interrupted run resumes with what it lacks (failed configurations included)
+    results = [{**memory[0]}, {**memory[1], "error": "exit -9"}]
+    left = finetune_memory.pending(cfgs, results)
+    assert left == cfgs[1:]
 
 
 def test_memory_verdict_needs_both_measures_on_the_same_side():
