@@ -19,6 +19,8 @@ float16/bfloat16/mixed policies (outputs and gradients in the compute dtype) and
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -41,15 +43,21 @@ REDUCED_IMAGENET_INPUT = (32, 32, 3)
 
 
 def reduced_overrides(name: str) -> dict:
-    """Builder overrides giving a small model of the same kind as ``name``."""
+    """Builder overrides giving a small model of the same kind as ``name``.
+
+    CIFAR: depth 20 stays (three blocks per stage), deeper basic layouts become
+    depth 8, bottleneck ones depth 11. ImageNet: the depth-18 stage layout (2, 2, 2, 2) with the
+    name's block kind (a transition and one integrator step per stage; bottlenecks for
+    50/101/152), 1/16 width, 32×32 input.
+    """
     defaults = zoo.get_entry(name).defaults
     depth, layout = defaults["depth"], defaults["layout"]
     if layout == "cifar":
         small = 11 if defaults.get("bottleneck") else (depth if depth <= 20 else 8)
         return {"depth": small, "input_shape": REDUCED_CIFAR_INPUT}
-    small = 50 if depth >= 50 else 18
-    return {"depth": small, "input_shape": REDUCED_IMAGENET_INPUT, "classes": 10,
-            "width_multiplier": 1 / 16}
+    bottleneck = defaults.get("bottleneck")
+    return {"depth": 18, "bottleneck": depth >= 50 if bottleneck is None else bottleneck,
+            "input_shape": REDUCED_IMAGENET_INPUT, "classes": 10, "width_multiplier": 1 / 16}
 
 
 def _batch(model: keras.Model, size: int = 4, seed: int = 0):
@@ -80,7 +88,8 @@ def check_keras_round_trip(model: keras.Model, directory: str) -> None:
     restored = keras.saving.load_model(path)
     assert type(restored) is type(model)
     assert len(restored.weights) == len(model.weights)
-    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0),
+    # Eager calls: graph-mode inference is checked by the SavedModel round trip (CI time).
+    np.testing.assert_allclose(restored(x, training=False), model(x, training=False),
                                atol=1e-6, err_msg=f"{model.name}: .keras round trip differs")
 
 
@@ -140,7 +149,7 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     overrides = {**reduced_overrides(name), **extra_overrides}
     model = zoo.create_model(name, **overrides)
     x, _ = _batch(model)
-    probs = model.predict(x, verbose=0)
+    probs = np.asarray(model(x, training=False))
     classes = overrides.get("classes", zoo.get_entry(name).defaults.get("classes", 10))
     assert probs.shape == (len(x), classes)
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
@@ -155,13 +164,26 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     return model
 
 
-def family_model_tests(family: str, min_models: int = 12, distinct_only: bool = False,
+def architecture(model: keras.Model) -> str:
+    """``model.get_config()`` as JSON without the names Keras makes up or the caller chooses
+    (the model's, its input layers'): equal for two builds of the same architecture."""
+    text = json.dumps({**model.get_config(), "name": None}, sort_keys=True, default=repr)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            text = text.replace(json.dumps(layer.name), json.dumps("<input>"))
+    return text
+
+
+def family_model_tests(family: str, min_models: int = 12,
                        overrides: Callable[[str], dict] | None = None):
-    """The shared pytest tests of one family: ``test_registered, test_models = …``.
+    """The shared pytest tests of one family:
+    ``test_family_is_registered, test_standard_model_checks, test_same_reduced_model = …``.
 
     ``overrides(name)`` adds builder overrides to :func:`reduced_overrides` (a family with its
-    own depth form); ``distinct_only`` checks one name per distinct reduced model (the CIFAR
-    depths 32…1202 all shrink to the same model) to keep CI time down.
+    own depth form). Reduced, many names are one model (the CIFAR depths 32…1202 all become
+    depth 8, ImageNet 50/101/152 one bottleneck layout): the standard checks run once per
+    distinct reduced model, on its first name; every other name is built reduced and must be
+    that same architecture (``test_same_reduced_model``), so the checks hold for it too.
     """
     import pytest
 
@@ -170,14 +192,22 @@ def family_model_tests(family: str, min_models: int = 12, distinct_only: bool = 
     def reduced(name: str) -> dict:
         return {**reduced_overrides(name), **(overrides(name) if overrides else {})}
 
-    checked = names
-    if distinct_only:
-        seen: dict = {}
-        for name in names:
-            key = repr(sorted({**zoo.get_entry(name).defaults, **reduced(name)}.items()
-                              - {("name", name)}))
-            seen.setdefault(key, name)
-        checked = list(seen.values())
+    def same_model_key(name: str) -> str:  # what create_model(name, **reduced(name)) depends on
+        entry = zoo.get_entry(name)
+        config = {**entry.defaults, **reduced(name)}
+        config.pop("name", None)
+        return repr((entry.builder, sorted(config.items())))
+
+    first: dict = {}
+    for name in names:
+        first.setdefault(same_model_key(name), name)
+    checked = list(first.values())
+    representative = {name: first[same_model_key(name)] for name in names}
+    others = [name for name in names if representative[name] != name]
+
+    @functools.cache
+    def checked_architecture(name: str) -> str:
+        return architecture(zoo.create_model(name, **reduced(name)))
 
     def test_family_is_registered():
         assert len(names) >= min_models, names
@@ -186,7 +216,15 @@ def family_model_tests(family: str, min_models: int = 12, distinct_only: bool = 
     def test_standard_model_checks(name):
         run_standard_model_checks(name, **(overrides(name) if overrides else {}))
 
-    return test_family_is_registered, test_standard_model_checks
+    @pytest.mark.parametrize("name", others)
+    def test_same_reduced_model(name):  # (None below when every reduced model is distinct)
+        model = zoo.create_model(name, **reduced(name))
+        assert model.name == name
+        assert architecture(model) == checked_architecture(representative[name]), (
+            f"{name} reduced is not the model {representative[name]} was checked as")
+
+    return (test_family_is_registered, test_standard_model_checks,
+            test_same_reduced_model if others else None)
 
 
 def serving_contract(path: str) -> dict:

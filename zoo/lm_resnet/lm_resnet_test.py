@@ -3,7 +3,8 @@ import pytest
 import zoo
 from kode.testing import family_model_tests
 
-test_family_is_registered, test_standard_model_checks = family_model_tests("lm_resnet")
+test_family_is_registered, test_standard_model_checks, test_same_reduced_model = (
+    family_model_tests("lm_resnet"))
 
 
 def test_stochastic_depth_variants_use_paper_final_probability():

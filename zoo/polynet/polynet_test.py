@@ -1,8 +1,9 @@
 from kode.testing import family_model_tests
 
-# CI time: every name is checked as the same small model (depth 8: one polynet step in stage 1,
+# CI time: every name is the same small model (depth 8: one polynet step in stage 1,
 # transitions after it; quarter width). The depths differ only in their number of units, and
 # the bottleneck layouts are the shared builder's, checked by the other families.
-test_family_is_registered, test_standard_model_checks = family_model_tests(
-    "polynet", min_models=7, distinct_only=True,
-    overrides=lambda name: {"depth": 8, "bottleneck": False, "width_multiplier": 0.25})
+test_family_is_registered, test_standard_model_checks, test_same_reduced_model = (
+    family_model_tests(
+        "polynet", min_models=7,
+        overrides=lambda name: {"depth": 8, "bottleneck": False, "width_multiplier": 0.25}))
