@@ -656,14 +656,16 @@ def fit_distributed(
         per_example, correct = _per_replica_sums(model, loss_fn, x, y, False)
         return tf.reduce_sum(per_example), correct, tf.cast(tf.shape(y)[0], tf.float32)
 
-    def make_step(fn):
-        @tf.function(reduce_retracing=True)
+    def make_step(fn, distributed):
+        # Traced once for all batches: the distributed dataset's spec leaves the batch size
+        # unknown, so the ragged last batch does not trace the step a second time.
+        @tf.function(input_signature=distributed.element_spec)
         def step(x, y):
             results = strategy.run(fn, args=(x, y))
             return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
         return step
 
-    test_step = make_step(replica_test)
+    test_step = make_step(replica_test, dist_val) if dist_val is not None else None
     steps = int(train_ds.cardinality())
     if steps_per_epoch is not None and steps < 0:
         raise KodeError("steps_per_epoch needs a training dataset of known length "
@@ -684,7 +686,7 @@ def fit_distributed(
         # The gradient guard may switch stages to 'checkpoint' (fallback): retrace then.
         modes = tuple(getattr(la, "gradient", None) for la in model._flatten_layers())
         if modes != traced_modes:
-            train_step, traced_modes = make_step(replica_train), modes
+            train_step, traced_modes = make_step(replica_train, dist_train), modes
         callback_list.on_epoch_begin(epoch)
         totals = np.zeros(3)
         batches = (_batches(dist_train, train_ds) if steps_per_epoch is None
@@ -713,7 +715,9 @@ def evaluate_distributed(model: keras.Model, dataset: tf.data.Dataset,
     the same multi-worker problem as ``fit``)."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
 
-    @tf.function(reduce_retracing=True)
+    distributed = strategy.experimental_distribute_dataset(dataset)
+
+    @tf.function(input_signature=distributed.element_spec)  # one trace, as in fit_distributed
     def step(x, y):
         def replica(x, y):
             per_example, correct = _per_replica_sums(model, loss_fn, x, y, False)
@@ -723,6 +727,6 @@ def evaluate_distributed(model: keras.Model, dataset: tf.data.Dataset,
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, r, axis=None) for r in results]
 
     totals = np.zeros(3)
-    for x, y in _batches(strategy.experimental_distribute_dataset(dataset), dataset):
+    for x, y in _batches(distributed, dataset):
         totals += np.array([float(v) for v in step(x, y)])
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
