@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.gradient_memory import _rotated, machine_description, measure
+from benchmarks.gradient_memory import _ratio, _rotated, machine_description, measure
 from benchmarks.paired import verdict
 from kode.files import atomic_open, write_json
 
@@ -53,12 +53,6 @@ def _cell(row: dict | None, field: str, fmt: str = "{:.0f}") -> str:
     if "error" in row:
         return f"killed ({row['error']})"
     return fmt.format(row[field])
-
-
-def _ratio(a: dict | None, b: dict | None, field: str) -> float | None:
-    if not a or not b or "error" in a or "error" in b or not b[field]:
-        return None
-    return a[field] / b[field]
 
 
 def memory_verdict(rss: float | None, alloc: float | None, limit: float) -> str:

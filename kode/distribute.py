@@ -667,10 +667,10 @@ def fit_distributed(
 
     test_step = make_step(replica_test, dist_val) if dist_val is not None else None
     steps = int(train_ds.cardinality())
-    if steps_per_epoch is not None and steps < 0:
-        raise KodeError("steps_per_epoch needs a training dataset of known length "
-                        "(cardinality); this one has none")
     if steps_per_epoch is not None:
+        if steps < 0:
+            raise KodeError("steps_per_epoch needs a training dataset of known length "
+                            "(cardinality); this one has none")
         steps = int(steps_per_epoch)
         stream = _stream(dist_train, train_ds, initial_epoch * steps)
     callback_list = keras.callbacks.CallbackList(
