@@ -258,7 +258,7 @@ def run_worker(cfg: dict) -> dict:
         **cfg,
         "num_steps": num_steps,
         "params": int(model.count_params()),
-        "trainable_params": int(sum(v.numpy().size for v in model.trainable_variables)),
+        "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "rss_built_mb": rss_built / 1024,
         "baseline_mb": baseline / 1024,
         "peak_mb": peak / 1024,
