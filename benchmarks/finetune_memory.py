@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.gradient_memory import _ratio, _rotated, machine_description, measure
 from benchmarks.paired import verdict
-from kode.files import atomic_open, write_json
+from kode.io import atomic_open, write_json
 
 MODES = ("backprop", "checkpoint", "adjoint")
 #: adjoint memory increment ≤ limit × backprop's; adjoint step time ≤ limit × backprop's.

@@ -62,9 +62,9 @@ def _release_free_heap() -> None:
 def _build_model(cfg: dict):
     import keras
 
-    from kode.blocks import BasicBlock
     from kode.integrators import get_integrator
-    from kode.stage import IntegratorStage
+    from kode.layers.blocks import BasicBlock
+    from kode.layers.stage import IntegratorStage
 
     mode = cfg["mode"]
     gradient = "backprop" if mode == "remat" else mode
@@ -86,7 +86,7 @@ def _build_model(cfg: dict):
     model = zoo.create_model(cfg["model"], gradient=gradient, input_shape=shape,
                              classes=cfg.get("classes", 10))
     if cfg.get("refine", 1) != 1:  # Sander et al.'s untying: m steps of h/m per step
-        from kode.refine import refine
+        from kode.tools.refine import refine
 
         model = refine(model, cfg["refine"])
     stages = [layer for layer in model._flatten_layers() if hasattr(layer, "dynamics")]

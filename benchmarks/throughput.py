@@ -150,7 +150,7 @@ def function_evaluations(model) -> int:
     """Residual-function evaluations per forward: Σ over stages of steps × evaluations per
     step (Heun: 2, the others: 1), plus one per transition block."""
     from kode.integrators import Heun
-    from kode.stage import IntegratorStage, TransitionBlock
+    from kode.layers.stage import IntegratorStage, TransitionBlock
 
     total = 0
     for layer in model._flatten_layers():
@@ -190,7 +190,7 @@ def run_train_worker(cfg: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
-    from kode.training import make_optimizer
+    from kode.training.pipeline import make_optimizer
 
     keras.utils.set_random_seed(0)
     shape, classes, batch = tuple(cfg.get("shape", IMAGE)), cfg.get("classes", CLASSES), \
@@ -272,7 +272,7 @@ def run_pipeline_worker(cfg: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import contextlib
 
-    from kode.data import load_dataset
+    from kode.data.datasets import load_dataset
 
     context = contextlib.nullcontext()
     if cfg["dataset"] != "digits":
@@ -325,7 +325,7 @@ def run_profile_worker(cfg: dict) -> dict:
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    from kode.training import make_optimizer
+    from kode.training.pipeline import make_optimizer
 
     keras.utils.set_random_seed(0)
     batch, steps = cfg.get("batch", BATCH), cfg.get("steps", 3)
@@ -392,7 +392,7 @@ def run_paired_worker(cfg: dict) -> dict:
     import tensorflow as tf
 
     from benchmarks.paired import alternate
-    from kode.training import make_optimizer
+    from kode.training.pipeline import make_optimizer
 
     batch, shape = cfg.get("batch", BATCH), tuple(cfg.get("shape", IMAGE))
     rng = np.random.default_rng(0)

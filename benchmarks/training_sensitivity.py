@@ -29,7 +29,8 @@ class _StepLosses(keras.callbacks.Callback):
 
 def run(eps: float, logdir: str) -> tuple[list[float], list[np.ndarray]]:
     import zoo
-    from kode.training import TrainingPipeline, TrainSettings
+    from kode.training.pipeline import TrainingPipeline
+    from kode.training.settings import TrainSettings
 
     steps = _StepLosses()
 

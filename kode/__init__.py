@@ -8,7 +8,6 @@ from kode._tensorflow import import_tensorflow_quietly
 
 import_tensorflow_quietly()
 
-from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth  # noqa: E402
 from kode.errors import KodeError  # noqa: E402
 from kode.gradients import GRADIENT_MODES, set_gradient_mode  # noqa: E402
 from kode.integrators import (  # noqa: E402
@@ -25,8 +24,16 @@ from kode.integrators import (  # noqa: E402
     RevNet,
     get_integrator,
 )
-from kode.port import LayerChain, port_model  # noqa: E402
-from kode.stage import IntegratorStage, TransitionBlock  # noqa: E402
+from kode.layers import (  # noqa: E402
+    BasicBlock,
+    Bottleneck,
+    IntegratorStage,
+    LayerChain,
+    Projection,
+    StochasticDepth,
+    TransitionBlock,
+)
+from kode.tools.port import port_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,13 +47,14 @@ __all__ = [
     "FractalNet", "PolyNet", "RevNet",
 ]
 
-_LAZY = {"train": "kode.training", "export_model": "kode.export",
-         "predict_files": "kode.export", "load_dataset": "kode.data",
-         "check_gradients": "kode.guard", "finetune": "kode.finetune"}
+# The application (training, data, serving) sits above the zoo, which imports kode's layers:
+# loaded on first use, so that ``import kode`` stays the core and tools.
+_LAZY = {"train": "kode.training.pipeline", "export_model": "kode.serving.export",
+         "predict_files": "kode.serving.predict", "load_dataset": "kode.data.datasets",
+         "check_gradients": "kode.tools.guard", "finetune": "kode.training.finetune"}
 
 
 def __getattr__(name: str):
-    # Training, data and export pull in tfds and the zoo: load them on first use.
     if name in _LAZY:
         import importlib
 

@@ -12,7 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from kode.errors import KodeError
+from kode.errors import KodeError, one_line
 
 EXIT_USAGE = 2
 
@@ -55,7 +55,7 @@ def _cmd_models(args) -> int:
 
 def train_settings(args):
     """The :class:`~kode.training.TrainSettings` that ``kode train``'s options describe."""
-    from kode.training import TrainSettings
+    from kode.training.settings import TrainSettings
 
     return TrainSettings(
         args.model, args.dataset, epochs=args.epochs, batch_size=args.batch_size,
@@ -74,7 +74,7 @@ def train_settings(args):
 
 
 def _cmd_train(args) -> int:
-    from kode.training import TrainingPipeline
+    from kode.training.pipeline import TrainingPipeline
 
     settings = train_settings(args).resolve()  # bad values fail before any file is written
     result = TrainingPipeline(settings).run()
@@ -84,7 +84,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from kode.finetune import FinetunePipeline, run_name, settings_from
+    from kode.training.finetune import FinetunePipeline, run_name, settings_from
 
     args.model = args.name or run_name(args.source)
     args.option, args.step_size = None, None  # the source fixes the architecture
@@ -111,7 +111,7 @@ def _print_outcome(test_metrics: dict, logdir: str, tensorboard_dir: str, export
 
 
 def _cmd_tune(args) -> int:
-    from kode.tuning import tune
+    from kode.training.tuning import tune
 
     depths = None
     if args.depths:
@@ -145,8 +145,8 @@ def _model_options(args) -> dict:
 
 def _cmd_check_gradients(args) -> int:
     import zoo
-    from kode.data import load_dataset
-    from kode.guard import check_gradients, check_tolerance
+    from kode.data.datasets import load_dataset
+    from kode.tools.guard import check_gradients, check_tolerance
 
     tolerance = check_tolerance(args.tolerance)
     zoo.get_entry(args.model)
@@ -175,7 +175,7 @@ def _print_export(export) -> None:
 def _cmd_export(args) -> int:
     import keras
 
-    from kode.export import export_model
+    from kode.serving.export import export_model
 
     if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
         raise KodeError(f"'{args.model}' is not a .keras model file")
@@ -199,7 +199,7 @@ def _cmd_export(args) -> int:
         model = keras.saving.load_model(args.model, compile=False)
     except Exception as err:  # a corrupt archive raises zip, h5 or JSON errors alike
         raise KodeError(f"'{args.model}' could not be loaded as a Keras model: "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                        f"{one_line(err)}") from None
     name = args.name or (metadata or {}).get("model") or model.name
     export = export_model(model, args.export_dir, name=name, version=args.version,
                           metadata=metadata)
@@ -208,7 +208,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from kode.export import predict_files
+    from kode.serving.predict import predict_files
 
     for p in predict_files(args.savedmodel, args.files):
         print(f"{p.file}\t{p.class_name}\t{p.probability:.4f}")
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         command = args.command
         if command != "models":
-            from kode.distribute import discover_devices_quietly
+            from kode.distribute.strategy import discover_devices_quietly
 
             # TensorFlow's C++ start-up lines (no GPU: "E0000 ... failed call to cuInit")
             # must not stand before kode's one-line messages.

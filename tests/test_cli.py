@@ -51,7 +51,7 @@ def test_export_never_overwrites_and_predict_classifies(trained, tmp_path):
                   "--version", "1")
     assert refused.returncode == 2
     assert "already exists" in refused.stderr and "Traceback" not in refused.stderr
-    from kode.testing import image_serving_contract, serving_contract
+    from kode.testing.models import image_serving_contract, serving_contract
 
     contract = image_serving_contract((8, 8, 1))  # the same for kode.train (test_serving.py)
     for version in ("1", "2"):  # kode train --export, kode export
@@ -169,7 +169,7 @@ def test_usage_version_and_help_texts(capsys):
 
 
 def test_ctrl_c_says_the_same_command_resumes(capsys, monkeypatch):
-    from kode import training
+    from kode.training import pipeline as training
 
     def interrupted(self):
         raise KeyboardInterrupt
@@ -246,7 +246,7 @@ def test_a_full_disk_while_saving_the_model_is_one_line_and_leaves_no_partial_fi
 def test_tensorflow_no_gpu_lines_do_not_precede_kode_messages(capfd, monkeypatch):
     import tensorflow as tf
 
-    from kode.distribute import discover_devices_quietly
+    from kode.distribute.strategy import discover_devices_quietly
 
     def noisy_discovery(*args):
         os.write(2, b"E0000 00:00:1 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL\n"

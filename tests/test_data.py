@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from kode.data import (  # noqa: E402
+from kode.data.datasets import (
     DatasetInfo,
     dataset_info,
     dataset_names,

@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from kode import IntegratorStage
-from kode.diagnostics import residual_sizes
-from kode.training import train
+from kode.tools.diagnostics import residual_sizes
+from kode.training.pipeline import train
 
 
 def _events(logdir: str) -> dict[str, list]:

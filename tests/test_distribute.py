@@ -320,7 +320,7 @@ def test_unwritable_logdir_is_a_one_line_error(capsys, tmp_path):
 def test_mixed_precision_trains_and_restores_the_global_policy(tmp_path, precision):
     import keras
 
-    from kode.training import train
+    from kode.training.pipeline import train
 
     result = train("resnet20", "digits", epochs=1, model_options={"depth": 8},
                    precision=precision, logdir=str(tmp_path), verbose=0)

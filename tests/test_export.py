@@ -12,9 +12,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kode import export as kx
 from kode.errors import KodeError
-from kode.export import ExportResult, export_model, load_metadata, predict_files, verify_export
+from kode.serving import export as kx
+from kode.serving import publish
+from kode.serving.export import ExportResult, export_model, verify_export
+from kode.serving.predict import predict_files
+from kode.serving.publish import load_metadata
 
 GRAY_CLASSES = [f"class_{i}" for i in range(10)]
 
@@ -192,11 +195,11 @@ def test_export_dir_permission_errors_simulated(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     with monkeypatch.context() as mp:
-        mp.setattr(kx.os, "makedirs", denied)
+        mp.setattr(publish.os, "makedirs", denied)
         with pytest.raises(KodeError, match="cannot create export directory"):
             export_model(m, str(tmp_path / "new"))
     with monkeypatch.context() as mp:
-        mp.setattr(kx.tempfile, "mkdtemp", denied)
+        mp.setattr(publish.tempfile, "mkdtemp", denied)
         mp.setattr(tf.saved_model, "save", denied)  # must not be reached
         with pytest.raises(KodeError, match="not writable"):
             export_model(m, str(tmp_path / "new"))
@@ -425,8 +428,8 @@ def test_source_network_preprocessing_kinds(tmp_path, preprocessing, by_hand):
 
 
 def test_mean_std_preprocessing_is_the_training_normalization():
-    from kode.data import _normalizer, dataset_info
-    from kode.preprocessing import apply_preprocessing, check_preprocessing, mean_std
+    from kode.data.datasets import _normalizer, dataset_info
+    from kode.serving.preprocessing import apply_preprocessing, check_preprocessing, mean_std
 
     info = dataset_info("digits")
     sixteenths = np.arange(17, dtype=np.uint8).reshape(1, 17, 1, 1)  # digits' pixel values
@@ -506,7 +509,8 @@ def test_killed_export_leaves_a_folder_the_next_export_removes(tmp_path):
 
     child = subprocess.Popen([sys.executable, "-c", f"""
 import time, keras
-from kode import export as kx
+from kode.serving import export as kx
+from kode.serving import publish
 def hang(model, path, *args):
     import os; os.makedirs(path); open(os.path.join(path, "saved_model.pb"), "wb").close()
     time.sleep(600)

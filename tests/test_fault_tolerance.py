@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import zoo
-from kode.distribute import EpochCheckpoint
 from kode.errors import KodeError
+from kode.training.resume import EpochCheckpoint
 
 KODE = [sys.executable, "-m", "kode.cli"]
 EPOCHS = 3
@@ -157,7 +157,7 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_previous_one_and_says_so
 
 def test_checkpoint_files_are_durable_before_the_commit_and_the_previous_one_is_kept(
         tmp_path, monkeypatch):
-    import kode.distribute as distribute
+    import kode.training.resume as distribute
 
     _saved_run(tmp_path, epochs=2)
     events = []
@@ -219,7 +219,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_leaves_nothing_par
 
     import tensorflow as tf
 
-    import kode.distribute as distribute
+    import kode.training.resume as distribute
 
     _saved_run(tmp_path, epochs=1)
     model = _model()

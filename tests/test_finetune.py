@@ -12,8 +12,8 @@ from keras.src.legacy.saving import legacy_h5_format
 import zoo
 from kode.cli import main
 from kode.errors import KodeError
-from kode.finetune import FinetunePipeline, FinetuneSettings, finetune, freeze_layers
-from kode.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage
+from kode.training.finetune import FinetunePipeline, FinetuneSettings, finetune, freeze_layers
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,8 @@ def test_kode_finetune_a_keras_applications_resnet_v2_end_to_end_with_the_adjoin
     runs the adjoint through a ported stage (measured about half the time of --freeze stem)."""
     import tensorflow as tf
 
-    from kode.export import load_metadata
-    from kode.testing import image_serving_contract, serving_contract
+    from kode.serving.publish import load_metadata
+    from kode.testing.models import image_serving_contract, serving_contract
 
     keras.utils.set_random_seed(0)
     original = keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import zoo
-from kode.testing import run_standard_model_checks
+from kode.testing.models import run_standard_model_checks
 
 
 @pytest.mark.parametrize("name, mode", [("revheun_resnet20", "adjoint"),

@@ -175,7 +175,7 @@ def test_bad_gradient_modes():
 
 def test_guard_reports_exact_and_inaccurate_stages():
     import zoo
-    from kode.guard import check_gradients
+    from kode.tools.guard import check_gradients
 
     x = np.random.default_rng(0).standard_normal((8, 8, 8, 1)).astype("float32")
     y = np.arange(8) % 10
@@ -192,7 +192,7 @@ def test_guard_reports_exact_and_inaccurate_stages():
 
 
 def test_guard_stops_or_falls_back(tmp_path):
-    from kode.training import train
+    from kode.training.pipeline import train
 
     with pytest.raises(KodeError, match="inaccurate"):
         train("resnet20", epochs=1, gradient="adjoint", logdir=str(tmp_path / "a"),
@@ -208,7 +208,7 @@ def test_guard_stops_or_falls_back(tmp_path):
 
 
 def test_adjoint_trains_in_fit_with_an_exact_integrator(tmp_path):
-    from kode.training import train
+    from kode.training.pipeline import train
 
     result = train("revheun_resnet20", epochs=2, gradient="adjoint", logdir=str(tmp_path),
                    model_options={"depth": 8}, verbose=0)

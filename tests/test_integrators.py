@@ -13,7 +13,7 @@ from kode import (
     StochasticDepth,
     get_integrator,
 )
-from kode.stage import resolve_step_size
+from kode.layers.stage import resolve_step_size
 
 
 def _smooth_tanh_functions(num, width=6, dtype="float64", seed=0):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import zoo
-from kode.normalization import BatchNormalization
+from kode.layers.normalization import BatchNormalization
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

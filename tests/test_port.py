@@ -10,8 +10,9 @@ from keras.src.legacy.saving import legacy_h5_format
 
 import zoo
 from kode.errors import KodeError
-from kode.port import LayerChain, port_model, port_summary
-from kode.stage import IntegratorStage
+from kode.layers.chain import LayerChain
+from kode.layers.stage import IntegratorStage
+from kode.tools.port import port_model, port_summary
 
 # The smallest input keras.applications accepts: the ported graph is the same at 224×224.
 SIZE = (32, 32, 3)

@@ -8,9 +8,9 @@ import pytest
 
 import zoo
 from kode.errors import KodeError
-from kode.guard import check_gradients
-from kode.refine import refine, refine_report
-from kode.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage
+from kode.tools.guard import check_gradients
+from kode.tools.refine import refine, refine_report
 
 WIDTH = 6
 

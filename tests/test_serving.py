@@ -21,9 +21,10 @@ import tensorflow as tf
 from PIL import Image
 
 import kode
-from kode.data import _digits_arrays
-from kode.export import load_metadata, predict_files
-from kode.testing import image_serving_contract, serving_contract
+from kode.data.datasets import _digits_arrays
+from kode.serving.predict import predict_files
+from kode.serving.publish import load_metadata
+from kode.testing.models import image_serving_contract, serving_contract
 
 SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")
 

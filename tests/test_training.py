@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kode.errors import KodeError
-from kode.training import TrainingPipeline, TrainSettings, train
+from kode.training.pipeline import TrainingPipeline, train
+from kode.training.settings import TrainSettings
 
 FAST = {"epochs": 1, "verbose": 0, "diagnostics": False}
 
@@ -94,7 +95,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_nothing(tm
 
 
 def test_metrics_files_are_strict_json_even_with_non_finite_numbers(tmp_path):
-    from kode.files import write_json
+    from kode.io import write_json
 
     write_json(str(tmp_path / "m.json"), {"loss": [1.0, math.nan], "x": math.inf})
     assert json.loads((tmp_path / "m.json").read_text(),
@@ -202,7 +203,7 @@ def test_the_custom_loop_takes_steps_per_epoch_from_the_stream_of_passes():
     epochs continue the stream, and a resumed loop starts where the stream left off."""
     import tensorflow as tf
 
-    from kode.distribute import _stream, fit_distributed
+    from kode.training.custom_loop import _stream, fit_distributed
 
     def batches():  # a new dataset (its own shuffle seed generator), as in a new process
         data = tf.data.Dataset.range(10).shuffle(10, seed=1, reshuffle_each_iteration=True)

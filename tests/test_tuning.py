@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kode.cli import main
-from kode.tuning import ZooHyperModel, tune
+from kode.training.tuning import ZooHyperModel, tune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

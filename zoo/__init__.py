@@ -3,7 +3,7 @@
 Importing the package registers every family (one folder each).
 """
 
-from kode.port import port_model
+from kode.tools.port import port_model
 from zoo import (  # noqa: F401  (importing a family registers it)
     fractalnet,
     heun_resnet,

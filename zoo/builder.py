@@ -18,11 +18,11 @@ import keras
 import numpy as np
 from keras import layers
 
-from kode.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
-from kode.errors import KodeError
+from kode.errors import KodeError, one_line
 from kode.gradients import check_gradient_mode
 from kode.integrators import Integrator, get_integrator
-from kode.stage import IntegratorStage, TransitionBlock
+from kode.layers.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
+from kode.layers.stage import IntegratorStage, TransitionBlock
 from zoo.registry import register_model
 
 IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -159,7 +159,7 @@ def _load_weights(model: keras.Model, path: str, include_top: bool, classes: int
     except KodeError:
         raise
     except Exception as err:  # corrupt or mismatched files raise many different types
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = one_line(err)
         raise KodeError(
             f"weights file '{path}' could not be loaded into {model.name} "
             f"(include_top={include_top}, classes={classes}): {detail}"

@@ -75,7 +75,7 @@ def gradient_error(num_steps: int, integrator: str, weights: str, seed: int,
     import keras
     import tensorflow as tf
 
-    from kode.stage import IntegratorStage
+    from kode.layers.stage import IntegratorStage
 
     fns = [keras.layers.Dense(WIDTH, activation="tanh", dtype=dtype,
                               kernel_initializer=keras.initializers.Constant(w),

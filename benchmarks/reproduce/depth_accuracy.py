@@ -52,7 +52,7 @@ def build_model(integrator: str, depth: int, gradient: str, seed: int,
     ``function_width``, default ``width``: RevNet's act on half the state) → Dense(10) logits."""
     import keras
 
-    from kode.stage import IntegratorStage
+    from kode.layers.stage import IntegratorStage
 
     width, horizon = width or WIDTH, horizon or HORIZON
     keras.utils.set_random_seed(seed)
@@ -75,7 +75,7 @@ def _loss():
 
 def stage_gradient_error(model, x, y) -> float:
     """‖g_adjoint − g_backprop‖ / ‖g_backprop‖ over the stage's parameters, one batch."""
-    from kode.guard import check_gradients
+    from kode.tools.guard import check_gradients
 
     return float(check_gradients(model, x, y, loss=_loss()).stages[0].gradient_error)
 

@@ -46,7 +46,7 @@ TOLERANCE = 0.01
 def _data():
     import kode.data
 
-    x_train, y_train, x_test, y_test, _, _ = kode.data._digits_arrays()
+    x_train, y_train, x_test, y_test, _, _ = kode.data.datasets._digits_arrays()
     info = kode.data.dataset_info("digits")
 
     def prep(x):
@@ -62,9 +62,9 @@ def build_pretrained(seed: int):
     """The tied network (one BasicBlock applied STEPS times, h = 1/STEPS)."""
     import keras
 
-    from kode.blocks import _bn, _conv
-    from kode.port import LayerChain
-    from kode.stage import IntegratorStage
+    from kode.layers.blocks import _bn, _conv
+    from kode.layers.chain import LayerChain
+    from kode.layers.stage import IntegratorStage
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8, 8, 1))
@@ -105,7 +105,7 @@ def _memory_model(cfg: dict):
     """``benchmarks.gradient_memory`` model hook: the pretrained architecture refined ×m
     (weights do not change the memory), with ``cfg["mode"]`` as gradient mode."""
     from kode.gradients import set_gradient_mode
-    from kode.refine import refine
+    from kode.tools.refine import refine
 
     model = refine(build_pretrained(cfg.get("seed", 0)), cfg["m"])
     set_gradient_mode(model, cfg["mode"])
@@ -148,8 +148,8 @@ _RESULT = "FINETUNE_MEMORY "
 
 def run_seed(seed: int, budget: dict, ctx: Context) -> dict:
     from kode.gradients import set_gradient_mode
-    from kode.guard import check_gradients
-    from kode.refine import refine
+    from kode.tools.guard import check_gradients
+    from kode.tools.refine import refine
 
     data = _data()
     model = build_pretrained(seed)

@@ -188,7 +188,7 @@ def stability_sweep(ks: Sequence[float] = STABILITY_KS,
 
 def lm_k_values(model) -> tuple[list[str], list[float]]:
     """Labels ("stage2/lm_k_0") and values of every LM k_n of a model, in network order."""
-    from kode.stage import IntegratorStage
+    from kode.layers.stage import IntegratorStage
 
     labels, values = [], []
     for layer in model._flatten_layers():
@@ -208,7 +208,7 @@ def train_one(family: str, depth: int, seed: int, epochs: int) -> dict:
 
     import kode
     import zoo
-    from kode.data import dataset_info
+    from kode.data.datasets import dataset_info
 
     name = f"{family}{depth}"
     # train() seeds Keras with ``seed`` before building, so this rebuild draws the same k_n
@@ -230,8 +230,8 @@ def train_one(family: str, depth: int, seed: int, epochs: int) -> dict:
 
 
 def training_runs(ctx: Context) -> dict:
-    from kode.data import dataset_info
-    from kode.training import RECIPES
+    from kode.data.datasets import dataset_info
+    from kode.training.settings import RECIPES
 
     plan = QUICK_TRAINING if ctx.quick else FULL_TRAINING
     recipe, info = RECIPES["digits"], dataset_info("digits")

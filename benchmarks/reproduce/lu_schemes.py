@@ -57,7 +57,7 @@ def build_model(scheme: str, gradient: str, seed: int):
 
 
 def _check(model, batch) -> dict:
-    from kode.guard import check_gradients
+    from kode.tools.guard import check_gradients
 
     stage = check_gradients(model, *batch, loss=_loss()).stages[0]
     return {"grad_error": float(stage.gradient_error),

@@ -55,7 +55,7 @@ def train_linear_resnet(
     import keras
     import tensorflow as tf
 
-    from kode.stage import IntegratorStage
+    from kode.layers.stage import IntegratorStage
 
     x_np, y_np = problem(seed)
     rng = np.random.default_rng(seed + 10_000)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from kode.normalization import BatchNormalization
-from kode.tracking import CheckpointTracked
+from kode.layers.normalization import BatchNormalization
+from kode.layers.tracking import CheckpointTracked
 
 _PACKAGE = "kode"
 

@@ -16,7 +16,7 @@ from keras import layers
 from kode.errors import KodeError
 from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, evaluate, integrate
 from kode.integrators import EXACT, Integrator, get_integrator, serialize_integrator
-from kode.tracking import CheckpointTracked
+from kode.layers.tracking import CheckpointTracked
 
 _PACKAGE = "kode"
 

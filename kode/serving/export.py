@@ -1,20 +1,4 @@
-"""Export Keras models as SavedModels in the TensorFlow Serving layout, and serve them locally.
-
-Layout written by :func:`export_model`::
-
-    <export_dir>/<name>/<version>/saved_model.pb
-                                 /variables/...
-                                 /assets.extra/kode.json     # metadata (see below)
-
-``<version>`` is an integer folder, as TensorFlow Serving expects. A version is never
-overwritten. It is written to a hidden temporary sibling folder (``<name>/.tmp-export-...``,
-which Serving ignores because the name is not an integer), every file is fsync'ed, the result
-is verified against the Keras model, and only then renamed into place, so Serving never sees a
-half-written or unverified version. The exporting process holds an ``flock`` on
-``.tmp-export-*/owner`` while it works; a temporary folder whose lock is free was left by a
-killed export and is removed by the next export into the same model folder (never one in
-flight). A SavedModel that fails verification is moved to ``<name>/.refused-*`` (not a
-version) and the error names that folder.
+"""Export a Keras model as a verified SavedModel with kode's serving signatures.
 
 Serving contract (the same for ``kode train --export``, ``kode.train(export_dir=...)`` and
 ``kode export``; recorded in ``kode.json`` under ``"serving"``)::
@@ -41,17 +25,15 @@ and arrays are converted) plus what is known from the model: ``name`` (the expor
 ``serving``, ``keras_version``, ``tensorflow_version`` and, unless given,
 ``classifier_activation`` (inferred from the last layer when it has an ``activation``).
 :func:`predict_files` also reads ``class_names`` (list of str).
+
+Where the SavedModel goes (versions, temporary folders, locks): :mod:`kode.serving.publish`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import re
 import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,38 +41,52 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kode.errors import KodeError
-from kode.files import fsync_dir
-from kode.preprocessing import IDENTITY, apply_preprocessing, check_preprocessing, mean_std
+from kode.errors import KodeError, one_line
+from kode.serving.preprocessing import IDENTITY, apply_preprocessing, check_preprocessing, mean_std
+from kode.serving.publish import (
+    _check_name,
+    _check_version,
+    _fsync_tree,
+    _keep_refused,
+    _load_savedmodel,
+    _make_tmp_dir,
+    _prepare_model_dir,
+    _publish,
+    _refuse_existing,
+    _resolve_savedmodel,
+    _write_metadata,
+    load_metadata,
+    remove_stale_exports,
+)
 
-__all__ = [
-    "ExportResult",
-    "Prediction",
-    "INPUT_KEY",
-    "export_model",
-    "verify_export",
-    "load_metadata",
-    "predict_files",
-]
+__all__ = ["ExportResult", "INPUT_KEY", "export_model", "verify_export"]
+
 
 SIGNATURE = "serving_default"  # raw pixels, float32
+
+
 SIGNATURE_UINT8 = "serving_uint8"  # raw pixels, uint8
+
+
 SIGNATURE_PREPROCESSED = "serving_preprocessed"  # what the Keras model takes
+
+
 INPUT_KEY = "images"
-METADATA_DIR = "assets.extra"
-METADATA_FILE = "kode.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TMP_PREFIX = ".tmp-export-"
-_REFUSED_PREFIX = ".refused-"
-_OWNER_FILE = "owner"
-# A temporary folder without an owner lock (only an older kode writes those) is stale once
-# nothing in it changed for this long.
-_UNLOCKED_STALE_SECONDS = 3600.0
+
+
 _CHECK_BATCH = 4
+
+
 _CHECK_SEED = 0
+
+
 # Activations whose outputs are already probabilities, and those that give logits.
 _PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
 _LOGIT_ACTIVATIONS = ("linear", "none", "logits")
+
+
 _PIXEL_MAX = 255
 
 
@@ -101,21 +97,6 @@ class ExportResult:
     path: str  # .../<name>/<version>
     version: int
     max_abs_diff: float  # SavedModel vs Keras model on the check batches, all signatures
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Top-1 prediction for one image file."""
-
-    file: str
-    class_index: int
-    class_name: str  # from metadata "class_names"; the index as a string if there are none
-    probability: float
-
-
-# ----------------------------------------------------------------------------------------------
-# Export
-# ----------------------------------------------------------------------------------------------
 
 
 def export_model(
@@ -195,7 +176,7 @@ def export_model(
         raise
     except Exception as exc:
         raise KodeError(
-            f"Keras model {model.name!r} failed on the check inputs: {_one_line(exc)}"
+            f"Keras model {model.name!r} failed on the check inputs: {one_line(exc)}"
         ) from exc
     outputs = expected[SIGNATURE_PREPROCESSED]
     meta = _full_metadata(user_meta, model, name, input_shape, preprocessing,
@@ -235,54 +216,6 @@ def export_model(
     return ExportResult(path=final_path, version=final_version, max_abs_diff=float(diff))
 
 
-def check_export_dir(export_dir: str, name: str) -> None:
-    """Fail now, before a long training run, if ``export_dir/name`` cannot take a new version."""
-    _check_name(name)
-    model_dir = _prepare_model_dir(export_dir, name)
-    remove_stale_exports(model_dir)
-    tmp, owner = _make_tmp_dir(model_dir, None)
-    shutil.rmtree(tmp, ignore_errors=True)
-    owner.close()
-
-
-def remove_stale_exports(model_dir: str) -> list[str]:
-    """Remove ``.tmp-export-*`` folders of ``model_dir`` left by killed exports; return them.
-
-    A folder is stale when no process holds the ``flock`` on its ``owner`` file (the kernel
-    releases it when the exporting process dies, however it dies); folders of exports in
-    flight are never touched. A folder without an ``owner`` file is stale once nothing in it
-    changed for an hour.
-    """
-    removed = []
-    try:
-        entries = sorted(os.listdir(model_dir))
-    except OSError:
-        return removed
-    for entry in entries:
-        path = os.path.join(model_dir, entry)
-        if not entry.startswith(_TMP_PREFIX) or not os.path.isdir(path):
-            continue
-        try:
-            fh = open(os.path.join(path, _OWNER_FILE), "rb")  # noqa: SIM115 (held for the lock)
-        except FileNotFoundError:
-            if time.time() - _newest_mtime(path) > _UNLOCKED_STALE_SECONDS:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-            continue
-        except OSError:
-            continue
-        with fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # an export in flight
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    if removed:
-        fsync_dir(model_dir)
-    return removed
-
-
 def verify_export(path: str, model: keras.Model, inputs: np.ndarray) -> float:
     """Return max |SavedModel(inputs) - model(inputs, training=False)| over all outputs.
 
@@ -302,97 +235,10 @@ def verify_export(path: str, model: keras.Model, inputs: np.ndarray) -> float:
         expected = _head_outputs(model(tf.constant(inputs), training=False), head)
     except Exception as exc:
         raise KodeError(
-            f"Keras model {model.name!r} failed on the inputs: {_one_line(exc)}"
+            f"Keras model {model.name!r} failed on the inputs: {one_line(exc)}"
         ) from exc
     return _compare_outputs(loaded, sm_path, SIGNATURE_PREPROCESSED, inputs, expected)
 
-
-def load_metadata(path: str) -> dict:
-    """Read ``assets.extra/kode.json`` of a SavedModel folder (or a model folder's latest)."""
-    sm_path = _resolve_savedmodel(path)
-    meta_path = os.path.join(sm_path, METADATA_DIR, METADATA_FILE)
-    try:
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except FileNotFoundError:
-        raise KodeError(
-            f"{sm_path} has no {METADATA_DIR}/{METADATA_FILE}: not a kode export"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise KodeError(f"cannot read metadata {meta_path}: {_one_line(exc)}") from exc
-    if not isinstance(meta, dict):
-        raise KodeError(f"metadata {meta_path} is not a JSON object")
-    return meta
-
-
-# ----------------------------------------------------------------------------------------------
-# Prediction
-# ----------------------------------------------------------------------------------------------
-
-
-def predict_files(savedmodel_path: str, files: list[str]) -> list[Prediction]:
-    """Classify image files with an exported model; returns the top-1 class per file.
-
-    Each file is opened with PIL, converted to grayscale or RGB to match the model's channel
-    count, resized (bilinear) to the model's H x W and sent, as pixel values 0-255, through
-    ``serving_default`` (which preprocesses in the graph) in one batch. A model with the
-    ``"outputs"`` head (not a classifier) gets a softmax over its outputs unless the metadata
-    ``classifier_activation`` says they are probabilities.
-
-    ``savedmodel_path`` is a version folder, or a model folder (its latest version is used).
-    """
-    if isinstance(files, (str, bytes, os.PathLike)):
-        raise KodeError("files must be a list of paths, not a single path")
-    files = [os.fspath(f) for f in files]
-    sm_path = _resolve_savedmodel(savedmodel_path)
-    meta = load_metadata(sm_path)
-    loaded = _load_savedmodel(sm_path)
-    signatures = getattr(loaded, "signatures", {})
-    if SIGNATURE not in signatures or meta.get("serving", {}).get("input_key") != INPUT_KEY:
-        raise KodeError(
-            f"{sm_path} was exported by an older kode (its {SIGNATURE!r} signature does not "
-            "take raw pixels); re-export it with `kode export MODEL.keras`"
-        )
-    fn = signatures[SIGNATURE]
-    spec = fn.structured_input_signature[1][INPUT_KEY]
-    if spec.shape.rank != 4:
-        raise KodeError(f"{sm_path} does not take images (input shape {_fmt_shape(spec.shape)})")
-    height, width, channels = spec.shape[1:]
-    if height is None or width is None:  # fully convolutional: fall back to the metadata size
-        shape = meta.get("input_shape") or [None, None]
-        height, width = height or shape[0], width or shape[1]
-    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
-        raise KodeError(f"{sm_path}: unknown input height/width, set input_shape in metadata")
-    if channels not in (1, 3):
-        raise KodeError(f"{sm_path}: images need 1 or 3 input channels, model has {channels}")
-    if not files:
-        return []
-
-    batch = np.stack([_load_image(f, height, width, channels) for f in files])
-    try:
-        out = fn(**{INPUT_KEY: tf.constant(batch, tf.float32)})
-    except Exception as exc:
-        raise KodeError(f"{sm_path}: inference failed: {_one_line(exc)}") from exc
-    if "probabilities" in out:
-        probs = np.asarray(out["probabilities"], dtype=np.float64)
-    else:
-        scores = np.asarray(out["outputs"], dtype=np.float64).reshape(len(files), -1)
-        probs = scores if _are_probabilities(scores, meta) else _softmax(scores)
-
-    names = meta.get("class_names")
-    preds = []
-    for f, row in zip(files, probs, strict=True):
-        idx = int(np.argmax(row))
-        label = str(names[idx]) if names else str(idx)
-        preds.append(
-            Prediction(file=f, class_index=idx, class_name=label, probability=float(row[idx]))
-        )
-    return preds
-
-
-# ----------------------------------------------------------------------------------------------
-# Serving graph
-# ----------------------------------------------------------------------------------------------
 
 # What the signatures return: "probabilities" (the model outputs probabilities), "logits" (a
 # softmax is applied in the graph), "outputs" (not a classifier: raw outputs).
@@ -455,7 +301,7 @@ def _write_savedmodel(
             )
         archive.write_out(path, verbose=False)
     except Exception as exc:  # Keras/TF raise ValueError/TypeError/... for unexportable models
-        raise KodeError(f"model {model.name!r} could not be exported: {_one_line(exc)}") from exc
+        raise KodeError(f"model {model.name!r} could not be exported: {one_line(exc)}") from exc
 
 
 def _serving_description(spec: tf.TensorSpec, head: str, outputs: dict) -> dict:
@@ -527,7 +373,7 @@ def _compare_outputs(
     try:
         served = fn(**{INPUT_KEY: tf.constant(np.asarray(inputs), dtype=dtype)})
     except Exception as exc:
-        raise KodeError(f"{path}: SavedModel inference failed: {_one_line(exc)}") from exc
+        raise KodeError(f"{path}: SavedModel inference failed: {one_line(exc)}") from exc
     if sorted(served) != sorted(expected):
         raise KodeError(f"{path}: outputs {sorted(served)}, expected {sorted(expected)}")
     diffs = [0.0]
@@ -541,32 +387,9 @@ def _compare_outputs(
     return float("nan") if any(np.isnan(diffs)) else max(diffs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Helpers: arguments
-# ----------------------------------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else (text or type(exc).__name__)
-
-
 def _fmt_shape(shape: Any) -> str:
     dims = list(shape) if not isinstance(shape, tf.TensorShape) else shape.as_list()
     return "(" + ", ".join("None" if d is None else str(d) for d in dims) + ")"
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise KodeError(
-            f"invalid export name {name!r}: use letters, digits, '.', '_' or '-' "
-            "(not starting with '.'); pass name=..."
-        )
-
-
-def _check_version(version: Any) -> None:
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
-        raise KodeError(f"version must be a non-negative integer, got {version!r}")
 
 
 def _check_atol(atol: Any) -> float:
@@ -596,7 +419,7 @@ def _model_input_spec(model: keras.Model) -> tf.TensorSpec:
     try:
         signature = get_input_signature(model)
     except (TypeError, ValueError) as exc:
-        raise KodeError(f"model {model.name!r} cannot be exported: {_one_line(exc)}") from exc
+        raise KodeError(f"model {model.name!r} cannot be exported: {one_line(exc)}") from exc
     flat = keras.tree.flatten(signature)
     if len(flat) != 1:
         raise KodeError(f"model {model.name!r} has {len(flat)} inputs; only 1 is supported")
@@ -633,7 +456,7 @@ def _jsonable_metadata(metadata: Any) -> dict:
     try:
         return json.loads(json.dumps(metadata, default=default, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise KodeError(f"metadata is not JSON-serializable: {_one_line(exc)}") from exc
+        raise KodeError(f"metadata is not JSON-serializable: {one_line(exc)}") from exc
 
 
 def _infer_classifier_activation(model: keras.Model) -> str | None:
@@ -683,209 +506,3 @@ def _check_class_names(meta: dict, outputs: dict) -> None:
         raise KodeError(
             f"metadata has {len(names)} class_names but the model outputs {n_outputs} scores"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers: file system
-# ----------------------------------------------------------------------------------------------
-
-
-def _prepare_model_dir(export_dir: str, name: str) -> str:
-    if not isinstance(export_dir, (str, os.PathLike)) or not os.fspath(export_dir):
-        raise KodeError(f"invalid export directory {export_dir!r}")
-    model_dir = os.path.join(os.path.abspath(os.fspath(export_dir)), name)
-    for path in (os.path.dirname(model_dir), model_dir):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise KodeError(f"cannot export to {path}: a file is in the way (not a directory)")
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-    except OSError as exc:
-        raise KodeError(f"cannot create export directory {model_dir}: {_one_line(exc)}") from exc
-    return model_dir
-
-
-def _make_tmp_dir(model_dir: str, version: int | None) -> tuple[str, Any]:
-    """A new ``.tmp-export-*`` folder and its open, flock'ed ``owner`` file (close to unlock)."""
-    prefix = f"{_TMP_PREFIX}{'next' if version is None else version}-"
-    try:
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=model_dir)
-    except OSError as exc:
-        raise KodeError(f"export directory {model_dir} is not writable: {_one_line(exc)}") from exc
-    try:
-        owner = open(os.path.join(tmp, _OWNER_FILE), "w", encoding="utf-8")  # noqa: SIM115
-        fcntl.flock(owner.fileno(), fcntl.LOCK_EX)
-        owner.write(f"pid {os.getpid()}\n")
-        owner.flush()
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KodeError(f"export directory {model_dir} is not writable: {_one_line(exc)}") from exc
-    return tmp, owner
-
-
-def _keep_refused(export_path: str, model_dir: str, tmp: str) -> str:
-    """Move a SavedModel that failed verification to ``model_dir/.refused-*``; say where."""
-    dest = os.path.join(model_dir, _REFUSED_PREFIX + os.path.basename(tmp)[len(_TMP_PREFIX):])
-    try:
-        os.rename(export_path, dest)
-    except OSError as exc:
-        return f"nowhere: it could not be moved out of the temporary folder ({_one_line(exc)})"
-    fsync_dir(model_dir)
-    return dest
-
-
-def _newest_mtime(root: str) -> float:
-    newest = 0.0
-    for dirpath, _dirs, filenames in os.walk(root):
-        for p in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
-            try:
-                newest = max(newest, os.lstat(p).st_mtime)
-            except OSError:
-                pass
-    return newest
-
-
-def _existing_versions(model_dir: str) -> list[int]:
-    try:
-        entries = os.listdir(model_dir)
-    except OSError as exc:
-        raise KodeError(f"cannot list {model_dir}: {_one_line(exc)}") from exc
-    return [int(e) for e in entries if e.isdigit() and e.isascii()]
-
-
-def _refuse_existing(model_dir: str, version: int) -> None:
-    if int(version) in _existing_versions(model_dir):
-        raise KodeError(
-            f"version {version} already exists; refusing to overwrite "
-            f"{os.path.join(model_dir, str(version))} (omit version to use the next free one)"
-        )
-
-
-def _publish(src: str, model_dir: str, version: int | None) -> tuple[int, str]:
-    """Rename ``src`` to ``model_dir/<version>``; with version=None retry on a lost race."""
-    for _ in range(100):
-        if version is None:
-            chosen = max(_existing_versions(model_dir), default=0) + 1
-        else:
-            chosen = int(version)
-            _refuse_existing(model_dir, chosen)
-        dest = os.path.join(model_dir, str(chosen))
-        if os.path.lexists(dest):  # created meanwhile by a concurrent export
-            if version is not None:
-                _refuse_existing(model_dir, chosen)
-            continue
-        try:
-            # On POSIX a directory rename onto an existing non-empty directory fails, so a
-            # concurrent export that took the same number is never overwritten.
-            os.rename(src, dest)
-        except OSError as exc:
-            if os.path.lexists(dest):
-                if version is None:
-                    continue
-                raise KodeError(
-                    f"version {chosen} already exists; refusing to overwrite {dest}"
-                ) from exc
-            raise KodeError(f"cannot move export into {dest}: {_one_line(exc)}") from exc
-        fsync_dir(model_dir)
-        return chosen, dest
-    raise KodeError(f"could not find a free version number in {model_dir}")
-
-
-def _write_metadata(savedmodel_dir: str, meta: dict) -> None:
-    extra = os.path.join(savedmodel_dir, METADATA_DIR)
-    os.makedirs(extra, exist_ok=True)
-    with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True, allow_nan=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_tree(root: str) -> None:
-    """Flush every file and folder below ``root`` so a crash cannot publish partial data."""
-    for dirpath, _dirs, filenames in os.walk(root):
-        for fname in filenames:
-            try:
-                with open(os.path.join(dirpath, fname), "rb+") as fh:
-                    os.fsync(fh.fileno())
-            except OSError:
-                pass
-        fsync_dir(dirpath)
-
-
-def _is_savedmodel(path: str) -> bool:
-    return any(
-        os.path.isfile(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")
-    )
-
-
-def _resolve_savedmodel(path: Any) -> str:
-    """A SavedModel folder as given, or the latest integer version inside a model folder."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise KodeError(f"expected a SavedModel path, got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise KodeError(f"{path} is not a SavedModel directory (no such directory)")
-    if _is_savedmodel(path):
-        return path
-    versions = sorted(
-        (v for v in _existing_versions(path) if _is_savedmodel(os.path.join(path, str(v)))),
-        reverse=True,
-    )
-    if versions:
-        return os.path.join(path, str(versions[0]))
-    raise KodeError(f"{path} is not a SavedModel directory (no saved_model.pb)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers: SavedModel
-# ----------------------------------------------------------------------------------------------
-
-
-def _load_savedmodel(path: str) -> Any:
-    try:
-        return tf.saved_model.load(path)
-    except Exception as exc:  # TF raises OSError, ValueError, DecodeError, ...
-        raise KodeError(f"cannot load SavedModel {path}: {_one_line(exc)}") from exc
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers: images
-# ----------------------------------------------------------------------------------------------
-
-
-def _load_image(path: str, height: int, width: int, channels: int) -> np.ndarray:
-    """Read ``path`` as float32 (H, W, C), pixel values 0-255; any failure names the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32)
-    except FileNotFoundError:
-        raise KodeError(f"image file not found: {path}") from None
-    except UnidentifiedImageError:
-        raise KodeError(f"not an image file: {path}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise KodeError(f"cannot read image {path}: {_one_line(exc)}") from exc
-    return arr.reshape(height, width, channels)
-
-
-def _are_probabilities(scores: np.ndarray, meta: dict) -> bool:
-    activation = meta.get("classifier_activation")
-    if isinstance(activation, str):
-        if activation.lower() in _PROBABILITY_ACTIVATIONS:
-            return True
-        if activation.lower() in ("linear", "none", "logits"):
-            return False
-    return bool(
-        scores.size and np.all(scores >= 0) and np.allclose(scores.sum(axis=-1), 1.0, atol=1e-3)
-    )
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    z = scores - scores.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)

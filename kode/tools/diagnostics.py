@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kode.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage
 
 
 def integrator_stages(model: keras.Model) -> list[IntegratorStage]:

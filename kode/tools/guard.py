@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from kode.errors import KodeError
 from kode.gradients import ADJOINT, BACKPROP, CHECKPOINT, reconstruction_error
-from kode.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage
 
 
 @dataclass(frozen=True)

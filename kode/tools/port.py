@@ -20,58 +20,17 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
 from keras import layers
 
 from kode.errors import KodeError
-from kode.stage import IntegratorStage
-from kode.tracking import CheckpointTracked
+from kode.layers.chain import LayerChain
+from kode.layers.stage import IntegratorStage
 
-_PACKAGE = "kode"
 #: Longest branch searched for; keras.applications branches have 8–10 layers.
 MAX_BRANCH_LAYERS = 64
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class LayerChain(CheckpointTracked, layers.Layer):  # its list of layers: tf.train.Checkpoint
-    """f(x) = L_k(…L_2(L_1(x))): a ported block's residual branch, its layers in order."""
-
-    def __init__(self, chain: Sequence[layers.Layer], **kwargs):
-        super().__init__(**kwargs)
-        self.chain = list(chain)
-        if not self.chain:
-            raise ValueError("a LayerChain needs at least one layer")
-
-    def build(self, input_shape):
-        shape = tuple(input_shape)
-        for layer in self.chain:
-            if not layer.built:
-                layer.build(shape)
-            shape = tuple(layer.compute_output_shape(shape))
-
-    def call(self, x, training=None):
-        for layer in self.chain:
-            x = layer(x, training=training)
-        return x
-
-    def compute_output_shape(self, input_shape):
-        shape = tuple(input_shape)
-        for layer in self.chain:
-            shape = tuple(layer.compute_output_shape(shape))
-        return shape
-
-    def get_config(self):
-        return {**super().get_config(),
-                "chain": [keras.saving.serialize_keras_object(lay) for lay in self.chain]}
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["chain"] = [keras.saving.deserialize_keras_object(c) for c in config["chain"]]
-        return cls(**config)
 
 
 @dataclass
@@ -282,67 +241,3 @@ def port_model(model: keras.Model, gradient: str = "backprop",
 def port_summary(model: keras.Model) -> PortSummary:
     """The stages :func:`port_model` created in ``model`` (empty for a model not ported here)."""
     return getattr(model, "_kode_port_summary", PortSummary(()))
-
-
-#: keras.applications ResNets that :func:`keras_resnet` ports, with the preprocessing their
-#: ImageNet weights expect (on 0–255 RGB pixels): V2 "tf" mode x/127.5 − 1, V1 "caffe" mode
-#: RGB→BGR minus the ImageNet BGR mean.
-_SCALE_MINUS1_1 = {"kind": "scale", "scale": 1 / 127.5, "offset": -1.0}
-_CAFFE = {"kind": "caffe", "mean": [103.939, 116.779, 123.68]}
-KERAS_RESNETS: dict[str, tuple[str, dict]] = {
-    "resnet50v2": ("ResNet50V2", _SCALE_MINUS1_1),
-    "resnet101v2": ("ResNet101V2", _SCALE_MINUS1_1),
-    "resnet152v2": ("ResNet152V2", _SCALE_MINUS1_1),
-    "resnet50": ("ResNet50", _CAFFE),
-    "resnet101": ("ResNet101", _CAFFE),
-    "resnet152": ("ResNet152", _CAFFE),
-}
-
-
-def keras_resnet_preprocessing(arch: str) -> dict:
-    """The preprocessing description (kode.json kinds) of a keras.applications ResNet."""
-    return dict(KERAS_RESNETS[_arch_key(arch)][1])
-
-
-def _arch_key(arch: str) -> str:
-    key = str(arch).lower().removeprefix("keras_")
-    if key not in KERAS_RESNETS:
-        raise KodeError(f"unknown keras.applications ResNet '{arch}'; choose one of "
-                        f"{', '.join(v for v, _ in KERAS_RESNETS.values())}")
-    return key
-
-
-def keras_resnet(
-    arch: str,
-    *,
-    include_top: bool = True,
-    weights: str | None = None,
-    input_shape: tuple[int, int, int] | None = None,
-    pooling: str | None = None,
-    classes: int = 1000,
-    classifier_activation: str | None = "softmax",
-    name: str | None = None,
-    gradient: str = "backprop",
-) -> keras.Model:
-    """keras.applications ``arch`` (e.g. "ResNet50V2"), built with the same arguments, ported.
-
-    ``weights``: None (random), a weights file (``.h5`` as keras.applications' ImageNet
-    downloads, or ``.weights.h5``), or "imagenet": keras.applications downloads the ImageNet
-    file to ~/.keras/models and loads it with ``model.load_weights(file)``, exactly as for a
-    file given here; the port then copies the loaded weights.
-    """
-    key = _arch_key(arch)
-    builder = getattr(keras.applications, KERAS_RESNETS[key][0])
-    if weights not in (None, "imagenet") and not os.path.isfile(str(weights)):
-        raise KodeError(f"weights file '{weights}' does not exist")
-    try:
-        source = builder(include_top=include_top, weights=weights, input_shape=input_shape,
-                         pooling=pooling, classes=classes,
-                         classifier_activation=classifier_activation)
-    except Exception as err:  # keras raises ValueError, OSError, URL errors… on bad weights
-        detail = " ".join(str(err).split()) or type(err).__name__
-        if len(detail) > 300:
-            detail = detail[:300] + "…"
-        raise KodeError(f"could not build {KERAS_RESNETS[key][0]} with weights={weights!r}: "
-                        f"{detail}") from None
-    return port_model(source, gradient=gradient, name=name or f"keras_{key}", copy=False)

@@ -21,7 +21,7 @@ import numpy as np
 
 from kode.errors import KodeError
 from kode.integrators import Euler
-from kode.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage
 
 #: Integrators whose step x + h f(x) splits into m steps of h/m with the same f.
 REFINABLE = (Euler,)
@@ -123,7 +123,7 @@ class RefineReport:
 def refine_report(original: keras.Model, refined: keras.Model, x, y, factor: int,
                   loss: keras.losses.Loss | None = None) -> RefineReport:
     """Measure a refinement on one batch (x, y): output change and guard error before/after."""
-    from kode.guard import check_gradients
+    from kode.tools.guard import check_gradients
 
     change = float(np.max(np.abs(np.asarray(refined(x, training=False))
                                  - np.asarray(original(x, training=False)))))

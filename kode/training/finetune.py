@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kode.errors import KodeError
-from kode.training import TrainingPipeline, TrainResult, TrainSettings, keyword_signature
+from kode.errors import KodeError, one_line
+from kode.training.pipeline import TrainingPipeline
+from kode.training.settings import TrainResult, TrainSettings, keyword_signature
 
 #: keras.applications ResNets are used at this input size unless ``input_size`` says otherwise.
 KERAS_DEFAULT_SIZE = 224
@@ -74,8 +73,8 @@ def _sidecar(path: str) -> dict:
 def resolve_source(settings: FinetuneSettings) -> Source:
     """Classify ``settings.source`` and check its weights and options (no model built)."""
     import zoo
-    from kode.port import KERAS_RESNETS, _arch_key
-    from kode.refine import check_factor
+    from kode.tools.refine import check_factor
+    from zoo.keras_resnet.applications import KERAS_RESNETS, _arch_key
 
     source, weights = settings.source, settings.weights
     check_factor(settings.refine)
@@ -98,7 +97,7 @@ def resolve_source(settings: FinetuneSettings) -> Source:
         meta = _sidecar(source)
         preprocessing = meta.get("preprocessing")
         if preprocessing is None and "mean" in meta and "std" in meta:
-            from kode.preprocessing import mean_std
+            from kode.serving.preprocessing import mean_std
 
             preprocessing = mean_std(meta["mean"], meta["std"])
         return Source("keras_file", source, preprocessing, None)
@@ -113,7 +112,7 @@ def resolve_source(settings: FinetuneSettings) -> Source:
                 "cannot be rebuilt backwards; use --gradient checkpoint (exact, O(√N) memory) "
                 "or a V2 (pre-activation) ResNet")
         size = settings.input_size or KERAS_DEFAULT_SIZE
-        from kode.port import keras_resnet_preprocessing
+        from zoo.keras_resnet.applications import keras_resnet_preprocessing
 
         return Source("keras_applications", _arch_key(key), keras_resnet_preprocessing(key),
                       (size, size, 3))
@@ -135,7 +134,8 @@ def resolve_source(settings: FinetuneSettings) -> Source:
 def _load_source(source: Source, settings: FinetuneSettings, info) -> keras.Model:
     """The source network, ported (its layers reused, no second copy of the weights)."""
     import zoo
-    from kode.port import keras_resnet, port_model
+    from kode.tools.port import port_model
+    from zoo.keras_resnet.applications import keras_resnet
 
     if source.kind == "keras_applications":
         # Headless: a file with the 1000-class head is read by a model with the head, then cut.
@@ -154,7 +154,7 @@ def _load_source(source: Source, settings: FinetuneSettings, info) -> keras.Mode
         try:
             model = keras.saving.load_model(source.name, compile=False)
         except Exception as err:  # corrupt archives raise many types
-            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            detail = one_line(err, limit=200)
             raise KodeError(f"source '{source.name}' is not a readable .keras model: "
                             f"{detail}") from None
         return port_model(model, copy=False)
@@ -179,7 +179,7 @@ def _load_source(source: Source, settings: FinetuneSettings, info) -> keras.Mode
 def _with_new_head(model: keras.Model, classes: int) -> keras.Model:
     """The source's features (the input of its last dense layer, else its pooled output)
     → a new dense softmax for ``classes``."""
-    from kode.port import _Graph
+    from kode.tools.port import _Graph
 
     # The model's own node of its last layer: a ported model may share its layers with the
     # source model, so ``layer.input`` could be the source's tensor.
@@ -199,7 +199,7 @@ def _with_new_head(model: keras.Model, classes: int) -> keras.Model:
 def freeze_layers(model: keras.Model, freeze: int | str) -> list[str]:
     """Freeze the layers before the first stage ("stem") or up to and including stage
     ``freeze`` (with everything before it); returns the names of the frozen layers."""
-    from kode.stage import IntegratorStage
+    from kode.layers.stage import IntegratorStage
 
     if freeze == 0:
         return []
@@ -254,7 +254,7 @@ class FinetunePipeline(TrainingPipeline):
         if shape[2] not in (info.input_shape[2], 3) or info.input_shape[2] not in (1, shape[2]):
             raise KodeError(f"the source takes {shape[2]} channels; {info.name} images have "
                             f"{info.input_shape[2]}")
-        from kode.preprocessing import apply_preprocessing, check_preprocessing, mean_std
+        from kode.serving.preprocessing import apply_preprocessing, check_preprocessing, mean_std
 
         target = check_preprocessing(preprocessing or mean_std(info.mean, info.std), shape[2])
         mean = tf.constant(np.asarray(info.mean, np.float32))
@@ -279,7 +279,7 @@ class FinetunePipeline(TrainingPipeline):
 
     def build_model(self, info) -> keras.Model:
         from kode.gradients import set_gradient_mode
-        from kode.refine import refine
+        from kode.tools.refine import refine
 
         s = self.settings
         model = _with_new_head(_load_source(self.source, s, info), info.num_classes)
@@ -334,13 +334,3 @@ def run_name(source: str) -> str:
 finetune.__signature__ = keyword_signature(FinetuneSettings, "source",
                                            skip=("dataset", "source"), defaults={"model": None})
 
-
-class _CallableModule(types.ModuleType):
-    """``kode.finetune`` is this module once imported (``from kode.finetune import …``) and
-    the function before: calling the module calls :func:`finetune`, so both work."""
-
-    def __call__(self, *args, **kwargs) -> TrainResult:
-        return finetune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,81 +1,38 @@
-"""Training a zoo model on a dataset: recipes, optimizer, schedule, logs, metrics, export.
+"""One training run in small steps (:class:`TrainingPipeline`) and :func:`train`, the entry
+point over it.
 
-The CIFAR recipe is the paper's (Lu et al.; He et al.): SGD momentum 0.9, batch 128, weight
-decay 1e-4, lr 0.1 divided by 10 at 50% and 75% of the epochs, pad-4 crop + flip.
-
-Weight decay is decoupled (Keras ``SGD(weight_decay=…)``: θ ← θ − lr·wd·θ each step, the same as
-PyTorch's coupled decay for plain SGD). LM's k_n are *not* decayed by default: decay pulls k
-towards 0, i.e. towards the plain ResNet, and a scalar per block needs no regularization. The
-authors' code decays them; ``decay_lm_k=True`` does the same.
-
-Scale-out and fault tolerance (:mod:`kode.distribute`): ``strategy`` ("default" | "mirrored" |
-"multiworker" | "tpu"), ``precision`` ("float32" | "mixed_bfloat16" | "mixed_float16", loss
-scaling for float16), and end-of-epoch checkpoints in ``<logdir>/checkpoints`` from which the
-same call resumes automatically (model, optimizer, random-generator states and the data
-pipeline's per-epoch shuffle). See docs/distributed.md.
+Scale-out and fault tolerance (:mod:`kode.distribute`, :mod:`kode.training.resume`):
+``strategy`` ("default" | "mirrored" | "multiworker" | "tpu"), ``precision`` ("float32" |
+"mixed_bfloat16" | "mixed_float16", loss scaling for float16), and end-of-epoch snapshots in
+``<logdir>/checkpoints`` from which the same call resumes automatically (model, optimizer,
+random-generator states and the data pipeline's per-epoch shuffle). See docs/distributed.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
-import numbers
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import zoo
-from kode.data import DatasetInfo, load_dataset
-from kode.distribute import PRECISIONS, STRATEGIES
+from kode.data.datasets import DatasetInfo, load_dataset
 from kode.errors import KodeError
-from kode.files import finite_json, write_json, write_with
-
-SCHEDULES = ("step", "cosine", "constant")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Default hyper-parameters for a dataset."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    schedule: str = "step"
-    momentum: float = 0.9
-
-
-RECIPES = {
-    "cifar10": Recipe(epochs=160, batch_size=128, lr=0.1, weight_decay=1e-4),
-    "cifar100": Recipe(epochs=160, batch_size=128, lr=0.1, weight_decay=1e-4),
-    "imagenet2012": Recipe(epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4),
-    "mnist": Recipe(epochs=10, batch_size=128, lr=0.05, weight_decay=1e-4),
-    # Small embedded data: more epochs of few steps; measured ≥ 97% test accuracy with
-    # lm_resnet20 (see README).
-    "digits": Recipe(epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4),
-}
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: the model, its history, final test metrics and the files written."""
-
-    model: keras.Model
-    history: dict
-    test_metrics: dict
-    logdir: str
-    model_path: str
-    metrics_path: str
-    export: object | None = None
-    config: dict = field(default_factory=dict)
+from kode.io import finite_json, write_json, write_with
+from kode.training.callbacks import DivergenceStop, _LearningRateLogger
+from kode.training.settings import (
+    SCHEDULES,
+    TrainResult,
+    TrainSettings,
+    check_model_options,
+    keyword_signature,
+)
 
 
 def learning_rate_schedule(schedule: str, lr: float, total_steps: int):
@@ -101,35 +58,6 @@ def make_optimizer(
     if weight_decay and not decay_lm_k:
         optimizer.exclude_from_weight_decay(var_names=["lm_k"])
     return optimizer
-
-
-class _LearningRateLogger(keras.callbacks.Callback):
-    """Adds the epoch's learning rate to the logs (so TensorBoard plots it)."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            lr = self.model.optimizer.learning_rate
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_positive(name: str, value, kind=int) -> None:
-    """``value`` is a positive ``kind`` (int: a whole number; float: finite, not NaN/inf)."""
-    if kind is int:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-    else:
-        ok = _is_number(value) and math.isfinite(value) and value > 0
-    if value is not None and not ok:
-        what = "integer" if kind is int else "finite number"
-        raise KodeError(f"{name} must be a positive {what}, got {value!r}")
-
-
-def _check_non_negative(name: str, value) -> None:
-    if not (_is_number(value) and math.isfinite(value) and value >= 0):
-        raise KodeError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _prepare_logdir(logdir: str) -> str | None:
@@ -174,172 +102,6 @@ def model_metadata(model_name: str, info: DatasetInfo, model: keras.Model) -> di
         "classifier_activation": "softmax",
         "keras_model_name": model.name,
     }
-
-
-#: Builder arguments the pipeline sets from the dataset; an option may not override them.
-_PIPELINE_ARGUMENTS = {"input_shape": "the dataset's image shape",
-                       "classes": "the dataset's number of classes"}
-
-
-def check_model_options(model_name: str, options: dict) -> dict:
-    """Refuse options the builder of ``model_name`` does not take, options the pipeline sets
-    itself, and non-numbers / non-finite numbers where the builder expects a number."""
-    from kode.stage import resolve_step_size
-
-    if not isinstance(options, dict):
-        raise KodeError(f"model_options must be a dict of builder arguments, got {options!r}")
-    entry = zoo.get_entry(model_name)
-    parameters = inspect.signature(entry.builder).parameters
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    for key, value in options.items():
-        if key in _PIPELINE_ARGUMENTS:
-            raise KodeError(f"option {key} is set by the training pipeline from "
-                            f"{_PIPELINE_ARGUMENTS[key]}; remove --option {key}")
-        if key not in parameters:
-            if open_ended:
-                continue
-            known = ", ".join(sorted(p for p in parameters if p not in _PIPELINE_ARGUMENTS))
-            raise KodeError(f"unknown option '{key}' for {model_name}; options: {known}")
-        default = parameters[key].default if key in parameters else None
-        if _is_number(default) and value is not None and key not in ("step_size", "horizon"):
-            if not _is_number(value) or not math.isfinite(value):
-                raise KodeError(f"option {key} takes a finite number, got {value!r}")
-    if "step_size" in options or "horizon" in options:
-        resolve_step_size(options.get("step_size", 1.0), 1, options.get("horizon", 1.0))
-    return options
-
-
-@dataclass
-class TrainSettings:
-    """Everything that defines a training run: what ``kode train`` fills from its options,
-    what ``kode.train(...)`` takes as keywords, and what ``metrics.json`` (``config``) and
-    ``kode.json`` (``training``) record. ``None`` means "the dataset's recipe"
-    (:data:`RECIPES`); :meth:`resolve` fills those in and validates everything.
-    """
-
-    model: str
-    dataset: str = "digits"
-    epochs: int | None = None
-    batch_size: int | None = None  #: the global batch (all replicas)
-    #: optimizer steps per epoch, as ``model.fit(steps_per_epoch=...)``: epochs then cut the
-    #: endless stream of shuffled passes into pieces of this many batches (None: one pass).
-    steps_per_epoch: int | None = None
-    lr: float | None = None
-    schedule: str | None = None
-    weight_decay: float | None = None
-    momentum: float | None = None
-    decay_lm_k: bool = False
-    seed: int = 0
-    logdir: str | None = None
-    export_dir: str | None = None
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    augment: bool | None = None
-    model_options: dict | None = None  #: builder arguments (depth, step_size, ...)
-    gradient: str = "backprop"
-    guard_tolerance: float = 0.05
-    guard_every: int | None = None
-    on_inaccurate: str = "stop"
-    verbose: str | int = "auto"
-    strategy: Any = "default"  #: a name of STRATEGIES or a tf.distribute.Strategy
-    devices: int | None = None
-    connect_timeout: float | None = None
-    tpu: str | None = None
-    precision: str = "float32"
-    sync_batchnorm: bool = False
-    resume: bool = True
-    deterministic: bool = False
-    diagnostics: bool = True
-
-    def __post_init__(self):
-        if self.model_options is None:
-            self.model_options = {}
-
-    def resolve(self) -> TrainSettings:
-        """A validated copy with the recipe's values for every ``None`` hyper-parameter."""
-        if not isinstance(self.dataset, str):
-            raise KodeError(f"dataset must be a name, got {self.dataset!r}")
-        dataset = self.dataset.strip().lower()
-        if dataset not in RECIPES:
-            # load_dataset gives the canonical message for unknown names.
-            load_dataset(dataset, data_dir=self.data_dir)
-        recipe = RECIPES[dataset]
-        s = dataclasses.replace(self, dataset=dataset, model_options=dict(self.model_options))
-        for name in ("epochs", "batch_size", "lr", "schedule", "weight_decay", "momentum"):
-            if getattr(s, name) is None:
-                setattr(s, name, getattr(recipe, name))
-        _check_positive("epochs", s.epochs)
-        _check_positive("batch_size", s.batch_size)
-        _check_positive("steps_per_epoch", s.steps_per_epoch)
-        _check_positive("lr", s.lr, float)
-        _check_non_negative("weight_decay", s.weight_decay)
-        _check_non_negative("momentum", s.momentum)
-        if s.schedule not in SCHEDULES:
-            raise KodeError(f"unknown schedule '{s.schedule}'; choose one of "
-                            f"{', '.join(SCHEDULES)}")
-        from kode.gradients import GRADIENT_MODES
-        from kode.guard import check_tolerance
-
-        if s.gradient not in GRADIENT_MODES:
-            raise KodeError(f"unknown gradient '{s.gradient}'; choose one of "
-                            f"{', '.join(GRADIENT_MODES)}")
-        check_tolerance(s.guard_tolerance)
-        _check_positive("guard_every", s.guard_every)
-        if s.on_inaccurate not in ("stop", "fallback"):
-            raise KodeError(f"on_inaccurate must be 'stop' or 'fallback', got "
-                            f"{s.on_inaccurate!r}")
-        if s.precision not in PRECISIONS:
-            raise KodeError(f"unknown precision '{s.precision}'; choose one of "
-                            f"{', '.join(PRECISIONS)}")
-        if isinstance(s.strategy, str) and s.strategy not in STRATEGIES:
-            raise KodeError(f"unknown strategy '{s.strategy}'; choose one of "
-                            f"{', '.join(STRATEGIES)}")
-        if s.connect_timeout is not None:
-            _check_positive("connect_timeout", s.connect_timeout, float)
-        _check_positive("devices", s.devices)
-        return s
-
-    @property
-    def strategy_name(self) -> str:
-        return self.strategy if isinstance(self.strategy, str) else type(self.strategy).__name__
-
-    def fingerprint(self) -> dict:
-        """What must be equal for a checkpoint of another process to be resumed."""
-        fingerprint = {
-            "model": self.model, "dataset": self.dataset, "epochs": self.epochs,
-            "batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule,
-            "weight_decay": self.weight_decay, "momentum": self.momentum,
-            "decay_lm_k": self.decay_lm_k, "seed": self.seed, "augment": self.augment,
-            "model_options": self.model_options, "gradient": self.gradient,
-            "precision": self.precision}
-        if self.steps_per_epoch is not None:  # absent when unset: older checkpoints still match
-            fingerprint["steps_per_epoch"] = self.steps_per_epoch
-        return fingerprint
-
-    def to_dict(self) -> dict:
-        """JSON-able: the strategy as its name."""
-        return {**asdict(dataclasses.replace(self, strategy=None)),
-                "strategy": self.strategy_name}
-
-
-class DivergenceStop(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss (a diverged run would otherwise train to
-    the end and save, export and report a model of NaNs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise KodeError(
-                f"training diverged: loss is {float(loss)} at epoch {self.epoch + 1}, step "
-                f"{batch + 1}; no model was saved or exported (try a smaller --lr)"
-            )
 
 
 ModelBuilder = Callable[["TrainingPipeline", DatasetInfo], keras.Model]
@@ -390,11 +152,11 @@ class TrainingPipeline:
         s.logdir = s.logdir or os.path.join("runs", f"{s.model}-{s.dataset}-{stamp}")
         self._created_logdir = _prepare_logdir(s.logdir)
         if s.export_dir is not None:
-            from kode.export import check_export_dir
+            from kode.serving.publish import check_export_dir
 
             check_export_dir(s.export_dir, s.model)
         self.strategy = self.make_strategy()
-        from kode.distribute import describe_devices, is_chief, worker_logdir
+        from kode.distribute.strategy import describe_devices, is_chief, worker_logdir
 
         if s.verbose:
             print(describe_devices(self.strategy))
@@ -412,7 +174,7 @@ class TrainingPipeline:
         s = self.settings
         if not isinstance(s.strategy, str):
             return s.strategy
-        from kode.distribute import DEFAULT_CONNECT_TIMEOUT, make_strategy
+        from kode.distribute.strategy import DEFAULT_CONNECT_TIMEOUT, make_strategy
 
         return make_strategy(
             s.strategy, devices=s.devices, tpu=s.tpu,
@@ -455,7 +217,7 @@ class TrainingPipeline:
 
     def checkpoint(self) -> None:
         """Create the run's epoch checkpoint and restore an interrupted run from it."""
-        from kode.distribute import EpochCheckpoint
+        from kode.training.resume import EpochCheckpoint
 
         s = self.settings
         self.epoch_checkpoint = EpochCheckpoint(
@@ -463,8 +225,8 @@ class TrainingPipeline:
         self.initial_epoch = self.epoch_checkpoint.restore(s.epochs) if s.resume else 0
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
-        from kode.distribute import CheckpointCallback
-        from kode.guard import GradientGuard
+        from kode.tools.guard import GradientGuard
+        from kode.training.resume import CheckpointCallback
 
         s = self.settings
         callbacks = [
@@ -484,7 +246,7 @@ class TrainingPipeline:
                                        s.guard_every, s.on_inaccurate)
             callbacks.insert(0, self.guard)
         if s.diagnostics:
-            from kode.diagnostics import Diagnostics
+            from kode.tools.diagnostics import Diagnostics
 
             examples = round(self.info.train_size * self.steps_per_epoch / self.batches_per_pass)
             callbacks.append(Diagnostics(self.logdir, self.test_ds, examples))
@@ -492,7 +254,7 @@ class TrainingPipeline:
         return callbacks
 
     def fit(self, callbacks: list[keras.callbacks.Callback]) -> None:
-        from kode.distribute import evaluate_distributed, fit_distributed
+        from kode.training.custom_loop import evaluate_distributed, fit_distributed
 
         s, model = self.settings, self.model
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -529,7 +291,7 @@ class TrainingPipeline:
         each pass already trained through (see kode.distribute.skip_epochs), then skips the
         batches of the current pass trained before the interruption.
         """
-        from kode.distribute import skip_epochs
+        from kode.training.resume import skip_epochs
 
         passes, offset = divmod(self.initial_epoch * self.steps_per_epoch,
                                 self.batches_per_pass)
@@ -569,7 +331,7 @@ class TrainingPipeline:
         s = self.settings
         if s.export_dir is None or not self.chief:
             return None
-        from kode.export import export_model
+        from kode.serving.export import export_model
 
         check_batch = next(iter(self.test_ds))[0][:8]
         return export_model(self.model, s.export_dir, name=s.model, metadata=self.metadata(),
@@ -589,7 +351,7 @@ class TrainingPipeline:
                 with self.strategy.scope():
                     self.model = self.build_model(self.info)
                     if s.sync_batchnorm:
-                        from kode.distribute import synchronize_batchnorm
+                        from kode.distribute.strategy import synchronize_batchnorm
 
                         synchronize_batchnorm(self.model)
                     self.compile(self.model)
@@ -657,22 +419,6 @@ def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
     diverged" and saves nothing.
     """
     return TrainingPipeline(TrainSettings(model_name, dataset, **settings)).run()
-
-
-def keyword_signature(settings_cls: type, first: str, *, skip: tuple[str, ...],
-                      defaults: dict | None = None) -> inspect.Signature:
-    """The signature of an entry point over ``settings_cls``: ``(first, dataset="digits", *,
-    <every other settings field>)``, shown by help() and IDEs instead of ``**settings``."""
-    fields = [p for p in inspect.signature(settings_cls).parameters.values() if p.name not in skip]
-    defaults = defaults or {}
-    return inspect.Signature(
-        [inspect.Parameter(first, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-         inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
-                           annotation=str),
-         *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=defaults.get(p.name, p.default))
-           for p in fields]],
-        return_annotation=TrainResult,
-    )
 
 
 train.__signature__ = keyword_signature(TrainSettings, "model_name", skip=("model", "dataset"))

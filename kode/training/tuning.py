@@ -45,11 +45,10 @@ import numpy as np
 import tensorflow as tf
 
 import zoo
-from kode.data import DatasetInfo, load_dataset
+from kode.data.datasets import DatasetInfo, load_dataset
 from kode.errors import KodeError
-from kode.files import write_json
-from kode.training import (
-    RECIPES,
+from kode.io import write_json
+from kode.training.pipeline import (
     _prepare_logdir,
     compile_classifier,
     learning_rate_schedule,
@@ -57,6 +56,7 @@ from kode.training import (
     model_metadata,
     save_model,
 )
+from kode.training.settings import RECIPES
 
 TUNERS = ("random", "bayesian", "hyperband")
 #: Families with a CIFAR-style layout (lm_resnext exists only as an ImageNet bottleneck model).
@@ -281,7 +281,7 @@ def tune(
     directory = directory or os.path.join("runs", f"tune-{'-'.join(families)}-{dataset}-{stamp}")
     _prepare_logdir(directory)
     if export_dir is not None:
-        from kode.export import check_export_dir
+        from kode.serving.publish import check_export_dir
 
         check_export_dir(export_dir, "tuned")
 
@@ -330,7 +330,7 @@ def tune(
                 "val_accuracy": float(best_trial.score), "test": test_metrics})
     export = None
     if export_dir is not None:
-        from kode.export import export_model
+        from kode.serving.export import export_model
 
         export = export_model(model, export_dir, name=name, metadata=metadata,
                               check_inputs=np.asarray(next(iter(test_ds))[0][:8]))

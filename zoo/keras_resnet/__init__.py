@@ -5,7 +5,7 @@ V1: relu(x + f(x)) stages (``post_activation_euler``: checkpoint, no adjoint). `
 is None, a weights file or "imagenet" (downloaded by keras.applications).
 """
 
-from kode.port import KERAS_RESNETS, keras_resnet
+from zoo.keras_resnet.applications import KERAS_RESNETS, keras_resnet
 from zoo.registry import register_model
 
 for _key, (_arch, _) in KERAS_RESNETS.items():

@@ -1,14 +1,14 @@
 import pytest
 
 import zoo
-from kode.testing import family_model_tests
+from kode.testing.models import family_model_tests
 
 test_family_is_registered, test_standard_model_checks, test_same_reduced_model = (
     family_model_tests("lm_resnet"))
 
 
 def test_stochastic_depth_variants_use_paper_final_probability():
-    from kode.blocks import StochasticDepth
+    from kode.layers.blocks import StochasticDepth
 
     for name, p_last in (("lm_resnet56_sd", 0.8), ("lm_resnet110_sd", 0.5)):
         model = zoo.create_model(name, input_shape=(8, 8, 3))

@@ -1,5 +1,5 @@
 import zoo
-from kode.testing import run_standard_model_checks
+from kode.testing.models import run_standard_model_checks
 
 
 def test_lm_resnext50_is_grouped_and_passes_standard_checks():

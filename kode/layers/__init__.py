@@ -1,0 +1,24 @@
+"""kode's Keras layers (the core, with :mod:`kode.integrators` and :mod:`kode.gradients`).
+
+- :class:`IntegratorStage`: N residual steps of an integrator on a state of fixed shape, with
+  a gradient mode (backprop, checkpoint, adjoint); :class:`TransitionBlock`: the
+  shape-changing block between stages.
+- Residual functions: :class:`BasicBlock`, :class:`Bottleneck`, :class:`Projection`,
+  :class:`StochasticDepth`, :class:`LayerChain` (the branch of a ported model's block).
+- :class:`BatchNormalization` on TensorFlow's fused kernel; RevNet's coupling layers.
+
+Importing this package registers every layer with Keras' serialization, so
+``keras.saving.load_model`` reads kode models.
+"""
+
+from kode.layers.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth
+from kode.layers.chain import LayerChain
+from kode.layers.normalization import BatchNormalization
+from kode.layers.revnet import HalvesPoolPad, RevNetDownsampleFunction
+from kode.layers.stage import IntegratorStage, TransitionBlock, resolve_step_size
+
+__all__ = [
+    "BasicBlock", "BatchNormalization", "Bottleneck", "HalvesPoolPad", "IntegratorStage",
+    "LayerChain", "Projection", "RevNetDownsampleFunction", "StochasticDepth",
+    "TransitionBlock", "resolve_step_size",
+]
