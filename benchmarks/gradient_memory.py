@@ -89,7 +89,9 @@ def _build_model(cfg: dict):
         from kode.tools.refine import refine
 
         model = refine(model, cfg["refine"])
-    stages = [layer for layer in model._flatten_layers() if hasattr(layer, "dynamics")]
+    from kode.layers.stage import integrator_stages
+
+    stages = integrator_stages(model)
     return model, shape, sum(s.num_steps for s in stages)
 
 

@@ -9,7 +9,7 @@ from kode._tensorflow import import_tensorflow_quietly
 import_tensorflow_quietly()
 
 from kode.errors import KodeError  # noqa: E402
-from kode.gradients import GRADIENT_MODES, set_gradient_mode  # noqa: E402
+from kode.gradients import GRADIENT_MODES  # noqa: E402
 from kode.integrators import (  # noqa: E402
     INTEGRATORS,
     Euler,
@@ -32,6 +32,7 @@ from kode.layers import (  # noqa: E402
     Projection,
     StochasticDepth,
     TransitionBlock,
+    set_gradient_mode,
 )
 from kode.tools.port import port_model  # noqa: E402
 

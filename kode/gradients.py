@@ -39,9 +39,8 @@ from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
-from tensorflow.python.eager import record
-from tensorflow.python.ops import control_flow_util
 
+from kode.compat import in_xla_context, stop_recording
 from kode.errors import KodeError
 
 BACKPROP, CHECKPOINT, ADJOINT = "backprop", "checkpoint", "adjoint"
@@ -206,7 +205,7 @@ def integrate(dynamics: Dynamics, x, history=None, mode: str = BACKPROP):
         for n in range(dynamics.num_steps):
             state = dynamics.step(n, state)
         return dynamics.output(state)
-    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+    if in_xla_context():
         # Measured (docs/gradients.md): XLA drops the control dependencies that sequence the
         # rebuilds, so the states pile up again. Keras' jit_compile="auto" picks XLA on GPUs.
         warnings.warn(
@@ -263,7 +262,7 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
         hist = inputs[1] if len(inputs) > 1 else None
         # Without stop_recording an outer eager tape would keep every intermediate alive.
         values = _StepValues()
-        with record.stop_recording():
+        with stop_recording():
             rng_init = _snapshot(dynamics.rng_variables)
             with values(-1, recording=True):
                 state = dynamics.init(inputs[0], hist)
@@ -362,13 +361,3 @@ def reconstruction_error(dynamics: Dynamics, x, history=None) -> float:
     rebuilt = dynamics.output(state)
     return float(tf.reduce_max(tf.abs(rebuilt - x)) / (tf.reduce_max(tf.abs(x)) + 1e-30))
 
-
-def set_gradient_mode(model: keras.Model, mode: str) -> list[str]:
-    """Set ``mode`` on every integrator stage of ``model``; returns the stage names.
-
-    Recompile (``model.compile``) a compiled model so that the next train step is retraced.
-    """
-    stages = [layer for layer in model._flatten_layers() if hasattr(layer, "dynamics")]
-    for stage in stages:
-        stage.gradient = mode
-    return [stage.name for stage in stages]

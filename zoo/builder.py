@@ -22,7 +22,7 @@ from kode.errors import KodeError, one_line
 from kode.gradients import check_gradient_mode
 from kode.integrators import Integrator, get_integrator
 from kode.layers.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
-from kode.layers.stage import IntegratorStage, TransitionBlock
+from kode.layers.stage import IntegratorStage, TransitionBlock, integrator_stages
 from zoo.registry import register_model
 
 IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -108,7 +108,7 @@ def _describe(name: str, shapes: list[tuple], stage_steps: list[int]) -> str:
 
 
 def _stage_steps(model: keras.Model) -> list[int]:
-    return [la.num_steps for la in model._flatten_layers() if isinstance(la, IntegratorStage)]
+    return [stage.num_steps for stage in integrator_stages(model)]
 
 
 def _h5_layout(path: str) -> tuple[list[tuple], list[int]]:

@@ -104,7 +104,7 @@ def _fit(model, data, epochs: int, seed: int) -> None:
 def _memory_model(cfg: dict):
     """``benchmarks.gradient_memory`` model hook: the pretrained architecture refined ×m
     (weights do not change the memory), with ``cfg["mode"]`` as gradient mode."""
-    from kode.gradients import set_gradient_mode
+    from kode.layers.stage import set_gradient_mode
     from kode.tools.refine import refine
 
     model = refine(build_pretrained(cfg.get("seed", 0)), cfg["m"])
@@ -147,7 +147,7 @@ _RESULT = "FINETUNE_MEMORY "
 
 
 def run_seed(seed: int, budget: dict, ctx: Context) -> dict:
-    from kode.gradients import set_gradient_mode
+    from kode.layers.stage import set_gradient_mode
     from kode.tools.guard import check_gradients
     from kode.tools.refine import refine
 

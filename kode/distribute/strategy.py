@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
+from kode.compat import all_layers
 from kode.errors import KodeError, one_line
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
@@ -317,7 +318,7 @@ def synchronize_batchnorm(model: keras.Model) -> int:
     Needed for a multi-replica run to match a one-device run with the same global batch. The
     flag is read at call time, so setting it before the first (traced) call suffices.
     """
-    layers = [la for la in model._flatten_layers()
+    layers = [la for la in all_layers(model)
               if isinstance(la, keras.layers.BatchNormalization)]
     for layer in layers:
         layer.synchronized = True

@@ -15,10 +15,16 @@ from kode.layers.blocks import BasicBlock, Bottleneck, Projection, StochasticDep
 from kode.layers.chain import LayerChain
 from kode.layers.normalization import BatchNormalization
 from kode.layers.revnet import HalvesPoolPad, RevNetDownsampleFunction
-from kode.layers.stage import IntegratorStage, TransitionBlock, resolve_step_size
+from kode.layers.stage import (
+    IntegratorStage,
+    TransitionBlock,
+    integrator_stages,
+    resolve_step_size,
+    set_gradient_mode,
+)
 
 __all__ = [
     "BasicBlock", "BatchNormalization", "Bottleneck", "HalvesPoolPad", "IntegratorStage",
     "LayerChain", "Projection", "RevNetDownsampleFunction", "StochasticDepth",
-    "TransitionBlock", "resolve_step_size",
+    "TransitionBlock", "integrator_stages", "resolve_step_size", "set_gradient_mode",
 ]

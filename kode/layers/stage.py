@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
+from kode.compat import all_layers
 from kode.errors import KodeError
 from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, evaluate, integrate
 from kode.integrators import EXACT, Integrator, get_integrator, serialize_integrator
@@ -222,3 +223,19 @@ class TransitionBlock(CheckpointTracked, layers.Layer):
         for key in ("residual_function", "projection"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def integrator_stages(model: keras.layers.Layer) -> list[IntegratorStage]:
+    """The integrator stages inside ``model`` (nested models included), in layer order."""
+    return [layer for layer in all_layers(model) if isinstance(layer, IntegratorStage)]
+
+
+def set_gradient_mode(model: keras.layers.Layer, mode: str) -> list[str]:
+    """Set ``mode`` on every integrator stage of ``model``; returns the stage names.
+
+    Recompile (``model.compile``) a compiled model so that the next train step is retraced.
+    """
+    stages = integrator_stages(model)
+    for stage in stages:
+        stage.gradient = mode
+    return [stage.name for stage in stages]

@@ -41,6 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kode.compat import input_signature
 from kode.errors import KodeError, one_line
 from kode.serving.preprocessing import IDENTITY, apply_preprocessing, check_preprocessing, mean_std
 from kode.serving.publish import (
@@ -414,10 +415,8 @@ def _as_float_array(x: Any, what: str) -> np.ndarray:
 
 def _model_input_spec(model: keras.Model) -> tf.TensorSpec:
     """The (batch-polymorphic) input spec of a single-input model, as ``model.export`` finds it."""
-    from keras.src.export.export_utils import get_input_signature
-
     try:
-        signature = get_input_signature(model)
+        signature = input_signature(model)
     except (TypeError, ValueError) as exc:
         raise KodeError(f"model {model.name!r} cannot be exported: {one_line(exc)}") from exc
     flat = keras.tree.flatten(signature)

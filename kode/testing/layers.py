@@ -11,6 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kode.compat import all_layers, keras_test_case
+
 # Per-layer policies checked on every case (mixed_bfloat16 casts like mixed_float16).
 DTYPE_POLICIES = ("float16", "bfloat16", "mixed_float16")
 
@@ -55,9 +57,7 @@ def _inputs(input_shape, seed: int = 0):
 
 
 def _harness():
-    from keras.src.testing import TestCase
-
-    class Harness(TestCase):
+    class Harness(keras_test_case()):
         def runTest(self):  # noqa: N802  (unittest's name)
             pass
 
@@ -130,7 +130,7 @@ def check_layers_have_cases(model: keras.Model) -> None:
 
 
 def _all_layers(layer: keras.layers.Layer) -> list:
-    return [layer, *layer._flatten_layers(include_self=False)]
+    return all_layers(layer)
 
 
 def checkpointed_variables(obj: keras.layers.Layer) -> list:

@@ -29,11 +29,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kode.layers.stage import IntegratorStage
-
-
-def integrator_stages(model: keras.Model) -> list[IntegratorStage]:
-    return [la for la in model._flatten_layers() if isinstance(la, IntegratorStage)]
+from kode.compat import autocast_scope
+from kode.tools.stages import integrator_stages, stage_inputs
 
 
 def lm_k_variables(model: keras.Model) -> list:
@@ -43,18 +40,12 @@ def lm_k_variables(model: keras.Model) -> list:
 
 def residual_sizes(model: keras.Model, x) -> dict[str, np.ndarray]:
     """Per stage, mean over the batch of ‖x_{n+1} − x_n‖₂ / h for each step n (inference
-    mode). Stages of a one-stage network are handled as in :func:`kode.guard.check_gradients`.
-    """
+    mode).     """
     stages = integrator_stages(model)
     if not stages:
         return {}
-    probe = keras.Model(model.inputs, [s.input for s in stages])
-    stage_inputs = probe(x, training=False)
-    if len(stages) == 1:  # a one-output model returns its output unwrapped
-        stage_inputs = [stage_inputs]
     sizes = {}
-    for stage, inputs in zip(stages, stage_inputs, strict=True):
-        x0, history = inputs if isinstance(inputs, list | tuple) else (inputs, None)
+    for stage, (x0, history) in zip(stages, stage_inputs(model, x, stages=stages), strict=True):
         dynamics = stage.dynamics(training=False)
         # Integrator variables (LM's k) may be float32 under a mixed policy: compute in float32
         # outside the layer's autocast scope.
@@ -75,10 +66,8 @@ def residual_sizes(model: keras.Model, x) -> dict[str, np.ndarray]:
 
 def _autocast(layer):
     """The autocast scope a layer's own ``__call__`` would open (mixed precision)."""
-    from keras.src.backend.common.variables import AutocastScope
-
     dtype = layer.compute_dtype if layer.compute_dtype != layer.variable_dtype else None
-    return AutocastScope(dtype)
+    return autocast_scope(dtype)
 
 
 class Diagnostics(keras.callbacks.Callback):

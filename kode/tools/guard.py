@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from kode.errors import KodeError
 from kode.gradients import ADJOINT, BACKPROP, CHECKPOINT, reconstruction_error
-from kode.layers.stage import IntegratorStage
+from kode.tools.stages import integrator_stages, stage_inputs
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,6 @@ class GradientReport:
                          f"{s.mode:10s} {s.gradient_error:12.3e} {s.reconstruction_error:12.3e}")
         lines.append(f"whole model: relative gradient error {self.model_error:.3e}")
         return "\n".join(lines)
-
-
-def integrator_stages(model: keras.Model) -> list[IntegratorStage]:
-    return [layer for layer in model._flatten_layers() if isinstance(layer, IntegratorStage)]
 
 
 def check_tolerance(tolerance: float) -> float:
@@ -112,18 +108,15 @@ def check_gradients(
             used.append(s.gradient)
         measured = _gradients(model, loss_fn, x, y)
         _restore(model, saved_state)
-        stage_inputs = keras.Model(model.inputs, [s.input for s in stages])(x, training=True)
-        if len(stages) == 1:  # a one-output model returns its output unwrapped
-            stage_inputs = [stage_inputs]
+        received = stage_inputs(model, x, training=True, stages=stages)
         _restore(model, saved_state)
     finally:
         for s, m in zip(stages, saved_modes, strict=True):
             s.gradient = m
     index = {v.path: i for i, v in enumerate(model.trainable_variables)}
     checks = []
-    for stage, stage_mode, inputs in zip(stages, used, stage_inputs, strict=True):
+    for stage, stage_mode, (x0, history) in zip(stages, used, received, strict=True):
         positions = [index[v.path] for v in stage.trainable_variables]
-        x0, history = inputs if isinstance(inputs, list | tuple) else (inputs, None)
         checks.append(StageCheck(
             stage.name, stage.integrator.name, stage.num_steps, stage.h, stage_mode,
             _relative([measured[i] for i in positions], [reference[i] for i in positions]),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from kode.compat import functional_nodes, is_functional_graph
 from kode.errors import KodeError
 from kode.layers.chain import LayerChain
 from kode.layers.stage import IntegratorStage
@@ -57,11 +58,7 @@ class _Graph:
     """The model's nodes in topological order, with producers and consumers of each tensor."""
 
     def __init__(self, model: keras.Model):
-        self.nodes = []
-        for op in model.operations:
-            for i, node in enumerate(op._inbound_nodes):
-                if f"{id(op)}_ib-{i}" in model._nodes:
-                    self.nodes.append((op, node))
+        self.nodes = list(functional_nodes(model))
         self.producer, self.consumers = {}, {}
         for op, node in self.nodes:
             for t in node.output_tensors:
@@ -178,7 +175,7 @@ def port_model(model: keras.Model, gradient: str = "backprop",
     time and memory when the source is thrown away). Either way it computes the same
     function. ``port_summary(result)`` lists the stages created.
     """
-    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes"):
+    if not is_functional_graph(model):
         raise KodeError(f"only functional Keras models can be ported, got {type(model).__name__}")
     graph = _Graph(model)
     blocks = [b for op, node in graph.nodes if isinstance(op, layers.Add)

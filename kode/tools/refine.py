@@ -21,7 +21,7 @@ import numpy as np
 
 from kode.errors import KodeError
 from kode.integrators import Euler
-from kode.layers.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage, integrator_stages
 
 #: Integrators whose step x + h f(x) splits into m steps of h/m with the same f.
 REFINABLE = (Euler,)
@@ -37,10 +37,6 @@ def check_factor(factor) -> int:
     if factor < 1:
         raise KodeError(f"refinement factor must be a positive integer (m >= 1), got {factor!r}")
     return int(factor)
-
-
-def _stages(model: keras.Model) -> list[IntegratorStage]:
-    return [lay for lay in model._flatten_layers() if isinstance(lay, IntegratorStage)]
 
 
 def _copy(layer: keras.layers.Layer, name: str) -> keras.layers.Layer:
@@ -69,7 +65,7 @@ def refine(model: keras.Model, factor: int = 2) -> keras.Model:
     a model without stages, and stages whose integrator cannot be refined this way.
     """
     m = check_factor(factor)
-    stages = _stages(model)
+    stages = integrator_stages(model)
     if not stages:
         raise KodeError(f"model '{model.name}' has no integrator stage to refine")
     for stage in stages:

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kode.compat import all_layers
 from kode.errors import KodeError
 from kode.training.resume import skip_epochs
 
@@ -130,7 +131,7 @@ def fit_distributed(
     train_step, traced_modes = None, None
     for epoch in range(initial_epoch, epochs):
         # The gradient guard may switch stages to 'checkpoint' (fallback): retrace then.
-        modes = tuple(getattr(la, "gradient", None) for la in model._flatten_layers())
+        modes = tuple(getattr(la, "gradient", None) for la in all_layers(model))
         if modes != traced_modes:
             train_step, traced_modes = make_step(replica_train, dist_train), modes
         callback_list.on_epoch_begin(epoch)

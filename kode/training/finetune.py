@@ -278,7 +278,7 @@ class FinetunePipeline(TrainingPipeline):
         return callbacks
 
     def build_model(self, info) -> keras.Model:
-        from kode.gradients import set_gradient_mode
+        from kode.layers.stage import set_gradient_mode
         from kode.tools.refine import refine
 
         s = self.settings

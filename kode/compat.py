@@ -1,0 +1,106 @@
+"""Every private Keras / TensorFlow API kode uses, in one place.
+
+Each accessor below wraps one private name; :func:`missing_private_apis` lists those a
+Keras or TensorFlow upgrade has removed, so a test fails with the name and what kode uses it
+for, instead of a model silently going wrong (tests/test_compat.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+
+def _attribute(module: str, name: str) -> Any:
+    return getattr(importlib.import_module(module), name)
+
+
+def stop_recording():
+    """A context in which no gradient tape records (``tf.recompute_grad`` uses the same):
+    without it an outer eager tape keeps every intermediate of a custom-gradient forward."""
+    return _attribute("tensorflow.python.eager.record", "stop_recording")()
+
+
+def in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA (which reorders recomputations)."""
+    is_xla = _attribute("tensorflow.python.ops.control_flow_util", "GraphOrParentsInXlaContext")
+    return bool(is_xla(tf.compat.v1.get_default_graph()))
+
+
+def autocast_scope(dtype: str | None):
+    """The scope in which a layer's ``__call__`` casts float variables to ``dtype`` (mixed
+    precision); None: no casting."""
+    return _attribute("keras.src.backend.common.variables", "AutocastScope")(dtype)
+
+
+def input_signature(model: keras.Model) -> Any:
+    """The (batch-polymorphic) input signature ``model.export`` would use."""
+    return _attribute("keras.src.export.export_utils", "get_input_signature")(model)
+
+
+def keras_test_case() -> type:
+    """Keras' own ``TestCase`` (its ``run_layer_test`` conformance harness)."""
+    return _attribute("keras.src.testing", "TestCase")
+
+
+def all_layers(layer: keras.layers.Layer, include_self: bool = True) -> list:
+    """Every layer inside ``layer`` (nested, depth first), optionally with itself."""
+    return list(layer._flatten_layers(include_self=include_self))
+
+
+def functional_nodes(model: keras.Model) -> Iterator[tuple[Any, Any]]:
+    """(operation, node) pairs of a functional model's graph (the nodes that belong to this
+    model, not to other models sharing its layers)."""
+    for op in model.operations:
+        for i, node in enumerate(op._inbound_nodes):
+            if f"{id(op)}_ib-{i}" in model._nodes:
+                yield op, node
+
+
+def is_functional_graph(model: Any) -> bool:
+    """Whether ``model`` is a Keras model whose graph of nodes kode can read."""
+    return isinstance(model, keras.Model) and hasattr(model, "_nodes")
+
+
+def _check_functional_nodes() -> None:
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    if not is_functional_graph(model) or len(list(functional_nodes(model))) != 2:
+        raise AttributeError("Functional model _nodes / Operation._inbound_nodes changed")
+
+
+#: name → (what kode uses it for, a call that fails when it is gone).
+PRIVATE_APIS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "tensorflow.python.eager.record.stop_recording": (
+        "the adjoint's forward keeps nothing for an outer tape", lambda: stop_recording()),
+    "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext": (
+        "the warning that XLA undoes the adjoint's memory saving", in_xla_context),
+    "keras.src.backend.common.variables.AutocastScope": (
+        "diagnostics call residual functions as their layer would under mixed precision",
+        lambda: autocast_scope(None)),
+    "keras.src.export.export_utils.get_input_signature": (
+        "the SavedModel's input signature", lambda: _attribute(
+            "keras.src.export.export_utils", "get_input_signature")),
+    "keras.src.testing.TestCase": ("the layer contract tests (run_layer_test)",
+                                   keras_test_case),
+    "keras.layers.Layer._flatten_layers": (
+        "finding a model's integrator stages and BatchNormalization layers",
+        lambda: all_layers(keras.layers.Dense(1))),
+    "keras.Model._nodes / Operation._inbound_nodes": (
+        "port_model reads a functional model's graph", _check_functional_nodes),
+}
+
+
+def missing_private_apis() -> list[str]:
+    """``"<name>: <use> (<error>)"`` for every private API that no longer works."""
+    missing = []
+    for name, (use, probe) in PRIVATE_APIS.items():
+        try:
+            probe()
+        except Exception as err:  # ImportError, AttributeError, TypeError after an upgrade
+            missing.append(f"{name}: {use} ({type(err).__name__}: {err})")
+    return missing
