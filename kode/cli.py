@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -216,15 +217,16 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_reproduce(arguments: list[str]) -> int:
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "reproduce" / "runner.py").is_file():
+    """The paper experiments live in a source checkout (``benchmarks/reproduce``), not in the
+    installed package: run them there as ``python -m benchmarks.reproduce`` in a child process
+    (the library itself never imports the benchmarks)."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "reproduce" / "__main__.py").is_file():
         raise KodeError("kode reproduce runs from a source checkout of kode (it needs "
                         "benchmarks/reproduce/); install with pip install -e .")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.reproduce.runner import main as reproduce
-
-    return reproduce(arguments, parser_class=_Parser)
+    path = os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.call([sys.executable, "-m", "benchmarks.reproduce", *arguments],
+                           env={**os.environ, "PYTHONPATH": path})
 
 
 _DATASET_HELP = "digits (embedded), mnist, cifar10, cifar100 or imagenet2012 (any case)"

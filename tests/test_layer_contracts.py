@@ -6,7 +6,7 @@
 - Keras' own conformance harness ``run_layer_test`` passes, mixed precision included, and a
   per-layer float16/bfloat16 policy gives outputs of that dtype.
 
-The layers checked are ``kode.testing.LAYER_CASES``: register a new layer there.
+Each layer's own cases run beside it (``kode/layers/*_test.py``, :mod:`kode.testing.layers`).
 """
 
 import os
@@ -72,21 +72,6 @@ def test_checkpoint_restores_every_variable_into_a_fresh_zoo_model():
     with tempfile.TemporaryDirectory() as directory:
         testing.check_checkpoint_round_trip(
             model, directory, fresh=zoo.create_model("lm_resnet56_sd", **overrides))
-
-
-@pytest.mark.parametrize("case", testing.LAYER_CASES, ids=str)
-def test_keras_run_layer_test(case):
-    testing.check_layer_test(case)
-
-
-@pytest.mark.parametrize("case", testing.LAYER_CASES, ids=str)
-def test_per_layer_dtype_policy(case):
-    testing.check_layer_dtypes(case)
-
-
-@pytest.mark.parametrize("case", testing.LAYER_CASES, ids=str)
-def test_checkpoint_round_trip_into_a_fresh_layer(case):
-    testing.check_layer_checkpoint(case)
 
 
 @pytest.mark.parametrize("policy", ["float16", "mixed_float16"])

@@ -1,7 +1,6 @@
 """Shared test helpers (after keras-hub's): every zoo model passes :mod:`kode.testing.models`'
 standard checks, every kode layer :mod:`kode.testing.layers`' contract checks."""
 
-from kode.testing import layer_cases  # noqa: F401  (registers the layer cases)
 from kode.testing.layers import (
     DTYPE_POLICIES,
     LAYER_CASES,
@@ -12,6 +11,8 @@ from kode.testing.layers import (
     check_layer_test,
     check_layers_have_cases,
     checkpointed_variables,
+    layer_contract_tests,
+    load_layer_cases,
     register_layer_case,
     run_layer_contract_checks,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "check_keras_round_trip", "check_layer_checkpoint", "check_layer_dtypes",
     "check_layer_test", "check_layers_have_cases", "check_savedmodel_round_trip",
     "checkpointed_variables", "family_model_tests", "image_serving_contract",
+    "layer_contract_tests", "load_layer_cases",
     "reduced_overrides", "register_layer_case", "run_layer_contract_checks",
     "run_standard_model_checks", "serving_contract",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ LAYER_CASES: list[LayerCase] = []
 
 def register_layer_case(name: str, factory: Callable[..., keras.layers.Layer],
                         input_shape: tuple | list, **layer_test_kwargs) -> LayerCase:
-    """Add a layer to ``LAYER_CASES`` (every case runs in tests/test_layer_contracts.py)."""
+    """Add a layer to ``LAYER_CASES`` (call it from the layer module's ``*_test.py``)."""
     if any(case.name == name for case in LAYER_CASES):
         raise ValueError(f"layer case '{name}' is already registered")
     case = LayerCase(name, factory, input_shape, dict(layer_test_kwargs))
@@ -117,20 +119,46 @@ def run_layer_contract_checks(case: LayerCase) -> None:
     check_layer_checkpoint(case)
 
 
+def load_layer_cases() -> list[LayerCase]:
+    """Every registered case: imports each ``kode/layers/*_test.py`` (which registers its own)."""
+    import kode.layers
+
+    for module in pkgutil.iter_modules(kode.layers.__path__):
+        if module.name.endswith("_test"):
+            importlib.import_module(f"kode.layers.{module.name}")
+    return list(LAYER_CASES)
+
+
+def layer_contract_tests(cases: list[LayerCase]):
+    """The pytest tests of a layer module's cases: ``test_keras_run_layer_test,
+    test_per_layer_dtype_policy, test_checkpoint_round_trip = layer_contract_tests(CASES)``."""
+    import pytest
+
+    @pytest.mark.parametrize("case", cases, ids=str)
+    def test_keras_run_layer_test(case):
+        check_layer_test(case)
+
+    @pytest.mark.parametrize("case", cases, ids=str)
+    def test_per_layer_dtype_policy(case):
+        check_layer_dtypes(case)
+
+    @pytest.mark.parametrize("case", cases, ids=str)
+    def test_checkpoint_round_trip(case):
+        check_layer_checkpoint(case)
+
+    return test_keras_run_layer_test, test_per_layer_dtype_policy, test_checkpoint_round_trip
+
+
 def check_layers_have_cases(model: keras.Model) -> None:
     """Every layer class of kode (or zoo) inside ``model`` is covered by a layer case."""
     covered = set()
-    for case in LAYER_CASES:
-        covered.update(type(layer) for layer in _all_layers(case.factory()))
-    used = {type(layer) for layer in _all_layers(model)}
+    for case in load_layer_cases():
+        covered.update(type(layer) for layer in all_layers(case.factory()))
+    used = {type(layer) for layer in all_layers(model)}
     missing = sorted(cls.__qualname__ for cls in used - covered
                      if cls.__module__.split(".")[0] in ("kode", "zoo"))
-    assert not missing, (f"{model.name} uses kode layers without a layer case: {missing}; add "
-                         "them with kode.testing.register_layer_case")
-
-
-def _all_layers(layer: keras.layers.Layer) -> list:
-    return all_layers(layer)
+    assert not missing, (f"{model.name} uses kode layers without a layer case: {missing}; "
+                         "register them in the layer module's *_test.py")
 
 
 def checkpointed_variables(obj: keras.layers.Layer) -> list:
