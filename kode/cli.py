@@ -10,10 +10,9 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
-from kode.errors import KodeError, one_line
+from kode.errors import KodeError
 
 EXIT_USAGE = 2
 
@@ -145,19 +144,13 @@ def _model_options(args) -> dict:
 
 
 def _cmd_check_gradients(args) -> int:
-    import zoo
-    from kode.data.datasets import load_dataset
-    from kode.tools.guard import check_gradients, check_tolerance
+    from kode.tools.guard import check_tolerance
+    from kode.training.gradient_check import check_zoo_gradients
 
     tolerance = check_tolerance(args.tolerance)
-    zoo.get_entry(args.model)
-    train_ds, _, info = load_dataset(args.dataset, batch_size=args.batch_size,
-                                     data_dir=args.data_dir)
-    model = zoo.create_model(args.model, input_shape=info.input_shape,
-                             classes=info.num_classes, weights=args.weights,
-                             **_model_options(args))
-    x, y = next(iter(train_ds))
-    report = check_gradients(model, x, y)
+    report = check_zoo_gradients(args.model, args.dataset, batch_size=args.batch_size,
+                                 data_dir=args.data_dir, weights=args.weights,
+                                 model_options=_model_options(args))
     print(report.format())
     bad = report.inaccurate(tolerance)
     if bad:
@@ -174,37 +167,10 @@ def _print_export(export) -> None:
 
 
 def _cmd_export(args) -> int:
-    import keras
+    from kode.serving.export import export_keras_file
 
-    from kode.serving.export import export_model
-
-    if not os.path.isfile(args.model) or not args.model.endswith(".keras"):
-        raise KodeError(f"'{args.model}' is not a .keras model file")
-    sidecar = os.path.join(os.path.dirname(os.path.abspath(args.model)), "kode.json")
-    metadata = None
-    if os.path.isfile(sidecar):
-        try:
-            with open(sidecar) as fh:
-                metadata = json.load(fh)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            reason = err.strerror if isinstance(err, OSError) else f"not valid JSON: {err}"
-            raise KodeError(f"'{sidecar}' beside the model is unreadable ({reason}); restore "
-                            "it or move it away (then pass --name)") from None
-        if not isinstance(metadata, dict):
-            raise KodeError(f"'{sidecar}' beside the model is not a JSON object; restore it or "
-                            "move it away (then pass --name)")
-    if not zipfile.is_zipfile(args.model):
-        raise KodeError(f"'{args.model}' is not a Keras .keras archive (not a zip file: "
-                        "truncated, or another format)")
-    try:
-        model = keras.saving.load_model(args.model, compile=False)
-    except Exception as err:  # a corrupt archive raises zip, h5 or JSON errors alike
-        raise KodeError(f"'{args.model}' could not be loaded as a Keras model: "
-                        f"{one_line(err)}") from None
-    name = args.name or (metadata or {}).get("model") or model.name
-    export = export_model(model, args.export_dir, name=name, version=args.version,
-                          metadata=metadata)
-    _print_export(export)
+    _print_export(export_keras_file(args.model, args.export_dir, name=args.name,
+                                    version=args.version))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Durable, all-or-nothing files: every file a run writes goes through here.
+"""Files: durable, all-or-nothing writes (every file a run writes goes through here), and
+reading what a run wrote (a ``.keras`` model and the ``kode.json`` beside it).
 
 A file is written to a temporary name in its final directory, flushed and fsync'ed, then
 renamed over the final name (atomic on POSIX: a reader sees the old file or the new one, never
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from kode.errors import KodeError
+from kode.errors import KodeError, one_line
 
 
 def fsync_dir(path: str) -> None:
@@ -140,3 +141,44 @@ def write_json(path: str, payload: Any, indent: int = 2) -> None:
     text = json.dumps(finite_json(payload), indent=indent, allow_nan=False)
     with atomic_open(path) as fh:
         fh.write(text)
+
+
+SIDECAR = "kode.json"
+
+
+def read_sidecar(model_path: str) -> dict | None:
+    """The ``kode.json`` a training run writes beside its ``model.keras``; None if there is
+    none. Unreadable or not a JSON object: :class:`KodeError` (restore it or move it away)."""
+    sidecar = os.path.join(os.path.dirname(os.path.abspath(model_path)), SIDECAR)
+    if not os.path.isfile(sidecar):
+        return None
+    try:
+        with open(sidecar) as fh:
+            metadata = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"not valid JSON: {err}"
+        raise KodeError(f"'{sidecar}' beside the model is unreadable ({reason}); restore "
+                        "it or move it away (then pass --name)") from None
+    if not isinstance(metadata, dict):
+        raise KodeError(f"'{sidecar}' beside the model is not a JSON object; restore it or "
+                        "move it away (then pass --name)")
+    return metadata
+
+
+def load_keras_file(path: str):
+    """``keras.saving.load_model(path, compile=False)``, or one line saying why the file is
+    not a Keras model (missing, not a zip archive, corrupt)."""
+    import zipfile
+
+    import keras
+
+    if not os.path.isfile(path) or not str(path).endswith(".keras"):
+        raise KodeError(f"'{path}' is not a .keras model file")
+    if not zipfile.is_zipfile(path):
+        raise KodeError(f"'{path}' is not a Keras .keras archive (not a zip file: "
+                        "truncated, or another format)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # a corrupt archive raises zip, h5 or JSON errors alike
+        raise KodeError(f"'{path}' could not be loaded as a Keras model: "
+                        f"{one_line(err)}") from None

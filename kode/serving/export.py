@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from kode.compat import input_signature
 from kode.errors import KodeError, one_line
+from kode.io import load_keras_file, read_sidecar
 from kode.serving.preprocessing import IDENTITY, apply_preprocessing, check_preprocessing, mean_std
 from kode.serving.publish import (
     _check_name,
@@ -60,7 +61,7 @@ from kode.serving.publish import (
     remove_stale_exports,
 )
 
-__all__ = ["ExportResult", "INPUT_KEY", "export_model", "verify_export"]
+__all__ = ["ExportResult", "INPUT_KEY", "export_keras_file", "export_model", "verify_export"]
 
 
 SIGNATURE = "serving_default"  # raw pixels, float32
@@ -215,6 +216,17 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         owner.close()
     return ExportResult(path=final_path, version=final_version, max_abs_diff=float(diff))
+
+
+def export_keras_file(path: str, export_dir: str = "saved_models", name: str | None = None,
+                      version: int | None = None) -> ExportResult:
+    """Export a ``.keras`` file written by a kode run (or any Keras model file): the
+    ``kode.json`` beside it, when there is one, supplies the metadata (preprocessing, class
+    names) and the default name; then as :func:`export_model`."""
+    metadata = read_sidecar(path)
+    model = load_keras_file(path)
+    name = name or (metadata or {}).get("model") or model.name
+    return export_model(model, export_dir, name=name, version=version, metadata=metadata)
 
 
 def verify_export(path: str, model: keras.Model, inputs: np.ndarray) -> float:

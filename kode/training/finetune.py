@@ -18,7 +18,6 @@ three of its steps differ:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -26,7 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kode.errors import KodeError, one_line
+from kode.errors import KodeError
+from kode.io import load_keras_file, read_sidecar
 from kode.training.pipeline import TrainingPipeline
 from kode.training.settings import TrainResult, TrainSettings, keyword_signature
 
@@ -60,16 +60,6 @@ class Source:
     input_shape: tuple | None  # None: the dataset's shape (zoo) / the file's (keras_file)
 
 
-def _sidecar(path: str) -> dict:
-    """The ``kode.json`` written beside a ``.keras`` file by ``kode train``, if any."""
-    meta = os.path.join(os.path.dirname(os.path.abspath(path)), "kode.json")
-    try:
-        with open(meta) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {}
-
-
 def resolve_source(settings: FinetuneSettings) -> Source:
     """Classify ``settings.source`` and check its weights and options (no model built)."""
     import zoo
@@ -94,7 +84,7 @@ def resolve_source(settings: FinetuneSettings) -> Source:
         if weights is not None:
             raise KodeError("--weights is for zoo and keras.applications sources; a .keras "
                             "file holds its weights")
-        meta = _sidecar(source)
+        meta = read_sidecar(source) or {}
         preprocessing = meta.get("preprocessing")
         if preprocessing is None and "mean" in meta and "std" in meta:
             from kode.serving.preprocessing import mean_std
@@ -151,17 +141,11 @@ def _load_source(source: Source, settings: FinetuneSettings, info) -> keras.Mode
             except KodeError:
                 raise first from None
     if source.kind == "keras_file":
-        try:
-            model = keras.saving.load_model(source.name, compile=False)
-        except Exception as err:  # corrupt archives raise many types
-            detail = one_line(err, limit=200)
-            raise KodeError(f"source '{source.name}' is not a readable .keras model: "
-                            f"{detail}") from None
-        return port_model(model, copy=False)
+        return port_model(load_keras_file(source.name), copy=False)
     shape = (*((settings.input_size,) * 2 if settings.input_size else info.input_shape[:2]),
              info.input_shape[2])
     entry = zoo.get_entry(source.name)
-    sidecar = _sidecar(settings.weights)
+    sidecar = (read_sidecar(settings.weights) if settings.weights else None) or {}
     errors = []
     for classes in dict.fromkeys([sidecar.get("num_classes"), entry.defaults.get("classes"),
                                   info.num_classes, 10, 1000]):
@@ -327,7 +311,7 @@ def run_name(source: str) -> str:
     source = str(source)
     base = os.path.basename(source).removesuffix(".keras") or "model"
     if source.endswith(".keras"):
-        base = str(_sidecar(source).get("model") or base)
+        base = str((read_sidecar(source) or {}).get("model") or base)
     return f"finetune_{base.lower()}"
 
 
