@@ -47,6 +47,11 @@ def keras_test_case() -> type:
     return _attribute("keras.src.testing", "TestCase")
 
 
+def tensorflow_trackable() -> type:
+    """TensorFlow's ``Trackable`` base class: what ``tf.train.Checkpoint`` can save."""
+    return tf.__internal__.tracking.Trackable
+
+
 def all_layers(layer: keras.layers.Layer, include_self: bool = True) -> list:
     """Every layer inside ``layer`` (nested, depth first), optionally with itself."""
     return list(layer._flatten_layers(include_self=include_self))
@@ -61,6 +66,11 @@ def functional_nodes(model: keras.Model) -> Iterator[tuple[Any, Any]]:
                 yield op, node
 
 
+def producer_name(tensor: Any) -> str:
+    """The name of the layer that produced a symbolic Keras tensor."""
+    return tensor._keras_history.operation.name
+
+
 def is_functional_graph(model: Any) -> bool:
     """Whether ``model`` is a Keras model whose graph of nodes kode can read."""
     return isinstance(model, keras.Model) and hasattr(model, "_nodes")
@@ -68,9 +78,20 @@ def is_functional_graph(model: Any) -> bool:
 
 def _check_functional_nodes() -> None:
     inputs = keras.Input((2,))
-    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    outputs = keras.layers.Dense(1, name="dense_probe")(inputs)
+    model = keras.Model(inputs, outputs)
     if not is_functional_graph(model) or len(list(functional_nodes(model))) != 2:
         raise AttributeError("Functional model _nodes / Operation._inbound_nodes changed")
+    if producer_name(outputs) != "dense_probe":
+        raise AttributeError("KerasTensor._keras_history changed")
+
+
+def _has(owner: Callable[[], Any], name: str) -> Callable[[], None]:
+    """A probe for a private method kode overrides or a private flag it sets on ``owner()``."""
+    def probe() -> None:
+        if not hasattr(owner(), name):
+            raise AttributeError(f"{name} is gone")
+    return probe
 
 
 #: name → (what kode uses it for, a call that fails when it is gone).
@@ -87,11 +108,24 @@ PRIVATE_APIS: dict[str, tuple[str, Callable[[], Any]]] = {
             "keras.src.export.export_utils", "get_input_signature")),
     "keras.src.testing.TestCase": ("the layer contract tests (run_layer_test)",
                                    keras_test_case),
+    "tf.__internal__.tracking.Trackable": (
+        "tf.train.Checkpoint sees the layers and variables kode layers hold in lists",
+        tensorflow_trackable),
     "keras.layers.Layer._flatten_layers": (
         "finding a model's integrator stages and BatchNormalization layers",
         lambda: all_layers(keras.layers.Dense(1))),
-    "keras.Model._nodes / Operation._inbound_nodes": (
+    "keras.Model._nodes / Operation._inbound_nodes / KerasTensor._keras_history": (
         "port_model reads a functional model's graph", _check_functional_nodes),
+    "keras.layers.BatchNormalization._moments": (
+        "kode's BatchNormalization overrides it to use TensorFlow's fused kernel",
+        _has(lambda: keras.layers.BatchNormalization, "_moments")),
+    "Trackable._trackable_children": (
+        "kode layers add list-held children to tf.train.Checkpoint by overriding it",
+        _has(tensorflow_trackable, "_trackable_children")),
+    "tensorflow_datasets gcs_utils._is_gcs_disabled": (
+        "building a tfds builder offline (no lookup of Google Cloud Storage)",
+        _has(lambda: importlib.import_module("tensorflow_datasets.core.utils.gcs_utils"),
+             "_is_gcs_disabled")),
 }
 
 

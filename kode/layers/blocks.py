@@ -9,7 +9,7 @@ import keras
 from keras import layers, ops
 
 from kode.layers.normalization import BatchNormalization
-from kode.layers.tracking import CheckpointTracked
+from kode.layers.tracking import TrackedChildren
 
 _PACKAGE = "kode"
 
@@ -39,7 +39,7 @@ def _bn(name: str, zero_gamma: bool = False, dtype=None):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class BasicBlock(CheckpointTracked, layers.Layer):
+class BasicBlock(TrackedChildren, layers.Layer):
     """Pre-activation basic block: f(x) = conv3×3(ReLU(BN(conv3×3(ReLU(BN(x)))))).
 
     ``zero_init`` zeroes the last convolution (a pre-activation block has no BN after it to
@@ -81,7 +81,7 @@ class BasicBlock(CheckpointTracked, layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class Bottleneck(CheckpointTracked, layers.Layer):
+class Bottleneck(TrackedChildren, layers.Layer):
     """Pre-activation bottleneck: BN-ReLU-1×1(w) → BN-ReLU-3×3(w, stride, groups) →
     BN-ReLU-1×1(out). ``groups > 1`` gives the ResNeXt block (cardinality = groups)."""
 
@@ -137,7 +137,7 @@ class Bottleneck(CheckpointTracked, layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class Projection(CheckpointTracked, layers.Layer):
+class Projection(TrackedChildren, layers.Layer):
     """The transition's shortcut P(x) = conv1×1(ReLU(BN(x))), stride s, no bias, own BN."""
 
     def __init__(self, filters: int, stride: int = 1, **kwargs):
@@ -161,7 +161,7 @@ class Projection(CheckpointTracked, layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class StochasticDepth(CheckpointTracked, layers.Layer):
+class StochasticDepth(TrackedChildren, layers.Layer):
     """LM stochastic depth on a residual function: f̃(x) = η f(x), η ~ Bernoulli(p) drawn once
     per batch in training; at inference f̃(x) = p f(x) (the expectation, Lu et al.).
     """

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from kode.layers.tracking import CheckpointTracked
+from kode.layers.tracking import TrackedChildren
 
 _PACKAGE = "kode"
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class LayerChain(CheckpointTracked, layers.Layer):  # its list of layers: tf.train.Checkpoint
+class LayerChain(TrackedChildren, layers.Layer):  # its list of layers: tf.train.Checkpoint
     """f(x) = L_k(…L_2(L_1(x))): a ported block's residual branch, its layers in order."""
 
     def __init__(self, chain: Sequence[layers.Layer], **kwargs):

@@ -17,7 +17,7 @@ from kode.compat import all_layers
 from kode.errors import KodeError
 from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, evaluate, integrate
 from kode.integrators import EXACT, Integrator, get_integrator, serialize_integrator
-from kode.layers.tracking import CheckpointTracked
+from kode.layers.tracking import TrackedChildren
 
 _PACKAGE = "kode"
 
@@ -53,7 +53,7 @@ def _split_inputs(inputs):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class IntegratorStage(CheckpointTracked, layers.Layer):
+class IntegratorStage(TrackedChildren, layers.Layer):
     """N residual functions f_0…f_{N−1} integrated by one integrator with step size h.
 
     Input: x, or [x, x_prev] when the integrator uses a history (LM after a transition).
@@ -181,7 +181,7 @@ class IntegratorStage(CheckpointTracked, layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class TransitionBlock(CheckpointTracked, layers.Layer):
+class TransitionBlock(TrackedChildren, layers.Layer):
     """Shape-changing block between stages: u_{n+1} = P(u_n) + f(u_n), not invertible.
 
     Returns ``(u_{n+1}, P(u_n))``: LM's next step takes u_{n−1} := P(u_n) (Lu et al.);

@@ -7,16 +7,17 @@ Keras 3 wraps a list or dict assigned to a layer attribute in its own ``TrackedL
 list (a stage's residual functions), variables held in a list (LM's k_n) and seed-generator
 states, and restoring leaves them at their initial values without an error.
 
-:class:`CheckpointTracked` adds them as extra checkpoint children. It defines no attribute, so
+:class:`TrackedChildren` adds them as extra checkpoint children. It defines no attribute, so
 Keras' own ``.keras`` format (which walks attributes) is unchanged and old files keep loading.
 """
 
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
-_Trackable = tf.__internal__.tracking.Trackable
+from kode.compat import tensorflow_trackable
+
+_Trackable = tensorflow_trackable()
 
 
 def _as_trackable(item):
@@ -45,12 +46,12 @@ def untracked_children(layer: keras.layers.Layer) -> dict[str, _Trackable]:
     return children
 
 
-class CheckpointTracked:
+class TrackedChildren:
     """Mixin for Keras layers (put it before the Keras base class): layers, variables and seed
     generators held in public list/dict attributes, and seed generators, are saved and restored
     by ``tf.train.Checkpoint``.
 
-    ``class MyBlock(CheckpointTracked, keras.layers.Layer): ...``
+    ``class MyBlock(TrackedChildren, keras.layers.Layer): ...``
     """
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):

@@ -11,8 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError, one_line
-from kode.serving.export import _PROBABILITY_ACTIVATIONS, INPUT_KEY, SIGNATURE, _fmt_shape
 from kode.serving.publish import _load_savedmodel, _resolve_savedmodel, load_metadata
+from kode.serving.signatures import _PROBABILITY_ACTIVATIONS, INPUT_KEY, SIGNATURE, _fmt_shape
 
 
 @dataclass(frozen=True)

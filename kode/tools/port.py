@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
-from kode.compat import functional_nodes, is_functional_graph
+from kode.compat import functional_nodes, is_functional_graph, producer_name
 from kode.errors import KodeError
 from kode.layers.chain import LayerChain
 from kode.layers.stage import IntegratorStage
@@ -197,7 +197,7 @@ def port_model(model: keras.Model, gradient: str = "backprop",
     new_inputs = []
     for t in model.inputs:
         x = keras.Input(shape=t.shape[1:], batch_size=t.shape[0], dtype=t.dtype,
-                        name=t._keras_history.operation.name)
+                        name=producer_name(t))
         tensors[id(t)] = x
         new_inputs.append(x)
     stages_made, taken, index = [], {lay.name for lay in model.layers}, 0
