@@ -126,11 +126,28 @@ def _cmd_tune(args) -> int:
         validation_fraction=args.validation_fraction, seed=args.seed, directory=args.logdir,
         export_dir=args.export, data_dir=args.data_dir, overwrite=args.overwrite,
         verbose=1 if sys.stdout.isatty() else 2,
+        **{dest: getattr(args, dest) for dest in _TRIAL_OPTIONS if dest != "no_diagnostics"},
+        diagnostics=not args.no_diagnostics,
     )
     print(f"best trial {result.best_trial_id}: val_accuracy {result.best_score:.4f}")
     print("best hyper-parameters: " + json.dumps(result.best_hyperparameters, sort_keys=True))
     _print_outcome(result.test_metrics, result.directory, result.tensorboard_dir, result.export)
     return 0
+
+
+#: `kode train` options that `kode tune` takes as they are (they apply to every trial).
+_TRIAL_OPTIONS = ("guard_tolerance", "guard_every", "on_inaccurate", "strategy", "devices",
+                  "connect_timeout", "tpu", "precision", "sync_batchnorm", "deterministic",
+                  "no_diagnostics")
+
+
+def _add_trial_arguments(parser: argparse.ArgumentParser) -> None:
+    """`kode train`'s definitions of :data:`_TRIAL_OPTIONS`, added to ``parser``."""
+    run = argparse.ArgumentParser(add_help=False)
+    _add_run_arguments(run)
+    for action in run._actions:
+        if action.dest in _TRIAL_OPTIONS:
+            parser._add_action(action)
 
 
 def _model_options(args) -> dict:
@@ -345,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export the best model as a SavedModel under DIR")
     tune.add_argument("--overwrite", action="store_true",
                       help="start the search over instead of resuming it")
+    _add_trial_arguments(tune)
     tune.set_defaults(run=_cmd_tune)
 
     check = sub.add_parser("check-gradients",
@@ -408,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = ("; run the same command again to resume from the last completed epoch"
-                if command in ("train", "finetune") else "")
+                if command in ("train", "finetune", "tune") else "")
         print(f"kode: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -135,6 +135,7 @@ _signature = inspect.signature(_build)
 _depth, *_rest = _signature.parameters.values()
 revnet.__signature__ = _signature.replace(parameters=[_depth.replace(default=38), *_rest])
 revnet.__doc__ = _build.__doc__
+revnet.integrator = _build.integrator
 
 for _depth_value, _bottleneck in RECIPE_DEPTHS.items():
     register_model(f"revnet{_depth_value}", "revnet", revnet, depth=_depth_value, layout="cifar",
