@@ -221,6 +221,8 @@ class ZooHyperModel(kt.HyperModel):
         """The compiled model of a trial (the tuner calls it in the strategy's scope)."""
         pipeline = TrialPipeline(self.trial_settings(hp), self)
         pipeline.check_model()
+        # The tuner clears the Keras session (and with it the dtype policy) before building.
+        keras.mixed_precision.set_global_policy(pipeline.settings.precision)
         pipeline.load_data()
         model = pipeline.build_model(pipeline.info)
         if pipeline.settings.sync_batchnorm:
