@@ -19,15 +19,26 @@ zoo's networks:
 RevNet is named by its convolutions: the depth choice 6n+2 (n units per stage) builds the
 RevNet with the same n units, depth 12n+2.
 
-The memory-free adjoint is offered only to exactly reversible integrators: for Euler/Heun its
-gradients are approximate and a tuner would silently score a wrong-gradient run (use
+The memory-free adjoint is offered only to exactly reversible integrators
+(``Integrator.reversal == "exact"``; ``lm_k_init`` to integrators with ``uses_history``: both
+read from the family's integrator in the registry): for Euler/Heun its gradients are
+approximate and a tuner would silently score a wrong-gradient run (use
 ``kode check-gradients`` / ``kode train --gradient adjoint`` and its guard for those).
+
+Every trial is a ``kode train`` run: :class:`TrialPipeline` is
+:class:`~kode.training.TrainingPipeline` with the trial's settings (the search's
+:class:`~kode.training.TrainSettings` plus the drawn hyper-parameters) in KerasTuner's trial
+folder ``<directory>/search/trial_<id>``, so strategy, precision, the adjoint's gradient guard,
+diagnostics and end-of-epoch checkpoints work as in ``kode train``. ``kode tune`` run again
+with the same arguments after a kill continues the search: KerasTuner's oracle keeps the
+finished trials, and the interrupted trial resumes from its last epoch checkpoint.
 
 :func:`tune` holds out ``validation_fraction`` of the train split (one seeded shuffle, without
 augmentation) to score trials, so the test split stays untouched until the best model is
 evaluated once; it writes per-trial TensorBoard logs (KerasTuner gives every trial its own
-``<directory>/tensorboard/<trial>`` plus HParams), ``best_hyperparameters.json``, the best
-model as ``best.keras``, and exports it as ``kode export`` does.
+``<directory>/tensorboard/<trial>`` plus HParams; diagnostics go to the trial folder),
+``best_hyperparameters.json``, the best model as ``best.keras``, and exports it as
+``kode export`` does.
 """
 
 from __future__ import annotations
@@ -218,7 +229,8 @@ class ZooHyperModel(kt.HyperModel):
         return settings.resolve()
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
-        """The compiled model of a trial (the tuner calls it in the strategy's scope)."""
+        """The compiled model of a trial (the tuner calls it in the strategy's scope); sets
+        the global dtype policy to the settings' precision (:func:`tune` restores it)."""
         pipeline = TrialPipeline(self.trial_settings(hp), self)
         pipeline.check_model()
         # The tuner clears the Keras session (and with it the dtype policy) before building.

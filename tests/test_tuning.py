@@ -50,6 +50,15 @@ def test_adjoint_is_offered_to_exactly_reversible_families_only():
     assert "lm_k_init" not in names  # no LM family searched
 
 
+def test_family_knowledge_comes_from_the_registrys_integrators():
+    from kode.tuning import LM_FAMILIES, REVERSIBLE_FAMILIES, TUNABLE_FAMILIES
+
+    assert set(TUNABLE_FAMILIES) == {"resnet", "lm_resnet", "heun_resnet", "momentum_resnet",
+                                     "revheun_resnet", "polynet", "fractalnet", "revnet"}
+    assert LM_FAMILIES == ("lm_resnet",)  # uses_history
+    assert set(REVERSIBLE_FAMILIES) == {"momentum_resnet", "revheun_resnet", "revnet"}  # exact
+
+
 def test_kode_tune_writes_trials_per_trial_tensorboard_and_an_export(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "kode.cli", "tune", "resnet,revheun_resnet", "--max-trials", "2",
