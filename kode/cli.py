@@ -53,8 +53,20 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _trial_settings(args) -> dict:
+    """The settings of :func:`_add_trial_arguments`' options (train, finetune and tune)."""
+    return dict(
+        guard_tolerance=args.guard_tolerance, guard_every=args.guard_every,
+        on_inaccurate=args.on_inaccurate, strategy=args.strategy, devices=args.devices,
+        connect_timeout=args.connect_timeout, tpu=args.tpu, precision=args.precision,
+        sync_batchnorm=args.sync_batchnorm, deterministic=args.deterministic,
+        diagnostics=not args.no_diagnostics,
+    )
+
+
 def train_settings(args):
-    """The :class:`~kode.training.TrainSettings` that ``kode train``'s options describe."""
+    """The :class:`~kode.training.settings.TrainSettings` that ``kode train``'s options
+    describe."""
     from kode.training.settings import TrainSettings
 
     return TrainSettings(
@@ -63,13 +75,8 @@ def train_settings(args):
         schedule=args.schedule, weight_decay=args.weight_decay, decay_lm_k=args.decay_lm_k,
         seed=args.seed, logdir=args.logdir, export_dir=args.export, data_dir=args.data_dir,
         manual_dir=args.manual_dir, model_options=_model_options(args), gradient=args.gradient,
-        guard_tolerance=args.guard_tolerance, guard_every=args.guard_every,
-        on_inaccurate=args.on_inaccurate,
-        verbose=1 if sys.stdout.isatty() else 2,
-        strategy=args.strategy, devices=args.devices, connect_timeout=args.connect_timeout,
-        tpu=args.tpu, precision=args.precision, sync_batchnorm=args.sync_batchnorm,
-        resume=not args.no_resume, deterministic=args.deterministic,
-        diagnostics=not args.no_diagnostics,
+        verbose=1 if sys.stdout.isatty() else 2, resume=not args.no_resume,
+        **_trial_settings(args),
     )
 
 
@@ -126,6 +133,7 @@ def _cmd_tune(args) -> int:
         validation_fraction=args.validation_fraction, seed=args.seed, directory=args.logdir,
         export_dir=args.export, data_dir=args.data_dir, overwrite=args.overwrite,
         verbose=1 if sys.stdout.isatty() else 2,
+        **_trial_settings(args),
     )
     print(f"best trial {result.best_trial_id}: val_accuracy {result.best_score:.4f}")
     print("best hyper-parameters: " + json.dumps(result.best_hyperparameters, sort_keys=True))
@@ -228,6 +236,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient", default="backprop",
                        choices=["backprop", "checkpoint", "adjoint"],
                        help="how stages are differentiated (adjoint: memory-free)")
+    parser.add_argument("--no-resume", action="store_true",
+                       help="ignore checkpoints of an interrupted run in --logdir")
+    _add_trial_arguments(parser)
+
+
+def _add_trial_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every trained model takes, `kode tune`'s trials included: the gradient
+    guard, the strategy, precision and diagnostics."""
     parser.add_argument("--guard-tolerance", type=float, default=0.05,
                        help="largest accepted relative adjoint gradient error")
     parser.add_argument("--guard-every", type=int, metavar="K",
@@ -247,8 +263,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Keras dtype policy (mixed_float16 adds dynamic loss scaling)")
     parser.add_argument("--sync-batchnorm", action="store_true",
                        help="BatchNorm statistics over the global batch (all replicas)")
-    parser.add_argument("--no-resume", action="store_true",
-                       help="ignore checkpoints of an interrupted run in --logdir")
     parser.add_argument("--deterministic", action="store_true",
                        help="deterministic TensorFlow ops (bitwise reproducible runs/resumes)")
     parser.add_argument("--no-diagnostics", action="store_true",
@@ -313,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export the best model as a SavedModel under DIR")
     tune.add_argument("--overwrite", action="store_true",
                       help="start the search over instead of resuming it")
+    _add_trial_arguments(tune)
     tune.set_defaults(run=_cmd_tune)
 
     check = sub.add_parser("check-gradients",
@@ -376,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = ("; run the same command again to resume from the last completed epoch"
-                if command in ("train", "finetune") else "")
+                if command in ("train", "finetune", "tune") else "")
         print(f"kode: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -300,6 +300,7 @@ def family_builder(family: str, integrator: str, summary: str) -> Callable[..., 
     depth, *rest = list(signature.parameters.values())[1:]
     build.__signature__ = signature.replace(parameters=[depth.replace(default=20), *rest])
     build.__name__ = build.__qualname__ = family
+    build.integrator = integrator  # read by zoo.registry.family_integrator
     build.__doc__ = (
         f"{summary}\n\nArguments as keras.applications (include_top, weights=None|path, "
         "input_shape, pooling, classes, classifier_activation, name) plus ``depth``, "

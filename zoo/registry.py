@@ -73,6 +73,24 @@ def list_families() -> list[str]:
     return sorted({e.family for e in _REGISTRY.values()})
 
 
+def family_integrator(family: str):
+    """The :class:`~kode.integrators.Integrator` class of ``family``'s stages (its
+    ``reversal``, ``uses_history``, …), None for a family without one (keras_resnet)."""
+    from kode.integrators import INTEGRATORS
+
+    for entry in _REGISTRY.values():
+        if entry.family == family:
+            spec = getattr(entry.builder, "integrator", None)
+            return INTEGRATORS[spec] if isinstance(spec, str) else None
+    raise KodeError(f"unknown family '{family}'; families: {', '.join(list_families())}")
+
+
+def family_layouts(family: str) -> set[str]:
+    """The layouts ("cifar", "imagenet") ``family`` has registered models of."""
+    return {e.defaults["layout"] for e in _REGISTRY.values()
+            if e.family == family and "layout" in e.defaults}
+
+
 def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 

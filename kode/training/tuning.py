@@ -19,23 +19,37 @@ zoo's networks:
 RevNet is named by its convolutions: the depth choice 6n+2 (n units per stage) builds the
 RevNet with the same n units, depth 12n+2.
 
-The memory-free adjoint is offered only to exactly reversible integrators: for Euler/Heun its
-gradients are approximate and a tuner would silently score a wrong-gradient run (use
+The memory-free adjoint is offered only to exactly reversible integrators
+(``Integrator.reversal == "exact"``; ``lm_k_init`` to integrators with ``uses_history``: both
+read from the family's integrator in the registry): for Euler/Heun its gradients are
+approximate and a tuner would silently score a wrong-gradient run (use
 ``kode check-gradients`` / ``kode train --gradient adjoint`` and its guard for those).
+
+Every trial is a ``kode train`` run: :class:`TrialPipeline` is
+:class:`~kode.training.TrainingPipeline` with the trial's settings (the search's
+:class:`~kode.training.TrainSettings` plus the drawn hyper-parameters) in KerasTuner's trial
+folder ``<directory>/search/trial_<id>``, so strategy, precision, the adjoint's gradient guard,
+diagnostics and end-of-epoch checkpoints work as in ``kode train``. ``kode tune`` run again
+with the same arguments after a kill continues the search: KerasTuner's oracle keeps the
+finished trials, and the interrupted trial resumes from its last epoch checkpoint.
 
 :func:`tune` holds out ``validation_fraction`` of the train split (one seeded shuffle, without
 augmentation) to score trials, so the test split stays untouched until the best model is
 evaluated once; it writes per-trial TensorBoard logs (KerasTuner gives every trial its own
-``<directory>/tensorboard/<trial>`` plus HParams), ``best_hyperparameters.json``, the best
-model as ``best.keras``, and exports it as ``kode export`` does.
+``<directory>/tensorboard/<trial>`` plus HParams; diagnostics go to the trial folder),
+``best_hyperparameters.json``, the best model as ``best.keras``, and exports it as
+``kode export`` does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,23 +61,23 @@ import tensorflow as tf
 import zoo
 from kode.data.datasets import DatasetInfo, load_dataset
 from kode.errors import KodeError
+from kode.integrators import EXACT
 from kode.io import write_json
-from kode.training.pipeline import (
-    _prepare_logdir,
-    compile_classifier,
-    learning_rate_schedule,
-    make_optimizer,
-    model_metadata,
-    save_model,
-)
-from kode.training.settings import RECIPES
+from kode.training.pipeline import TrainingPipeline, _remove_if_empty, model_metadata, save_model
+from kode.training.settings import TrainSettings
+from zoo.registry import family_integrator, family_layouts
 
 TUNERS = ("random", "bayesian", "hyperband")
-#: Families with a CIFAR-style layout (lm_resnext exists only as an ImageNet bottleneck model).
-TUNABLE_FAMILIES = ("resnet", "lm_resnet", "heun_resnet", "momentum_resnet", "revheun_resnet",
-                    "polynet", "fractalnet", "revnet")
-LM_FAMILIES = ("lm_resnet",)
-REVERSIBLE_FAMILIES = ("momentum_resnet", "revheun_resnet", "revnet")
+
+
+#: Integrator families with a CIFAR-style layout (lm_resnext has an ImageNet layout only).
+TUNABLE_FAMILIES = tuple(f for f in zoo.list_families()
+                         if family_integrator(f) is not None and "cifar" in family_layouts(f))
+#: Families whose integrator carries a history (LM's k_n): they get ``lm_k_init``.
+LM_FAMILIES = tuple(f for f in TUNABLE_FAMILIES if family_integrator(f).uses_history)
+#: Families whose integrator reverses exactly: the only ones offered the adjoint.
+REVERSIBLE_FAMILIES = tuple(f for f in TUNABLE_FAMILIES
+                            if family_integrator(f).reversal == EXACT)
 #: Families named by their convolutions with two residual functions per unit (RevNet's F and
 #: G): n units per stage, CIFAR depth 6n+2 elsewhere, is RevNet depth 12n+2 = 2·(6n+2) − 2.
 PAIRED_DEPTH_FAMILIES = ("revnet",)
@@ -72,6 +86,8 @@ PAIRED_DEPTH_FAMILIES = ("revnet",)
 def family_depth(family: str, depth: int) -> int:
     """The registered depth of ``family`` with the same n units per stage as CIFAR 6n+2."""
     return 2 * depth - 2 if family in PAIRED_DEPTH_FAMILIES else depth
+
+
 LM_K_RANGES = {"-0.1,0": (-0.1, 0.0), "-0.5,0": (-0.5, 0.0), "0,0.5": (0.0, 0.5)}
 DEFAULT_DEPTHS = (8, 14, 20)
 #: Above this many training examples the held-out split is not materialized in memory.
@@ -103,20 +119,39 @@ def _check_depths(depths: Sequence[int]) -> list[int]:
     return sorted(set(depths))
 
 
+@dataclass
+class TuningData:
+    """The tuner's split of the train split: trials train on ``train`` and are scored on
+    ``validation``; ``info.train_size`` is the size of the training part."""
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    info: DatasetInfo
+
+
 class ZooHyperModel(kt.HyperModel):
-    """The zoo as a KerasTuner search space (see the module docstring).
+    """The zoo as a KerasTuner search space (see the module docstring), trained by
+    ``kode train``'s pipeline.
+
+    :meth:`build` and :meth:`fit` run a :class:`TrialPipeline`: the trial's
+    :class:`~kode.training.TrainSettings` are ``settings`` with the drawn hyper-parameters.
 
     Args:
         families: zoo families to search over (one fixes ``family``).
         input_shape, num_classes: of the dataset.
-        steps_per_epoch, epochs: for the cosine learning-rate schedule of a trial.
+        steps_per_epoch, epochs: batches per pass over the trial's training data, and epochs
+            per trial (for the learning-rate schedule).
         depths, width_multipliers: the choices for depth and width.
+        settings: what every trial shares (dataset, batch, strategy, precision, guard, ...);
+            default: the digits recipe with a cosine schedule.
+        data: the tuner's split; :meth:`fit` needs it (:meth:`build` does not).
     """
 
     def __init__(self, families: Sequence[str], input_shape: Sequence[int], num_classes: int,
                  *, steps_per_epoch: int, epochs: int,
                  depths: Sequence[int] = DEFAULT_DEPTHS,
                  width_multipliers: Sequence[float] = (0.25, 0.5, 1.0),
+                 settings: TrainSettings | None = None, data: TuningData | None = None,
                  name: str = "zoo", tunable: bool = True):
         super().__init__(name=name, tunable=tunable)
         self.families = parse_families(families)
@@ -124,6 +159,9 @@ class ZooHyperModel(kt.HyperModel):
         self.steps_per_epoch, self.epochs = int(steps_per_epoch), int(epochs)
         self.depths = _check_depths(depths)
         self.width_multipliers = list(width_multipliers)
+        self.settings = settings or TrainSettings("", epochs=self.epochs, schedule="cosine",
+                                                  momentum=0.9)
+        self.data = data
 
     def _when(self, hp: kt.HyperParameters, subset: Sequence[str]):
         """A scope in which hyper-parameters exist only for the families in ``subset``;
@@ -171,18 +209,134 @@ class ZooHyperModel(kt.HyperModel):
         weight_decay = hp.Float("weight_decay", 1e-5, 1e-3, sampling="log")
         return {"family": family, "options": options, "lr": lr, "weight_decay": weight_decay}
 
-    def build(self, hp: kt.HyperParameters) -> keras.Model:
+    def trial_settings(self, hp: kt.HyperParameters, **changes) -> TrainSettings:
+        """``settings`` with the hyper-parameters drawn in ``hp`` (validated)."""
         drawn = self.hyperparameters(hp)
-        family, options = drawn["family"], drawn["options"]
+        family, options = drawn["family"], dict(drawn["options"])
+        gradient = options.pop("gradient", "backprop")
         depth = family_depth(family, options["depth"])
-        model = zoo.create_model(
-            f"{family}{family_depth(family, 20)}", input_shape=self.input_shape,
-            classes=self.num_classes, name=f"{family}{depth}", **{**options, "depth": depth},
-        )
-        schedule = learning_rate_schedule("cosine", drawn["lr"],
-                                          self.epochs * self.steps_per_epoch)
-        compile_classifier(model, make_optimizer(schedule, 0.9, drawn["weight_decay"]))
+        settings = dataclasses.replace(self.settings, **{
+            "model": f"{family}{family_depth(family, 20)}",
+            "epochs": hp.values.get("tuner/epochs", self.epochs),  # hyperband's epochs
+            "lr": drawn["lr"], "weight_decay": drawn["weight_decay"], "gradient": gradient,
+            "model_options": {**options, "depth": depth, "name": f"{family}{depth}"},
+            **changes})
+        return settings.resolve()
+
+    def build(self, hp: kt.HyperParameters) -> keras.Model:
+        """The compiled model of a trial (the tuner calls it in the strategy's scope); sets
+        the global dtype policy to the settings' precision (:func:`tune` restores it)."""
+        pipeline = TrialPipeline(self.trial_settings(hp), self)
+        pipeline.check_model()
+        # The tuner clears the Keras session (and with it the dtype policy) before building.
+        keras.mixed_precision.set_global_policy(pipeline.settings.precision)
+        pipeline.load_data()
+        model = pipeline.build_model(pipeline.info)
+        if pipeline.settings.sync_batchnorm:
+            from kode.distribute.strategy import synchronize_batchnorm
+
+            synchronize_batchnorm(model)
+        pipeline.compile(model)
         return model
+
+    def fit(self, hp: kt.HyperParameters, model: keras.Model, *args, **kwargs):
+        """Train ``model`` (from :meth:`build`) with ``kode train``'s steps in the trial's
+        folder, resuming an interrupted trial from its epoch checkpoint; the tuner's
+        callbacks (its per-trial TensorBoard, scoring, best-epoch weights) run with the
+        pipeline's. The data are :attr:`data` (``*args`` and ``validation_data`` are
+        ignored)."""
+        if self.data is None:
+            raise KodeError("ZooHyperModel.fit needs the tuner's split (data=TuningData(...))")
+        callbacks = list(kwargs.get("callbacks") or [])
+        if "trial_dir" not in kwargs:
+            raise KodeError("ZooHyperModel.fit runs under a tuner of make_tuner (it needs the "
+                            "trial's folder)")
+        changes = {"logdir": kwargs["trial_dir"]}
+        for key in ("epochs", "verbose"):
+            if key in kwargs:
+                changes[key] = kwargs[key]
+        pipeline = TrialPipeline(self.trial_settings(hp, **changes), self)
+        try:
+            pipeline.prepare()
+            pipeline.load_data()
+            pipeline.model = model
+            with pipeline.strategy.scope():
+                pipeline.checkpoint()
+        except KodeError as err:  # e.g. checkpoints of other settings: stop the search
+            raise SearchStopped(str(err)) from None
+        if pipeline.initial_epoch and pipeline.settings.verbose:
+            print(f"resuming from {pipeline.epoch_checkpoint.directory}: "
+                  f"{pipeline.initial_epoch} of {pipeline.settings.epochs} epochs done")
+        # Hyperband continues a trial from another one's weights at its initial_epoch.
+        pipeline.initial_epoch = max(pipeline.initial_epoch, kwargs.get("initial_epoch", 0))
+        _restore_best_epoch(callbacks, pipeline.epoch_checkpoint.history)
+        pipeline.fit(pipeline.callbacks(callbacks))
+        pipeline.save()
+        history = keras.callbacks.History()
+        history.history = pipeline.history  # restored epochs too: the tuner scores them all
+        return history
+
+
+class SearchStopped(KodeError, kt.errors.FatalError):
+    """A trial could not start (bad settings, checkpoints of another run): KerasTuner stops
+    the search instead of recording a failed trial."""
+
+
+def _restore_best_epoch(callbacks: list, history: dict) -> None:
+    """A resumed trial: the tuner's best-epoch weights on disk came from the restored epochs;
+    only a better epoch may replace them."""
+    for callback in callbacks:  # KerasTuner's SaveBestEpoch (not public API: by its fields)
+        if not all(hasattr(callback, a) for a in ("objective", "best_value", "filepath")):
+            continue
+        if os.path.isfile(callback.filepath):
+            values = history.get(callback.objective.name) or []
+            for value in values:
+                if callback.objective.better_than(value, callback.best_value):
+                    callback.best_value = value
+
+
+class TrialPipeline(TrainingPipeline):
+    """One trial: :class:`~kode.training.TrainingPipeline`'s steps (settings checks, the
+    strategy, optimizer and schedule, gradient guard, diagnostics, epoch checkpoints and
+    resume) on the tuner's split; ``settings.logdir`` is KerasTuner's trial folder.
+
+    Differs in three steps: :meth:`load_data` takes the tuner's split (``test_ds`` is the
+    held-out validation part: fit reports ``val_accuracy`` on it); :meth:`callbacks` adds the
+    tuner's callbacks (its per-trial TensorBoard with HParams replaces the pipeline's own);
+    :meth:`save` writes the trial's ``metrics.json`` only (KerasTuner keeps the weights of
+    the best epoch; ``kode tune`` saves and exports the best trial's model).
+    """
+
+    def __init__(self, settings: TrainSettings, hypermodel: ZooHyperModel):
+        super().__init__(settings)
+        self.hypermodel = hypermodel
+
+    def load_data(self) -> None:
+        hypermodel, s = self.hypermodel, self.settings
+        keras.utils.set_random_seed(s.seed)
+        if hypermodel.data is not None:
+            data = hypermodel.data
+            self.train_ds, self.test_ds, self.info = data.train, data.validation, data.info
+        else:  # build only: what the model and the schedule need
+            self.info = types.SimpleNamespace(input_shape=hypermodel.input_shape,
+                                              num_classes=hypermodel.num_classes)
+        self.batches_per_pass = hypermodel.steps_per_epoch
+        self.steps_per_epoch = s.steps_per_epoch or self.batches_per_pass
+
+    def callbacks(self, tuner_callbacks: Sequence[keras.callbacks.Callback] = ()) -> list:
+        own = super().callbacks()
+        checkpoint = own.pop()  # the epoch checkpoint stays last (logs complete)
+        if tuner_callbacks:
+            own = [c for c in own if not isinstance(c, keras.callbacks.TensorBoard)]
+        return [*own, *tuner_callbacks, checkpoint]
+
+    def save(self) -> None:
+        self.model_path = None
+        self.metrics_path = os.path.join(self.logdir, "metrics.json")
+        write_json(self.metrics_path, {
+            "validation": self.test_metrics, "config": self.config(),
+            "history": {k: [float(x) for x in v] for k, v in self.history.items()},
+        })
 
 
 @dataclass
@@ -218,24 +372,63 @@ def _holdout(train_ds: tf.data.Dataset, info: DatasetInfo, fraction: float, batc
     return train, val
 
 
+class _TrialFolder:
+    """Tuner mixin: hands the trial's folder to :meth:`ZooHyperModel.fit` (``trial_dir``)."""
+
+    def run_trial(self, trial, *args, **kwargs):
+        return super().run_trial(trial, *args, trial_dir=self.get_trial_dir(trial.trial_id),
+                                 **kwargs)
+
+
+_TUNER_CLASSES = {kind: type(cls.__name__, (_TrialFolder, cls), {}) for kind, cls in (
+    ("random", kt.RandomSearch), ("bayesian", kt.BayesianOptimization),
+    ("hyperband", kt.Hyperband))}
+
+
 def make_tuner(kind: str, hypermodel: kt.HyperModel, *, max_trials: int, epochs: int,
-               directory: str, seed: int, overwrite: bool) -> kt.Tuner:
-    """A KerasTuner tuner of ``kind`` maximizing ``val_accuracy``."""
+               directory: str, seed: int, overwrite: bool,
+               distribution_strategy: tf.distribute.Strategy | None = None) -> kt.Tuner:
+    """A KerasTuner tuner of ``kind`` maximizing ``val_accuracy`` (models are built in
+    ``distribution_strategy``'s scope)."""
     common = {"objective": kt.Objective("val_accuracy", "max"), "directory": directory,
-              "project_name": "search", "seed": seed, "overwrite": overwrite}
+              "project_name": "search", "seed": seed, "overwrite": overwrite,
+              "distribution_strategy": distribution_strategy}
     if kind == "random":
-        return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
+        return _TUNER_CLASSES[kind](hypermodel, max_trials=max_trials, **common)
     if kind == "bayesian":
-        return kt.BayesianOptimization(hypermodel, max_trials=max_trials, **common)
+        return _TUNER_CLASSES[kind](hypermodel, max_trials=max_trials, **common)
     if kind == "hyperband":
         if epochs < 2:
             raise KodeError("tuner 'hyperband' needs epochs >= 2 (its most epochs per trial)")
-        tuner = kt.Hyperband(hypermodel, max_epochs=epochs, factor=3, hyperband_iterations=1,
-                             **common)
+        tuner = _TUNER_CLASSES[kind](hypermodel, max_epochs=epochs, factor=3,
+                                     hyperband_iterations=1, **common)
         # Hyperband sizes its brackets from max_epochs; the oracle still honours a cap.
         tuner.oracle.max_trials = max_trials
         return tuner
     raise KodeError(f"unknown tuner '{kind}'; choose one of {', '.join(TUNERS)}")
+
+
+def _resume_line(search: kt.Tuner, directory: str, max_trials: int) -> str | None:
+    """One line for a search reloaded from ``directory``, None for a new one."""
+    trials = list(search.oracle.trials.values())
+    if not trials:
+        return None
+    done = sum(t.status == kt.engine.trial.TrialStatus.COMPLETED for t in trials)
+    line = f"resuming the search in {directory}: {done} of {max_trials} trials done"
+    for trial in trials:
+        if trial.status != kt.engine.trial.TrialStatus.RUNNING:
+            continue
+        progress = os.path.join(search.get_trial_dir(trial.trial_id), "checkpoints",
+                                "progress.json")
+        try:
+            with open(progress) as fh:
+                epochs = json.load(fh)["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            epochs = 0
+        line += (f"; interrupted trial {trial.trial_id} continues from its checkpoint "
+                 f"({epochs} epochs done)" if epochs else
+                 f"; interrupted trial {trial.trial_id} starts again (no epoch completed)")
+    return line
 
 
 def tune(
@@ -254,13 +447,32 @@ def tune(
     data_dir: str | None = None,
     overwrite: bool = False,
     verbose: int | str = "auto",
+    strategy: str | tf.distribute.Strategy = "default",
+    devices: int | None = None,
+    connect_timeout: float | None = None,
+    tpu: str | None = None,
+    precision: str = "float32",
+    sync_batchnorm: bool = False,
+    deterministic: bool = False,
+    diagnostics: bool = True,
+    guard_tolerance: float = 0.05,
+    guard_every: int | None = None,
+    on_inaccurate: str = "stop",
 ) -> TuneResult:
     """Search the zoo's hyper-parameters for ``family`` on ``dataset``; export the best model.
 
     ``max_trials`` caps the number of trials (for "hyperband" too); ``epochs`` is the number of
-    epochs per trial (hyperband's ``max_epochs``). An existing search in ``directory`` is
-    resumed unless ``overwrite``. The export is named ``<family><depth>-tuned`` and carries
-    the same metadata as ``kode train``'s, plus the hyper-parameters.
+    epochs per trial (hyperband's ``max_epochs``). Every trial is a ``kode train`` run
+    (:class:`TrialPipeline`) in KerasTuner's trial folder ``<directory>/search/trial_<id>``:
+    ``strategy``/``devices``/``connect_timeout``/``tpu``, ``precision``, ``sync_batchnorm``,
+    ``deterministic``, ``diagnostics`` and the adjoint's guard (``guard_tolerance``,
+    ``guard_every``, ``on_inaccurate``) mean what they mean for :func:`kode.train`
+    ("multiworker" is refused: KerasTuner's search runs in one process).
+
+    An existing search in ``directory`` is resumed unless ``overwrite``: finished trials are
+    kept, an interrupted trial continues from its last epoch checkpoint. The export is named
+    ``<family><depth>-tuned`` and carries the same metadata as ``kode train``'s, plus the
+    hyper-parameters. Bad values raise :class:`KodeError` before anything is written.
     """
     families = parse_families(family)
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
@@ -273,37 +485,75 @@ def tune(
         raise KodeError("tuner 'hyperband' needs epochs >= 2 (its most epochs per trial)")
     if not 0 < validation_fraction < 1:
         raise KodeError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    if strategy == "multiworker":
+        raise KodeError("kode tune runs its search in one process: strategy 'multiworker' is "
+                        "for kode train (use mirrored, tpu or default)")
     depths = _check_depths(DEFAULT_DEPTHS if depths is None else depths)
-    if dataset not in RECIPES:
-        load_dataset(dataset, data_dir=data_dir)  # the canonical unknown-dataset message
-    batch_size = RECIPES[dataset].batch_size if batch_size is None else batch_size
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    directory = directory or os.path.join("runs", f"tune-{'-'.join(families)}-{dataset}-{stamp}")
-    _prepare_logdir(directory)
+    first = families[0]
+    settings = TrainSettings(
+        f"{first}{family_depth(first, 20)}", dataset, epochs=epochs, batch_size=batch_size,
+        schedule="cosine", momentum=0.9, seed=seed, data_dir=data_dir, verbose=verbose,
+        strategy=strategy, devices=devices, connect_timeout=connect_timeout, tpu=tpu,
+        precision=precision, sync_batchnorm=sync_batchnorm, deterministic=deterministic,
+        diagnostics=diagnostics, guard_tolerance=guard_tolerance, guard_every=guard_every,
+        on_inaccurate=on_inaccurate,
+    ).resolve()  # every bad value fails here, before anything is written
     if export_dir is not None:
         from kode.serving.publish import check_export_dir
 
         check_export_dir(export_dir, "tuned")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    directory = directory or os.path.join(
+        "runs", f"tune-{'-'.join(families)}-{settings.dataset}-{stamp}")
+    # The search's own pipeline: the log directory and the strategy (before TensorFlow runs).
+    search_pipeline = TrainingPipeline(dataclasses.replace(settings, logdir=directory))
+    search_pipeline._created_logdir = None
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        search_pipeline.prepare()
+        keras.mixed_precision.set_global_policy(settings.precision)
+        return _search(families, settings, search_pipeline.strategy, directory, tuner=tuner,
+                       max_trials=max_trials, depths=depths,
+                       validation_fraction=validation_fraction, export_dir=export_dir,
+                       overwrite=overwrite)
+    except BaseException:
+        _remove_if_empty(search_pipeline._created_logdir)  # a failed search leaves no folder
+        raise
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
 
+
+def _search(families: list[str], settings: TrainSettings, strategy: tf.distribute.Strategy,
+            directory: str, *, tuner: str, max_trials: int, depths: list[int],
+            validation_fraction: float, export_dir: str | None, overwrite: bool) -> TuneResult:
+    """:func:`tune` after its checks, in the strategy and precision of the trials."""
+    seed, batch_size, epochs = settings.seed, settings.batch_size, settings.epochs
     keras.utils.set_random_seed(seed)
-    plain_train, test_ds, info = load_dataset(dataset, batch_size=batch_size, augment=False,
-                                              data_dir=data_dir, seed=seed)
+    plain_train, test_ds, info = load_dataset(settings.dataset, batch_size=batch_size,
+                                              augment=False, data_dir=settings.data_dir,
+                                              seed=seed)
     if info.train_size > MAX_TUNE_EXAMPLES:
-        raise KodeError(f"{dataset} has {info.train_size} training examples; kode tune holds "
-                        f"the split in memory (at most {MAX_TUNE_EXAMPLES})")
+        raise KodeError(f"{settings.dataset} has {info.train_size} training examples; kode tune "
+                        f"holds the split in memory (at most {MAX_TUNE_EXAMPLES})")
     train_ds, val_ds = _holdout(plain_train, info, validation_fraction, batch_size, seed)
     n_train = info.train_size - max(1, int(round(info.train_size * validation_fraction)))
-    hypermodel = ZooHyperModel(families, info.input_shape, info.num_classes,
-                               steps_per_epoch=math.ceil(n_train / batch_size), epochs=epochs,
-                               depths=depths)
+    data = TuningData(train_ds, val_ds, dataclasses.replace(info, train_size=n_train))
+    hypermodel = ZooHyperModel(
+        families, info.input_shape, info.num_classes,
+        steps_per_epoch=math.ceil(n_train / batch_size), epochs=epochs, depths=depths,
+        settings=dataclasses.replace(settings, strategy=strategy), data=data)
     search = make_tuner(tuner, hypermodel, max_trials=max_trials, epochs=epochs,
-                        directory=directory, seed=seed, overwrite=overwrite)
-    tensorboard_dir = os.path.join(directory, "tensorboard")
+                        directory=directory, seed=seed, overwrite=overwrite,
+                        distribution_strategy=strategy)
+    resumed = _resume_line(search, directory, max_trials)
+    if resumed and settings.verbose:
+        print(resumed)
     try:
         search.search(
-            train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
+            epochs=epochs, verbose=settings.verbose,
             # KerasTuner copies this per trial into tensorboard/<trial id> (+ HParams).
-            callbacks=[keras.callbacks.TensorBoard(log_dir=tensorboard_dir, write_graph=False)],
+            callbacks=[keras.callbacks.TensorBoard(log_dir=os.path.join(directory, "tensorboard"),
+                                                   write_graph=False)],
         )
     except RuntimeError as err:  # "Too many failed attempts to build model" and the like
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -323,7 +573,10 @@ def tune(
     name = f"{values['family']}{family_depth(values['family'], values['depth'])}-tuned"
     metadata = {**model_metadata(name, info, model), "hyperparameters": values,
                 "tuner": tuner, "trial_id": best_trial.trial_id,
-                "val_accuracy": float(best_trial.score)}
+                "val_accuracy": float(best_trial.score),
+                "training": {"strategy": settings.strategy_name,
+                             "replicas": int(strategy.num_replicas_in_sync),
+                             "precision": settings.precision}}
     write_json(os.path.join(directory, "kode.json"), metadata)
     write_json(os.path.join(directory, "best_hyperparameters.json"),
                {"hyperparameters": values, "trial_id": best_trial.trial_id,
@@ -335,4 +588,5 @@ def tune(
         export = export_model(model, export_dir, name=name, metadata=metadata,
                               check_inputs=np.asarray(next(iter(test_ds))[0][:8]))
     return TuneResult(values, best_trial.trial_id, float(best_trial.score), test_metrics, model,
-                      directory, tensorboard_dir, model_path, export)
+                      # tensorboard/<trial> (HParams) and search/trial_<id>/diagnostics
+                      directory, directory, model_path, export)

@@ -70,6 +70,7 @@ revnet.__signature__ = _signature.replace(parameters=[_depth.replace(default=38)
 
 
 revnet.__doc__ = _build.__doc__
+revnet.integrator = _build.integrator
 
 
 for _depth_value, _bottleneck in RECIPE_DEPTHS.items():
