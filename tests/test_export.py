@@ -428,7 +428,8 @@ def test_source_network_preprocessing_kinds(tmp_path, preprocessing, by_hand):
 
 
 def test_mean_std_preprocessing_is_the_training_normalization():
-    from kode.data.datasets import _normalizer, dataset_info
+    from kode.data.datasets import dataset_info
+    from kode.data.pipelines import _normalizer
     from kode.serving.preprocessing import apply_preprocessing, check_preprocessing, mean_std
 
     info = dataset_info("digits")
