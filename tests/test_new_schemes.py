@@ -209,7 +209,7 @@ def test_revnet_trains_with_the_exact_adjoint_in_fit():
 def test_tuner_search_space_builds_the_new_families():
     import keras_tuner as kt
 
-    from kode.training.tuning import ZooHyperModel
+    from kode.training.search_space import ZooHyperModel
 
     hypermodel = ZooHyperModel(["polynet", "fractalnet", "revnet"], (8, 8, 1), 10,
                                steps_per_epoch=2, epochs=1, depths=[8, 14])

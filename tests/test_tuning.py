@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from kode.cli import main
-from kode.training.tuning import ZooHyperModel, tune
+from kode.training.search_space import ZooHyperModel
+from kode.training.tuning import tune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +52,7 @@ def test_adjoint_is_offered_to_exactly_reversible_families_only():
 
 
 def test_family_knowledge_comes_from_the_registrys_integrators():
-    from kode.training.tuning import LM_FAMILIES, REVERSIBLE_FAMILIES, TUNABLE_FAMILIES
+    from kode.training.search_space import LM_FAMILIES, REVERSIBLE_FAMILIES, TUNABLE_FAMILIES
 
     assert set(TUNABLE_FAMILIES) == {"resnet", "lm_resnet", "heun_resnet", "momentum_resnet",
                                      "revheun_resnet", "polynet", "fractalnet", "revnet"}
@@ -187,7 +188,7 @@ def test_precision_and_guard_options_reach_the_trial(tmp_path, monkeypatch):
     import keras
 
     from kode.tools.guard import GradientGuard
-    from kode.training.tuning import TrialPipeline, ZooHyperModel
+    from kode.training.search_space import TrialPipeline, ZooHyperModel
 
     drawn = ZooHyperModel.hyperparameters
 
