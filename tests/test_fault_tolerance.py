@@ -22,7 +22,7 @@ import pytest
 
 import zoo
 from kode.errors import KodeError
-from kode.training.resume import EpochCheckpoint
+from kode.training.resume import EpochSnapshots
 
 KODE = [sys.executable, "-m", "kode.cli"]
 EPOCHS = 3
@@ -95,7 +95,7 @@ def _step(model, seed):
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     model = _model()
     _step(model, 0)
-    checkpoint = EpochCheckpoint(str(tmp_path), model, {"run": 1})
+    checkpoint = EpochSnapshots(str(tmp_path), model, {"run": 1})
     checkpoint.save(1, {"loss": 1.0})
     saved = [np.array(v) for v in model.variables + model.optimizer.variables]
     _step(model, 1)
@@ -105,7 +105,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     assert not any(p.name.startswith(".progress-") for p in tmp_path.iterdir())
 
     fresh = _model()
-    restored = EpochCheckpoint(str(tmp_path), fresh, {"run": 1})
+    restored = EpochSnapshots(str(tmp_path), fresh, {"run": 1})
     assert restored.restore() == 1
     assert restored.history == {"loss": [1.0]}
     now = [np.array(v) for v in fresh.variables + fresh.optimizer.variables]
@@ -116,16 +116,16 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path):
 
 def test_checkpoints_of_another_run_are_refused(tmp_path):
     model = _model()
-    EpochCheckpoint(str(tmp_path), model, {"epochs": 3}).save(1)
+    EpochSnapshots(str(tmp_path), model, {"epochs": 3}).save(1)
     with pytest.raises(KodeError, match="different run.*epochs"):
-        EpochCheckpoint(str(tmp_path), _model(), {"epochs": 5}).restore()
+        EpochSnapshots(str(tmp_path), _model(), {"epochs": 5}).restore()
 
 
 def _saved_run(directory, epochs=2):
     """A checkpoint directory with ``epochs`` committed epochs; returns the variables after
     each epoch."""
     model = _model()
-    checkpoint = EpochCheckpoint(str(directory), model, {"run": 1})
+    checkpoint = EpochSnapshots(str(directory), model, {"run": 1})
     states = []
     for epoch in range(1, epochs + 1):
         _step(model, epoch)
@@ -137,7 +137,7 @@ def _saved_run(directory, epochs=2):
 def _restored(directory, **kwargs):
     fresh = _model()
     messages = []
-    checkpoint = EpochCheckpoint(str(directory), fresh, {"run": 1}, log=messages.append)
+    checkpoint = EpochSnapshots(str(directory), fresh, {"run": 1}, log=messages.append)
     done = checkpoint.restore(**kwargs)
     return done, checkpoint, [np.array(v) for v in fresh.variables + fresh.optimizer.variables], \
         messages
@@ -176,7 +176,7 @@ def test_checkpoint_files_are_durable_before_the_commit_and_the_previous_one_is_
     monkeypatch.setattr(distribute, "fsync_file", fsync_file)
     monkeypatch.setattr(distribute, "write_json", write_json)
     model = _model()
-    checkpoint = EpochCheckpoint(str(tmp_path), model, {"run": 1})
+    checkpoint = EpochSnapshots(str(tmp_path), model, {"run": 1})
     assert checkpoint.restore() == 2
     checkpoint.save(3, {"loss": 3.0})
     synced = {name for kind, name in events if kind == "fsync"}
@@ -223,7 +223,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_leaves_nothing_par
 
     _saved_run(tmp_path, epochs=1)
     model = _model()
-    checkpoint = EpochCheckpoint(str(tmp_path), model, {"run": 1})
+    checkpoint = EpochSnapshots(str(tmp_path), model, {"run": 1})
     assert checkpoint.restore() == 1
     if failure == "fsync":  # the kernel reports ENOSPC when the data is flushed
         def no_space(path):

@@ -113,8 +113,8 @@ class TrainingPipeline:
 
     :meth:`run` calls, in order: :meth:`prepare` (validate, log directory, strategy),
     :meth:`load_data`, :meth:`build_model` (inside the strategy's scope) and :meth:`compile`,
-    :meth:`checkpoint` (restore an interrupted run), :meth:`callbacks`, :meth:`fit`,
-    :meth:`save` (``model.keras``, ``kode.json``, ``metrics.json``, all atomic) and
+    :meth:`resume` (restore an interrupted run from its snapshots), :meth:`callbacks`,
+    :meth:`fit`, :meth:`save` (``model.keras``, ``kode.json``, ``metrics.json``, all atomic) and
     :meth:`export`.
 
     Extension point (fine-tuning): to train another model with everything else unchanged,
@@ -215,18 +215,18 @@ class TrainingPipeline:
     def compile(self, model: keras.Model) -> None:
         compile_classifier(model, self.make_optimizer())
 
-    def checkpoint(self) -> None:
-        """Create the run's epoch checkpoint and restore an interrupted run from it."""
-        from kode.training.resume import EpochCheckpoint
+    def resume(self) -> None:
+        """Create the run's end-of-epoch snapshots and restore an interrupted run from them."""
+        from kode.training.resume import EpochSnapshots
 
         s = self.settings
-        self.epoch_checkpoint = EpochCheckpoint(
+        self.snapshots = EpochSnapshots(
             os.path.join(self.logdir, "checkpoints"), self.model, s.fingerprint())
-        self.initial_epoch = self.epoch_checkpoint.restore(s.epochs) if s.resume else 0
+        self.initial_epoch = self.snapshots.restore(s.epochs) if s.resume else 0
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         from kode.tools.guard import GradientGuard
-        from kode.training.resume import CheckpointCallback
+        from kode.training.resume import SnapshotCallback
 
         s = self.settings
         callbacks = [
@@ -250,7 +250,7 @@ class TrainingPipeline:
 
             examples = round(self.info.train_size * self.steps_per_epoch / self.batches_per_pass)
             callbacks.append(Diagnostics(self.logdir, self.test_ds, examples))
-        callbacks.append(CheckpointCallback(self.epoch_checkpoint))  # last: logs complete
+        callbacks.append(SnapshotCallback(self.snapshots))  # last: logs complete
         return callbacks
 
     def fit(self, callbacks: list[keras.callbacks.Callback]) -> None:
@@ -277,7 +277,7 @@ class TrainingPipeline:
         if not all(math.isfinite(v) for v in self.test_metrics.values()):
             raise KodeError(f"training diverged: test metrics are not finite "
                             f"({self.test_metrics}); no model was saved or exported")
-        self.history = self.epoch_checkpoint.merged_history(history)
+        self.history = self.snapshots.merged_history(history)
 
     def train_stream(self) -> tf.data.Dataset:
         """The batches ``fit`` trains on from epoch ``initial_epoch`` on: pass after pass over
@@ -355,9 +355,9 @@ class TrainingPipeline:
 
                         synchronize_batchnorm(self.model)
                     self.compile(self.model)
-                    self.checkpoint()
+                    self.resume()
                 if self.initial_epoch and s.verbose:
-                    print(f"resuming from {self.epoch_checkpoint.directory}: "
+                    print(f"resuming from {self.snapshots.directory}: "
                           f"{self.initial_epoch} of {s.epochs} epochs done")
                 self.fit(self.callbacks())
                 self.save()

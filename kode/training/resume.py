@@ -1,6 +1,10 @@
 """Resuming an interrupted run: durable end-of-epoch snapshots of a model and its optimizer.
 
-Snapshots (:class:`EpochCheckpoint`): every variable of the model and the optimizer is saved
+Words: a *snapshot* is what a run saves after each epoch to resume from (the files are
+TensorFlow checkpoints, ``<logdir>/checkpoints/ckpt-<epoch>``); "checkpoint" alone, in kode,
+is the gradient mode that recomputes a stage's states from stored ones.
+
+Snapshots (:class:`EpochSnapshots`): every variable of the model and the optimizer is saved
 with ``tf.train.CheckpointManager`` after each epoch, its files are fsync'ed, then a small
 ``progress.json`` (epoch, checkpoint name, the previous checkpoint, history so far, run
 fingerprint) is replaced atomically. The JSON is the commit point: a crash during a save leaves
@@ -51,7 +55,7 @@ def _variable_signature(variables: Sequence) -> list[str]:
     return [f"{tuple(v.shape)}:{v.dtype}" for v in variables]
 
 
-class EpochCheckpoint:
+class EpochSnapshots:
     """Atomic end-of-epoch checkpoints of a model and its optimizer, and their restoration.
 
     ``fingerprint`` (JSON-able) describes the run; restoring a directory written by a run
@@ -232,11 +236,11 @@ def _progress_problem(progress) -> str | None:
     return None
 
 
-class CheckpointCallback(keras.callbacks.Callback):
-    """Saves an :class:`EpochCheckpoint` at the end of every epoch (put it last, so that the
+class SnapshotCallback(keras.callbacks.Callback):
+    """Saves an :class:`EpochSnapshots` at the end of every epoch (put it last, so that the
     other callbacks' additions to ``logs`` are recorded in the history)."""
 
-    def __init__(self, checkpoint: EpochCheckpoint):
+    def __init__(self, checkpoint: EpochSnapshots):
         super().__init__()
         self.checkpoint = checkpoint
 

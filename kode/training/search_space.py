@@ -253,15 +253,15 @@ class ZooHyperModel(kt.HyperModel):
             pipeline.load_data()
             pipeline.model = model
             with pipeline.strategy.scope():
-                pipeline.checkpoint()
+                pipeline.resume()
         except KodeError as err:  # e.g. checkpoints of other settings: stop the search
             raise SearchStopped(str(err)) from None
         if pipeline.initial_epoch and pipeline.settings.verbose:
-            print(f"resuming from {pipeline.epoch_checkpoint.directory}: "
+            print(f"resuming from {pipeline.snapshots.directory}: "
                   f"{pipeline.initial_epoch} of {pipeline.settings.epochs} epochs done")
         # Hyperband continues a trial from another one's weights at its initial_epoch.
         pipeline.initial_epoch = max(pipeline.initial_epoch, kwargs.get("initial_epoch", 0))
-        _restore_best_epoch(callbacks, pipeline.epoch_checkpoint.history)
+        _restore_best_epoch(callbacks, pipeline.snapshots.history)
         pipeline.fit(pipeline.callbacks(callbacks))
         pipeline.save()
         history = keras.callbacks.History()
