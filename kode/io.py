@@ -45,6 +45,15 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str) -> None:
+    """fsync every file and folder below ``root`` (a folder published by one rename)."""
+    for dirpath, _dirs, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                fsync_file(os.path.join(dirpath, name))
+        fsync_dir(dirpath)
+
+
 def write_error(path: str, err: BaseException) -> KodeError:
     """The one-line error for a failed write of ``path`` (full disk named as such)."""
     code = getattr(err, "errno", None)

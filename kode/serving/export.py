@@ -22,12 +22,11 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError, one_line
-from kode.io import load_keras_file, read_sidecar
+from kode.io import fsync_tree, load_keras_file, read_sidecar
 from kode.serving.preprocessing import apply_preprocessing
 from kode.serving.publish import (
     _check_name,
     _check_version,
-    _fsync_tree,
     _keep_refused,
     _load_savedmodel,
     _make_tmp_dir,
@@ -172,7 +171,7 @@ def export_model(
         export_path = os.path.join(tmp, "model")
         _write_savedmodel(model, export_path, spec, preprocessing, head)
         _write_metadata(export_path, meta)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
 
         loaded = _load_savedmodel(export_path)
         diffs = [_compare_outputs(loaded, export_path, sig, batches[sig], expected[sig])

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError, one_line
-from kode.io import fsync_dir
+from kode.io import fsync_dir, write_json
 
 METADATA_DIR = "assets.extra"
 
@@ -239,23 +239,7 @@ def _publish(src: str, model_dir: str, version: int | None) -> tuple[int, str]:
 def _write_metadata(savedmodel_dir: str, meta: dict) -> None:
     extra = os.path.join(savedmodel_dir, METADATA_DIR)
     os.makedirs(extra, exist_ok=True)
-    with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True, allow_nan=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_tree(root: str) -> None:
-    """Flush every file and folder below ``root`` so a crash cannot publish partial data."""
-    for dirpath, _dirs, filenames in os.walk(root):
-        for fname in filenames:
-            try:
-                with open(os.path.join(dirpath, fname), "rb+") as fh:
-                    os.fsync(fh.fileno())
-            except OSError:
-                pass
-        fsync_dir(dirpath)
+    write_json(os.path.join(extra, METADATA_FILE), meta)
 
 
 def _is_savedmodel(path: str) -> bool:
