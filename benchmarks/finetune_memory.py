@@ -123,7 +123,7 @@ def write_doc(results: list[dict], meta: dict, out: Path) -> Path:
         f"{first.get('classes', 10)}-class head, ported with `zoo.create_model("
         f"\"{meta['model']}\", gradient=mode)` (its 43 identity blocks become Euler stages; "
         "the stem, the 7 blocks that change shape and the head always backpropagate), "
-        "refined with `kode.refine.refine(model, m)` where m > 1 (each stage step becomes m "
+        "refined with `kode.tools.refine.refine(model, m)` where m > 1 (each stage step becomes m "
         f"untied steps of h/m). Every weight is trained (SGD, batch {batch}, float32, "
         "`tf.function` without XLA), as in `kode finetune` without `--freeze`.",
         "",

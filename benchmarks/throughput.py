@@ -566,7 +566,7 @@ def paired_findings(summary: dict) -> list[str]:
         out.append(
             f"- **Zoo ResNet-56 vs the hand-written Keras ResNet-56**: {zoo['ratio']:.2f}× "
             f"[{zoo['low']:.2f}, {zoo['high']:.2f}]. Both run the same 57 convolutions; the zoo "
-            "model's 57 batch normalizations are `kode.normalization.BatchNormalization`, "
+            "model's 57 batch normalizations are `kode.layers.BatchNormalization`, "
             "which runs TensorFlow's fused kernel (`FusedBatchNormV3`: one pass forward, one "
             "backward), while the hand-written model keeps `keras.layers.BatchNormalization` "
             "(Keras 3 computes moments and elementwise ops, several passes over the "

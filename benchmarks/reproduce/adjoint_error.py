@@ -1,6 +1,6 @@
 """Adjoint gradient error vs depth: Euler, Heun and reversible Heun, smooth vs i.i.d. weights.
 
-One kode :class:`~kode.stage.IntegratorStage` of N steps, h = 1/N, residual functions
+One kode :class:`~kode.layers.IntegratorStage` of N steps, h = 1/N, residual functions
 f_n(x) = tanh(x W_n + b_n) (width 16, batch 64, float64; the setting of docs/reference.md §3), loss
 L = ½ mean_i |x_N − y_i|² with random x_0, y. The measured quantity is the relative error of
 all parameter gradients, ‖g_adjoint − g_backprop‖ / ‖g_backprop‖, where g_adjoint comes from

@@ -14,7 +14,7 @@ takes N steps of h = 1/N, Heun N−1 steps of h = 1/(N−1) with two evaluations
 Training is plain ``model.fit`` (no gradient guard, which would stop inaccurate adjoint runs),
 Adam, the same budget for both gradient modes. Beside the accuracy, the relative error of the
 stage's parameter gradients, ‖g_adjoint − g_backprop‖ / ‖g_backprop‖, is measured at the
-initial weights and at the trained weights (kode.guard.check_gradients).
+initial weights and at the trained weights (kode.tools.guard.check_gradients).
 """
 
 from __future__ import annotations

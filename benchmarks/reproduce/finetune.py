@@ -2,7 +2,7 @@
 
 Sander, Ablin and Peyré take a network trained with one residual function per stage applied
 N times (tied weights, h = 1/N), *refine* it (untie: every step x + h f(x) becomes m steps
-x + (h/m) f_j(x) with m copies f_j of f, :func:`kode.refine.refine`), then fine-tune it with
+x + (h/m) f_j(x) with m copies f_j of f, :func:`kode.tools.refine.refine`), then fine-tune it with
 the memory-free adjoint, and report that it recovers the accuracy. Here, on ``digits``:
 
 1. pretrain with backprop, on the first half of the training set: stem conv3×3 (16) → one
@@ -11,7 +11,7 @@ the memory-free adjoint, and report that it recovers the accuracy. Here, on ``di
    a tied BN would average the statistics of the N different states into one set of moving
    statistics, which the N steps then share at inference (measured: chance accuracy);
 2. refine ×1 / ×2 / ×4 (4, 8, 16 untied functions): output change and test accuracy;
-3. the gradient guard's adjoint error (kode.guard.check_gradients, relative error of the
+3. the gradient guard's adjoint error (kode.tools.guard.check_gradients, relative error of the
    stage's parameter gradients against backprop) of each refined network;
 4. fine-tune each on the other half of the training set, with the adjoint and with backprop
    (same optimizer, epochs, data order): test accuracy;
@@ -270,7 +270,7 @@ def report(result: dict) -> list[str]:
         f"({budget['pretrain_epochs']} epochs): stem conv3×3 ({result['width']}) → one tied "
         f"stage of {result['steps']} Euler steps of one residual function f = conv3×3 ∘ ReLU ∘ "
         f"conv3×3 ∘ ReLU (no BatchNorm), h = 1/{result['steps']} → "
-        f"head; test accuracy {pre[0]:.3f} ± {pre[1]:.3f}. Refined ×m (`kode.refine.refine`: "
+        f"head; test accuracy {pre[0]:.3f} ± {pre[1]:.3f}. Refined ×m (`kode.tools.refine.refine`: "
         f"{result['steps']}·m untied copies, h/m), then fine-tuned on the other half "
         f"({budget['finetune_epochs']} epochs, SGD momentum 0.9, lr {FINETUNE_LR}) with backprop "
         "and with the adjoint, same data order. Mean ± std over seeds.",

@@ -8,7 +8,7 @@ exactly reversible system. Checked here at small scale, on ``digits``:
    and RevNet trained with the memory-free adjoint (its reversal is exact, so it should match);
 2. the adjoint's relative gradient error ‖g_adjoint − g_backprop‖ / ‖g_backprop‖ of each
    scheme's stage at initialization and after training, with the reconstruction error of the
-   stage input rebuilt by N reverse steps (``kode.guard.check_gradients``);
+   stage input rebuilt by N reverse steps (``kode.tools.guard.check_gradients``);
 3. memory of a RevNet stage with the adjoint vs backprop (``benchmarks/gradient_memory.py``).
 
 Model (as the depth-accuracy section): digits flattened → Dense(32) → one ``IntegratorStage``

@@ -1,6 +1,6 @@
 """Smooth weights emerge in a deep linear ResNet trained from zero (Sander et al., Fig. 2).
 
-The network is one kode :class:`~kode.stage.IntegratorStage`: N forward-Euler steps
+The network is one kode :class:`~kode.layers.IntegratorStage`: N forward-Euler steps
 x_{n+1} = x_n + h A_n x_n with h = 1/N, d = 2, every f_n a bias-free ``Dense`` layer
 (f_n(x) = A_n x) initialized to A_n = 0, in float64. It is trained by full-batch gradient
 descent on L = ½ mean_i |x_N(X_i) − B X_i|², with random inputs X_i ~ N(0, I) and targets
