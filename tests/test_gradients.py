@@ -50,6 +50,7 @@ def _pair(integrator, mode, graph=False, **kwargs):
     return _grads(stage, x, graph), _grads(ref_stage, x, graph)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("integrator", ["euler", "heun", "lm", "momentum", "reversible_heun"])
 def test_checkpoint_equals_backprop(integrator, graph):
@@ -57,6 +58,7 @@ def test_checkpoint_equals_backprop(integrator, graph):
     assert _rel_err(got, want) <= 1e-6
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("integrator", ["momentum", "reversible_heun"])
 def test_exact_reversal_adjoint_equals_backprop(integrator, graph):
@@ -64,6 +66,7 @@ def test_exact_reversal_adjoint_equals_backprop(integrator, graph):
     assert _rel_err(got, want) <= 1e-4
 
 
+@pytest.mark.numerics
 def test_approximate_adjoint_differs_but_is_close_with_ode_scaling():
     got, want = _pair("heun", "adjoint", step_size="ode", num=9)
     assert 1e-6 < _rel_err(got, want) < 0.2
@@ -89,6 +92,7 @@ def _smooth_dense_stage(num_functions, integrator, width=8, seed=0):
     return IntegratorStage(fns, integrator, step_size="ode", dtype="float64")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("integrator, order", [("euler", 1), ("heun", 2)])
 def test_adjoint_gradient_error_falls_with_the_integrator_order(integrator, order):
     x = _x((16, 8), dtype="float64")
@@ -114,6 +118,7 @@ def _moving_means(stage):
     return [np.array(v) for v in stage.non_trainable_variables if "moving_mean" in v.path]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("mode", ["checkpoint", "adjoint"])
 def test_batchnorm_moving_statistics_updated_once_per_step(mode):
     x = _x()
@@ -151,6 +156,7 @@ def test_variables_mapped_by_identity_with_same_shaped_weights_under_tf_function
         assert _rel_err(g, w) <= 1e-4
 
 
+@pytest.mark.numerics
 def test_tied_weights_accumulate():
     keras.utils.set_random_seed(0)
     shared = keras.layers.Dense(5, activation="tanh")
@@ -173,6 +179,7 @@ def test_bad_gradient_modes():
         stage.gradient = "magic"
 
 
+@pytest.mark.numerics
 def test_guard_reports_exact_and_inaccurate_stages():
     import zoo
     from kode.guard import check_gradients
@@ -260,6 +267,7 @@ def test_guard_stops_or_falls_back(tmp_path):
               logdir=str(tmp_path / "c"))
 
 
+@pytest.mark.numerics
 def test_adjoint_trains_in_fit_with_an_exact_integrator(tmp_path):
     from kode.training import train
 
@@ -269,6 +277,7 @@ def test_adjoint_trains_in_fit_with_an_exact_integrator(tmp_path):
     assert result.history["loss"][1] < result.history["loss"][0]
 
 
+@pytest.mark.numerics
 def test_momentum_adjoint_depth_limit_is_enforced_and_accurate_below_it():
     def dense_stage(n, gamma, mode):
         keras.utils.set_random_seed(0)
