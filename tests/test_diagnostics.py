@@ -53,13 +53,16 @@ def test_scalars_lm_k_and_residual_sizes_are_written(lm_run):
         assert f"residual/{stage}" in events
 
 
+@pytest.mark.numerics
 def test_guard_error_is_written_when_the_adjoint_is_rechecked(tmp_path):
     result = train("revheun_resnet20", "digits", epochs=1, model_options={"depth": 8},
                    gradient="adjoint", guard_every=1, logdir=str(tmp_path), verbose=0)
     events = _events(result.logdir)
     error = float(events["gradient_guard/adjoint_gradient_error"][-1])
     assert error == pytest.approx(result.config["gradient_guard"][-1]["max_error"])
-    assert error < 1e-3  # reversible Heun: exact up to rounding
+    # reversible Heun: exact up to rounding, on any CPU (the guard's batch alone gave 6e-3
+    # here on avx512 kernels: a ReLU input within rounding of zero, docs/gradients.md)
+    assert error <= 1e-5
 
 
 def test_residual_size_is_the_mean_norm_of_the_step_over_h():

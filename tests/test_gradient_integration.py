@@ -56,6 +56,7 @@ MIRRORED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.numerics
 def test_mirrored_strategy_adjoint_matches_backprop():
     import json
 

@@ -53,6 +53,7 @@ def test_heun_step_formula():
     np.testing.assert_allclose(y, x + (k1 + k2) / 2, rtol=1e-6)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name, gamma", [("reversible_heun", None), ("momentum", 0.9)])
 def test_exact_reversals_undo_sixteen_steps_in_float32(name, gamma):
     integrator = get_integrator(name, **({"gamma": gamma} if gamma else {}))
@@ -69,6 +70,7 @@ def test_exact_reversals_undo_sixteen_steps_in_float32(name, gamma):
     np.testing.assert_allclose(integrator.output(state), x, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_momentum_reversal_error_grows_like_one_over_gamma():
     # Documented limit: each reverse step divides by γ, so float32 rounding grows ~γ^-n.
     integrator = get_integrator("momentum", gamma=0.5)
@@ -80,6 +82,7 @@ def test_momentum_reversal_error_grows_like_one_over_gamma():
     assert float(tf.reduce_max(tf.abs(state[0] - states[0][0]))) > 1e-3
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name, order", [("euler", 1), ("heun", 2), ("reversible_heun", 2)])
 def test_convergence_order_in_float64(name, order):
     integrator = get_integrator(name)
@@ -185,6 +188,7 @@ def test_every_integrator_declares_its_properties():
         get_integrator("rk4")
 
 
+@pytest.mark.numerics
 def test_lm_step_equals_the_paper_form_with_its_gradients():
     # The step is computed as u + k(u_prev − u) + h f(u) (one reduction for ∂L/∂k): the same
     # map as Lu et al.'s (1 − k) u + k u_prev + h f(u), up to float32 rounding.

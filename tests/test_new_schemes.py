@@ -51,6 +51,7 @@ def _run(integrator, fns_per_step, x, n):
     return fns, h, states
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name, order", [("polynet", 1), ("fractalnet", 2), ("revnet", 1)])
 def test_convergence_order_on_a_linear_ode_in_float64(name, order):
     integrator = get_integrator(name)
@@ -89,6 +90,7 @@ def test_step_formulas():
     np.testing.assert_allclose(big_y, z[:, WIDTH:] + 0.5 * g(want_x), rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_revnet_reversal_is_exact_over_many_steps_in_float32():
     rev = get_integrator("revnet")
     fns = [_tanh(s, WIDTH) for s in range(64)]
@@ -104,6 +106,7 @@ def test_revnet_reversal_is_exact_over_many_steps_in_float32():
     assert float(tf.reduce_max(tf.abs(rev.output(states[-1]) - z))) > 0.1  # the steps moved x
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name, slope", [("polynet", 2), ("fractalnet", 3)])
 def test_approximate_reversal_error_falls_with_h(name, slope):
     # Rebuilding x_0 from x_N by N reverse steps on a linear ODE. PolyNet:
@@ -145,6 +148,7 @@ def test_gradient_modes_where_a_reversal_exists_or_not():
         check_gradient_mode("adjoint", get_integrator("lm"))
 
 
+@pytest.mark.numerics
 def test_revnet_stage_adjoint_equals_backprop():
     # Eager here; graph mode (model.fit's tf.function) in test_revnet_trains_with_the_exact_...
     x = tf.constant(np.random.default_rng(0).standard_normal((2, 5, 5, 8)), "float32")
@@ -168,6 +172,7 @@ def test_revnet_stage_adjoint_equals_backprop():
 SMALL = {"depth": 14, "width_multiplier": 0.25}
 
 
+@pytest.mark.numerics
 def test_kode_check_gradients_reports_each_scheme_and_revnet_adjoint_equals_backprop(capsys):
     """`kode check-gradients`: RevNet's adjoint = backprop (≤ 1e-4, float32) and its
     reconstruction is exact; PolyNet's and FractalNet's approximate reversals (h = 1, i.i.d.

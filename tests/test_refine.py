@@ -81,6 +81,7 @@ def test_tied_stage_unties_into_n_times_m_functions():
         model.get_layer("head").count_params())
 
 
+@pytest.mark.numerics
 def test_outputs_converge_and_the_adjoint_error_falls_as_m_grows():
     """Smooth (tied) weights: refined outputs approach the flow (successive differences
     shrink ~2× per doubling, Euler's order 1) and the guard's adjoint error falls."""

@@ -12,12 +12,12 @@
   An ODE-like stage (Sander et al.) has a field that varies smoothly and stays bounded as
   the depth grows; spikes show where the adjoint's reversal will be least accurate;
 - ``gradient_guard/adjoint_gradient_error`` whenever the
-  :class:`~kode.guard.GradientGuard` re-checked the adjoint (it puts the error in ``logs``:
+  :class:`~kode.tools.guard.GradientGuard` re-checked the adjoint (it puts the error in ``logs``:
   place the guard before this callback).
 
 The residual sizes use ``IntegratorStage.dynamics(training=False)`` (inference BatchNorm, no
 random draws, no variable updates) on the stage inputs of a fixed batch, computed the way
-:mod:`kode.guard` obtains them: a sub-model from the network input to every stage's input.
+:mod:`kode.tools.guard` obtains them: a sub-model from the network input to every stage's input.
 """
 
 from __future__ import annotations

@@ -393,7 +393,7 @@ def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
     Writes TensorBoard logs, ``model.keras``, ``kode.json`` and ``metrics.json`` to ``logdir``;
     with ``export_dir`` also a verified SavedModel ``export_dir/<model>/<version>``.
     ``gradient`` ("backprop" | "checkpoint" | "adjoint") sets every stage's gradient mode; with
-    "adjoint" the :class:`~kode.guard.GradientGuard` measures the adjoint's gradient error
+    "adjoint" the :class:`~kode.tools.guard.GradientGuard` measures the adjoint's gradient error
     at the start (and every ``guard_every`` epochs) and, above ``guard_tolerance``, stops or
     falls back to "checkpoint" (``on_inaccurate``).
 
