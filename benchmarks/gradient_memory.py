@@ -1021,7 +1021,7 @@ METHOD = [
     "mode the Euler adjoint at batch 16 peaked at 64–68 MiB (allocator) at N = 16, 32 and 64 "
     "with an overlap, 34–40 MiB without. A deeper stage offers more chances of an overlap, "
     "which looked like growth from N = 4 to 16 in a test run (2026-11-30). "
-    "`tests/test_gradient_memory.py` therefore runs its workers one op at a time "
+    "`tests/benchmarks/test_gradient_memory.py` therefore runs its workers one op at a time "
     "(`\"inter_op_threads\": 1` in the worker's configuration; peaks then repeat to ~0.2 MB); "
     "the tables here use TensorFlow's default scheduling.",
     "",
@@ -1069,8 +1069,8 @@ def notes(table: dict) -> list[str]:
         "step. The forward runs under "
         "`stop_recording` and keeps only the final state, and `tf.control_dependencies` "
         "sequence each rebuild after the previous vector-Jacobian product. "
-        "`tests/test_gradient_memory.py` checks flatness in eager and graph mode, and that "
-        "the same check fails when the forward is recorded by the outer tape.")
+        "`tests/benchmarks/test_gradient_memory.py` checks flatness in eager and graph mode, "
+        "and that the same check fails when the forward is recorded by the outer tape.")
     out += _overhead(table)
     a8, a128 = st("euler", 8, "adjoint"), st("euler", 128, "adjoint")
     if _ok(a8) and _ok(a128):
@@ -1103,7 +1103,7 @@ def notes(table: dict) -> list[str]:
         "adjoint loop never sees the residual functions, only `kode.gradients.evaluate`'s "
         "keys), so a step costs one evaluation plus its backward: predicted 1 + F/step = "
         f"{span([1 + x for x in h_f])}×, measured {span(h_measured)}× (it was 1 + 2F/step "
-        "before, measured 1.53–1.80×). `tests/test_gradients.py` counts the evaluations. "
+        "before, measured 1.53–1.80×). `tests/core/test_gradients.py` counts the evaluations. "
         "Momentum and RevNet reversals reuse their evaluations the same way.",
     ]
     xa = [table.get(("xla", "euler", n, "adjoint")) for n in (8, 64)]

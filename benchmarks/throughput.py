@@ -571,7 +571,7 @@ def paired_findings(summary: dict) -> list[str]:
             "backward), while the hand-written model keeps `keras.layers.BatchNormalization` "
             "(Keras 3 computes moments and elementwise ops, several passes over the "
             "activations each way). Outputs and gradients equal Keras' within 1e-5 "
-            "(`tests/test_normalization.py`). Whether the fused kernel's speed-up (1.57× "
+            "(`tests/core/test_normalization.py`). Whether the fused kernel's speed-up (1.57× "
             "measured on the idle machine with one process per model) holds under load is what "
             "this ratio measures; where its interval excludes the target, the cause is not "
             "established by this run.")
@@ -814,7 +814,7 @@ def write_doc(summary: dict, meta: dict, out: Path) -> Path:
                   "reference_resnet`: a plain functional Keras model (Conv2D, "
                   "BatchNormalization, ReLU, Add) with the same layers, initializers and "
                   "trainable parameter count as the zoo's `resnet56` (checked by "
-                  "`tests/test_throughput.py`)."]
+                  "`tests/benchmarks/test_throughput.py`)."]
     lines += ["", "### MAC counts against the published ones", "",
               "| model | counted | published ([reference.md](reference.md) §2) |",
               "|---|---:|---:|"]

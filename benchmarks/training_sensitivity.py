@@ -4,7 +4,7 @@ Trains ``revheun_resnet20`` depth 8 on digits for one epoch (batch 256, 6 steps,
 BN irrelevant on one device, deterministic ops) three times in one process: as is, again (run
 to run: must be identical), and with every initial weight multiplied by 1 ± 1e-7 (a rounding
 -level perturbation). Prints the relative per-step loss differences and max |Δw| at the end,
-to compare with the two-worker vs one-worker difference of tests/test_distribute.py.
+to compare with the two-worker vs one-worker difference of tests/distribute/test_distribute.py.
 
     python -m benchmarks.training_sensitivity [--eps 1e-7]
 """

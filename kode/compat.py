@@ -2,7 +2,7 @@
 
 Each accessor below wraps one private name; :func:`missing_private_apis` lists those a
 Keras or TensorFlow upgrade has removed, so a test fails with the name and what kode uses it
-for, instead of a model silently going wrong (tests/test_compat.py).
+for, instead of a model silently going wrong (tests/test_architecture.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from kode.cli import main
 from kode.training.search_space import ZooHyperModel
 from kode.training.tuning import tune
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _hypermodel(families):

@@ -24,7 +24,7 @@ import pytest
 
 from kode.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MIRRORED = textwrap.dedent("""
     import json

@@ -5,7 +5,7 @@ raw pixel values 0-255 under the input key ``images`` and answer with ``probabil
 ``class_ids``; a request built the way TF Serving's REST API builds it from
 ``{"instances": [...]}``, ``saved_model_cli run`` and ``kode predict``'s code must get the
 right digits back. (The SavedModels of ``kode train --export`` and ``kode export`` are checked
-against the same contract in tests/test_cli.py, which trains through the CLI anyway.)
+against the same contract in tests/cli/test_cli.py, which trains through the CLI anyway.)
 """
 
 from __future__ import annotations

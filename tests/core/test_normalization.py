@@ -10,7 +10,7 @@ import tensorflow as tf
 import zoo
 from kode.layers.normalization import BatchNormalization
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
 
 def _inputs(shape=(8, 5, 6, 4), axis=-1, seed=0):

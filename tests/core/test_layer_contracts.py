@@ -20,7 +20,7 @@ import tensorflow as tf
 import kode  # noqa: F401  (registers the layers for load_model)
 from kode import testing
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
 
 def test_keras_file_written_before_issue14_still_loads_exactly():
