@@ -123,3 +123,16 @@ def test_modules_stay_small_or_say_why():
                                                            or ""):
             too_long.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
     assert not too_long, too_long
+
+
+def test_the_documented_top_level_names_stay():
+    import kode
+    import zoo
+
+    for name in ("train", "finetune", "port_model", "export_model", "predict_files",
+                 "load_dataset", "check_gradients", "set_gradient_mode", "IntegratorStage",
+                 "TransitionBlock", "BasicBlock", "Bottleneck", "LayerChain", "get_integrator",
+                 "KodeError"):
+        assert callable(getattr(kode, name)), name
+    for name in ("create_model", "list_models", "list_families", "port_model"):
+        assert callable(getattr(zoo, name)), name
