@@ -18,7 +18,7 @@ def run(*args):
 
 
 def test_only_one_experiment_writes_its_section_and_keeps_the_others(tmp_path):
-    result = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path))
+    result = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path), "--allow-load")
     assert result.returncode == 0, result.stderr
     assert "cifar_recipes done" in result.stdout
     doc = (tmp_path / "results.md").read_text()
@@ -37,7 +37,7 @@ def test_only_one_experiment_writes_its_section_and_keeps_the_others(tmp_path):
     store["smooth_weights"] = {**store["cifar_recipes"], "command": "kode reproduce --quick",
                                "error": "exit 1: boom"}
     (tmp_path / "results.json").write_text(json.dumps(store))
-    again = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path))
+    again = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path), "--allow-load")
     assert again.returncode == 0, again.stderr
     doc = (tmp_path / "results.md").read_text()
     assert "**This run failed**: exit 1: boom" in doc and "`kode reproduce --quick`" in doc
