@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import record as run_record
 from benchmarks.gradient_memory import _ratio, _rotated, machine_description, measure
 from benchmarks.paired import verdict
-from kode.io import atomic_open, write_json
+from kode.io import write_json
 
 MODES = ("backprop", "checkpoint", "adjoint")
 #: adjoint memory increment ≤ limit × backprop's; adjoint step time ≤ limit × backprop's.
@@ -109,14 +110,44 @@ def findings(mem: dict, pairs: dict) -> list[str]:
     return out
 
 
-def write_doc(results: list[dict], meta: dict, out: Path) -> Path:
-    """``out/finetune_memory.md``; every number comes from ``results``."""
+def claims(results: list[dict], page: str = "docs/finetune_memory.md") -> list[dict]:
+    """The Targets section's numbers and verdicts, per refinement factor m: the adjoint's
+    memory over backprop's (RSS; [low, high] spans the RSS and allocator ratios, the two
+    measures the verdict needs to agree) and its paired step-time ratio."""
+    mem = {(r["refine"], r["mode"]): r for r in results if r["mode"] in MODES}
+    pairs = {r["refine"]: r for r in results if r["mode"] == "pair"}
+    out = []
+    for m in sorted({r["refine"] for r in results}):
+        a, b = mem.get((m, "adjoint")), mem.get((m, "backprop"))
+        rss, alloc = (_ratio(a, b, f) for f in ("increment_mb", "allocator_increment_mb"))
+        if rss is not None and alloc is not None:
+            out.append(run_record.claim(
+                f"finetune_memory.m{m}.adjoint-memory", f"ResNet152V2 fine-tuning, refine "
+                f"×{m}: adjoint / backprop training memory (RSS; range: RSS and allocator)",
+                rss, low=min(rss, alloc), high=max(rss, alloc), unit="×",
+                target=f"≤ {MEMORY_TARGET}×", verdict=memory_verdict(rss, alloc, MEMORY_TARGET),
+                page=page))
+        r = pairs.get(m)
+        if r and "error" not in r:
+            low, high = r["interval"]["adjoint"]
+            out.append(run_record.claim(
+                f"finetune_memory.m{m}.adjoint-time", f"ResNet152V2 fine-tuning, refine ×{m}: "
+                "adjoint / backprop step time (paired)", r["ratio"]["adjoint"], low=low,
+                high=high, unit="×", target=f"≤ {TIME_TARGET}×",
+                verdict=verdict(low, high, TIME_TARGET, at_least=False), page=page))
+    return out
+
+
+def write_doc(results: list[dict], meta: dict, out: Path, record=None) -> Path:
+    """``out/finetune_memory.md``; every number comes from ``results``; ``record``'s header
+    first."""
     mem = {(r["refine"], r["mode"]): r for r in results if r["mode"] in MODES}
     pairs = {r["refine"]: r for r in results if r["mode"] == "pair"}
     factors = sorted({r["refine"] for r in results})
     first = next((r for r in results if "error" not in r and "params" in r), {})
     size, batch = first.get("input_size", meta["input_size"]), first.get("batch", meta["batch"])
     lines = [
+        *([*run_record.page_header(record), ""] if record else []),
         "# Fine-tuning a ported ResNet152V2: memory and step time per gradient mode",
         "",
         f"`keras.applications.ResNet152V2(weights=None)` at {size}×{size}×3 with a "
@@ -214,10 +245,7 @@ def write_doc(results: list[dict], meta: dict, out: Path) -> Path:
                      f"**{verdict(low, high, TIME_TARGET, at_least=False)}**")
         lines.append(text + ".")
     lines += ["", *findings(mem, pairs), *meta.get("findings", [])]
-    path = out / "finetune_memory.md"
-    with atomic_open(str(path)) as f:
-        f.write("\n".join(lines).rstrip() + "\n")
-    return path
+    return run_record.write_page(out / "finetune_memory.md", lines)
 
 
 def _load() -> float:
@@ -248,6 +276,7 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--mem-cap-gb", type=float, default=18.0)
     parser.add_argument("--findings", help="a Markdown file of findings appended to the doc")
+    run_record.add_allow_load(parser)
     args = parser.parse_args(argv)
     results: list[dict] = []
     for path in args.merge or []:
@@ -260,6 +289,11 @@ def main(argv=None) -> None:
         print(f"resuming: {len(results)} results kept from {args.resume}", flush=True)
         args.json = args.json or args.resume
     todo = [] if args.merge else pending(configs(args), results)
+    # Before any work: the highest load at start of the kept results and, if something is
+    # measured now, of now.
+    loads = [r["load_at_start"] for r in results if "load_at_start" in r]
+    record = run_record.start_record(command, args.allow_load, load=max(
+        loads + ([_load()] if todo else []), default=None))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for i, cfg in enumerate(todo):
@@ -284,7 +318,10 @@ def main(argv=None) -> None:
             "findings": Path(args.findings).read_text().splitlines() if args.findings else []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {write_doc(results, meta, out)}", flush=True)
+    run_record.finish_record(record)
+    path = write_doc(results, meta, out, record)
+    run_record.write_record(path, record, results, claims(results))
+    print(f"wrote {path} and its .json", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,15 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import record as run_record
+from benchmarks.record import machine_description
 
 MODES = ("backprop", "checkpoint", "adjoint", "remat")
 STAGE_INTEGRATORS = ("euler", "reversible_heun")
@@ -443,25 +445,6 @@ def aggregate(results: list[dict]) -> dict:
 # ------------------------------------------------------------------------------- reporting
 
 
-def machine_description() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import keras
-    import tensorflow as tf
-
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"`nproc` = {nproc}, `{model}` (/proc/cpuinfo model name), {mem_gb:.0f} GiB RAM, "
-            f"no GPU; Linux {platform.release()}, glibc {platform.libc_ver()[1]}, "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__} (oneDNN on), "
-            f"Keras {keras.__version__}")
-
-
 def _ok(row) -> bool:
     return bool(row) and "error" not in row
 
@@ -837,6 +820,68 @@ def targets(table: dict) -> list[str]:
     return out
 
 
+def claims(table: dict, page: str = "docs/gradients.md") -> list[dict]:
+    """The headline numbers of :func:`targets` (same values, same verdicts) for the JSON."""
+    from benchmarks.paired import verdict
+
+    out = []
+
+    def st(integrator, n, mode):
+        return table.get(("stage", integrator, n, mode))
+
+    def claim(id, text, value, **kw):
+        out.append(run_record.claim(f"gradients.{id}", text, value, page=page, **kw))
+
+    for integrator in STAGE_INTEGRATORS:
+        a128 = st(integrator, 128, "adjoint")
+        for base, tag, what, limit in (
+                (st(integrator, 128, "backprop"), "vs-backprop", "backprop's", 0.2),
+                (st(integrator, 8, "adjoint"), "vs-n8", "its own at N=8", 1.15)):
+            r = _ratio(a128, base)
+            if r is not None:
+                claim(f"{integrator}.adjoint-memory-n128-{tag}",
+                      f"{integrator} stage, adjoint training memory at N=128 / {what}", r,
+                      unit="×", target=f"≤ {limit:g}×", verdict="met" if r <= limit else "missed")
+        ns = sorted(k[2] for k in table if k[0] == "stage" and k[1] == integrator
+                    and k[3] == "adjoint" and _ok(table[k]) and _ok(st(integrator, k[2],
+                                                                        "backprop")))
+        if ns:
+            n = ns[-1]
+            for mode in ("adjoint", "backprop"):
+                claim(f"{integrator}.{mode}-memory-n{n}",
+                      f"{integrator} stage of N={n}, {mode} training memory increment",
+                      st(integrator, n, mode)["increment_mb"], unit="MB")
+    for integrator, limit in TIME_TARGETS:
+        rows = {k[2]: table[k] for k in table
+                if k[0] == "timing" and k[1] == integrator and _ok(table[k])}
+        if rows and all("interval" in r for r in rows.values()):
+            n, row = max(rows.items())
+            low, high = row["interval"]["adjoint"]
+            claim(f"{integrator}.adjoint-time-n{n}",
+                  f"{integrator} stage of N={n}, adjoint / backprop step time (paired)",
+                  row["ratio"]["adjoint"], low=low, high=high, unit="×",
+                  target=f"≤ {limit}×", verdict=verdict(low, high, limit, at_least=False))
+    zoo = sorted((k[2] for k in table if k[0] == "zoo" and k[1] == "resnet1202"),
+                 reverse=True)
+    for batch in zoo[:1]:
+        a, b = (table.get(("zoo", "resnet1202", batch, m)) for m in ("adjoint", "backprop"))
+        if not _ok(a):
+            continue
+        claim("resnet1202.adjoint-memory", f"ResNet-1202 at batch {batch}, adjoint training "
+              "memory increment", a["increment_mb"], unit="MB")
+        if _ok(b):
+            r = b["increment_mb"] / a["increment_mb"]
+            claim("resnet1202.backprop-vs-adjoint-memory", f"ResNet-1202 at batch {batch}, "
+                  "backprop / adjoint training memory", r, unit="×", target="≥ 4×",
+                  verdict="met" if r >= 4 else "missed")
+        elif b is not None:
+            r = (b["max_rss_mb"] - a["baseline_mb"]) / a["increment_mb"]
+            claim("resnet1202.backprop-vs-adjoint-memory", f"ResNet-1202 at batch {batch}, "
+                  "backprop / adjoint training memory (backprop killed: a lower bound)", r,
+                  low=r, unit="×", target="≥ 4×", verdict="met" if r >= 4 else "missed")
+    return out
+
+
 def cost_model(table: dict) -> list[str]:
     """Predicted adjoint/backprop time ratios from the measured forward time."""
     lines = []
@@ -867,9 +912,10 @@ def cost_model(table: dict) -> list[str]:
     return lines
 
 
-def write_doc(table: dict, meta: dict, out: Path) -> Path:
-    """``out/gradients.md``: every number comes from ``table``."""
+def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
+    """``out/gradients.md``: every number comes from ``table``; ``record``'s header first."""
     lines = [
+        *([*run_record.page_header(record), ""] if record else []),
         *DOC_HEAD,
         "## How it was measured",
         "",
@@ -905,9 +951,7 @@ def write_doc(table: dict, meta: dict, out: Path) -> Path:
         "",
         *GUARD_SECTION,
     ]
-    path = out / "gradients.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
-    return path
+    return run_record.write_page(out / "gradients.md", lines)
 
 
 # Measured once (not by this benchmark); kept when the document is regenerated.
@@ -1150,6 +1194,7 @@ def notes(table: dict) -> list[str]:
 
 def run_all(args) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from kode.io import write_json
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -1159,6 +1204,10 @@ def run_all(args) -> None:
     command = ("python -m benchmarks.gradient_memory " + shlex.join(sys.argv[1:])).strip()
     if args.merge:
         command = None
+    record = run_record.start_record(
+        command or "python -m benchmarks.gradient_memory " + shlex.join(sys.argv[1:]),
+        args.allow_load, load=max((r["load_at_start"] for r in results
+                                   if "load_at_start" in r), default=None))
     quick = args.quick
     ns = args.ns or ([4, 8, 32, 128] if quick else [4, 8, 16, 32, 64, 128, 256])
     configs: list[dict] = []
@@ -1185,8 +1234,10 @@ def run_all(args) -> None:
                                       [("resnet110", args.zoo_batch, 3),
                                        ("resnet1202", args.zoo_batch, 2)])
     for i, cfg in enumerate(configs):
+        load = os.getloadavg()[0]
         r = measure(cfg, timeout=args.timeout, mem_cap_gb=args.mem_cap_gb)
         r["command"] = command
+        r["load_at_start"] = load
         results.append(r)
         desc = " ".join(f"{k}={cfg[k]}" for k in ("sweep", "model", "integrator", "n", "mode",
                                                    "batch") if k in cfg)
@@ -1202,9 +1253,9 @@ def run_all(args) -> None:
         print(f"[{i + 1}/{len(configs)} {time.monotonic() - started:.0f}s] {desc}: {status}",
               flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+            write_json(args.json, results, indent=1)
     if args.json and not configs:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
     table = aggregate(results)
     commands = sorted({r["command"] for r in results if r.get("command")})
     if args.merge:
@@ -1224,8 +1275,10 @@ def run_all(args) -> None:
         ],
     }
     plot(table, out)
-    path = write_doc(table, meta, out)
-    print(f"wrote {path}", flush=True)
+    run_record.finish_record(record)
+    path = write_doc(table, meta, out, record)
+    run_record.write_record(path, record, results, claims(table))
+    print(f"wrote {path} and its .json", flush=True)
 
 
 def main(argv=None) -> None:
@@ -1250,6 +1303,7 @@ def main(argv=None) -> None:
     parser.add_argument("--note", help="a sentence added to the doc's method section")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="write the doc from raw results of earlier runs, run nothing")
+    run_record.add_allow_load(parser)
     args = parser.parse_args(argv)
     if args.worker:
         cfg = json.loads(args.worker)

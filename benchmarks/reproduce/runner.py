@@ -22,7 +22,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import record as run_record
 from benchmarks.reproduce import EXPERIMENTS
+from benchmarks.reproduce.claims import experiment_claims
 from benchmarks.reproduce.common import Context
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +79,11 @@ def _section(index: int, name: str, entry: dict | None) -> list[str]:
     seeds = ", ".join(str(s) for s in entry["seeds"])
     lines += [f"*Run {entry['date']} by `{entry['command']}` · seeds {seeds} · "
               f"{entry['wall_s'] / 60:.1f} min.*", ""]
+    if "record" in entry:
+        record = run_record.RunRecord.from_dict(entry["record"])
+        lines += [*([run_record.under_load_line(record)] if record.under_load else []),
+                  f"*Load average {record.load_before:.2f} at the start on {record.cores} "
+                  "cores.*", ""]
     if "error" in entry:
         return lines + [f"**This run failed**: {entry['error']}", ""]
     return lines + module.report(entry["result"]) + [""]
@@ -87,7 +94,7 @@ def write_document(store: dict, out: Path) -> Path:
     import kode  # noqa: F401  (imports TensorFlow without its start-up banner)
     from benchmarks.gradient_memory import machine_description
 
-    lines = [
+    lines = [*header(store),
         "# Reproducing the papers",
         "",
         "Lu et al. (ICML 2018, LM-ResNet) and Sander, Ablin, Peyré (NeurIPS 2022, the "
@@ -103,9 +110,29 @@ def write_document(store: dict, out: Path) -> Path:
     ]
     for i, name in enumerate(EXPERIMENTS, 1):
         lines += _section(i, name, store.get(name))
-    path = out / "results.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
-    return path
+    return run_record.write_page(out / "results.md", lines)
+
+
+def header(store: dict) -> list[str]:
+    """The page's first lines: the record of the latest experiment run (its header), and a
+    warning naming every other kept experiment that ran under load."""
+    runs = {name: run_record.RunRecord.from_dict(store[name]["record"]) for name in EXPERIMENTS
+            if "record" in store.get(name, {})}
+    if not runs:
+        return []
+    latest = max(runs, key=lambda name: runs[name].date)
+    loaded = [f"{name} ({r.load_before:.2f} on {r.cores} cores)" for name, r in runs.items()
+              if r.under_load and name != latest]
+    return [*run_record.page_header(runs[latest]), *(
+        ["", "**Measured under load: " + ", ".join(loaded) + "; these numbers are not evidence "
+         "about speed.**"] if loaded else []), ""]
+
+
+def record_entry(entry: dict, record: run_record.RunRecord, name: str) -> dict:
+    """``entry`` with the run's record and the experiment's claims (none if it failed)."""
+    claims = experiment_claims(name, entry["result"]) if "result" in entry else []
+    run_record.check_claims(claims)
+    return {**entry, "record": record.to_dict(), "claims": claims}
 
 
 def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -122,6 +149,7 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="directory for results.md, results.json and the figures")
     parser.add_argument("--render", action="store_true",
                         help="rewrite results.md from the stored results.json, run nothing")
+    run_record.add_allow_load(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--command", help=argparse.SUPPRESS)
@@ -146,14 +174,21 @@ def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) ->
     store_path = args.out / "results.json"
     store = json.loads(store_path.read_text()) if store_path.exists() else {}
     names = [] if args.render else list(args.only or EXPERIMENTS)
+    if names:  # before any work: refuse a loaded machine unless --allow-load
+        run_record.start_record(command, args.allow_load)
     started, failed = time.monotonic(), []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)} {time.monotonic() - started:5.0f}s] {name}: "
               f"{experiment_module(name).TITLE}", flush=True)
+        # Each experiment's own record: its load at start (the first one's was checked).
+        record = run_record.start_record(command, True)
+        record.allow_load = args.allow_load
         entry = _spawn(name, args, command)
-        store[name] = entry
+        store[name] = record_entry(entry, run_record.finish_record(record), name)
         args.out.mkdir(parents=True, exist_ok=True)
-        store_path.write_text(json.dumps(store, indent=1))
+        from kode.io import write_json
+
+        write_json(str(store_path), store, indent=1)
         status = "failed: " + entry["error"] if "error" in entry else "done"
         print(f"[{i}/{len(names)} {time.monotonic() - started:5.0f}s] {name} {status} "
               f"({entry['wall_s']:.0f} s)", flush=True)

@@ -18,14 +18,17 @@ def run(*args):
 
 
 def test_only_one_experiment_writes_its_section_and_keeps_the_others(tmp_path):
-    result = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path))
+    result = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path), "--allow-load")
     assert result.returncode == 0, result.stderr
     assert "cifar_recipes done" in result.stdout
     doc = (tmp_path / "results.md").read_text()
     store = json.loads((tmp_path / "results.json").read_text())
     assert list(store) == ["cifar_recipes"]
     assert store["cifar_recipes"]["command"] == (
-        f"kode reproduce --only cifar_recipes --out {tmp_path}")
+        f"kode reproduce --only cifar_recipes --out {tmp_path} --allow-load")
+    # the run's record (this test may run on a busy machine: --allow-load) and no claims
+    assert store["cifar_recipes"]["record"]["allow_load"] is True
+    assert store["cifar_recipes"]["claims"] == []
     assert "kode train lm_resnet110_sd --dataset cifar10" in doc and "4.80% error" in doc
     assert "Not run here" in doc
     # Every experiment has a section, in order; the ones not run say how to run them.
@@ -37,7 +40,7 @@ def test_only_one_experiment_writes_its_section_and_keeps_the_others(tmp_path):
     store["smooth_weights"] = {**store["cifar_recipes"], "command": "kode reproduce --quick",
                                "error": "exit 1: boom"}
     (tmp_path / "results.json").write_text(json.dumps(store))
-    again = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path))
+    again = run("reproduce", "--only", "cifar_recipes", "--out", str(tmp_path), "--allow-load")
     assert again.returncode == 0, again.stderr
     doc = (tmp_path / "results.md").read_text()
     assert "**This run failed**: exit 1: boom" in doc and "`kode reproduce --quick`" in doc
