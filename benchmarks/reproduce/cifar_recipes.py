@@ -1,6 +1,6 @@
 """CIFAR-10 at the papers' scale: the commands, with the published numbers beside them.
 
-Nothing here is trained: this machine has neither a GPU nor the CIFAR-10 files. The section
+Nothing here is trained (that needs a GPU and the CIFAR-10 files). The section
 lists the exact ``kode train`` commands that follow the papers' recipes (docs/reference.md §2:
 SGD 0.9, batch 128, weight decay 1e-4, lr 0.1 ÷10 at epochs 80/120 of 160; stochastic depth:
 ÷10 at 250/375 of 500) and the test errors the papers report.
@@ -61,7 +61,8 @@ def run(ctx: Context) -> dict:
 def report(result: dict) -> list[str]:
     rows = [(m, f"`{c}`", p) for m, c, p in result["rows"]]
     return [
-        "**Not run here** (no GPU, no CIFAR-10 download on this machine). On a machine with "
+        "**Not run by `kode reproduce`** (these runs need a GPU and the CIFAR-10 files; kode has "
+        "not been run at this scale yet). On a machine with "
         f"both, prepare the data once (`{result['prepare']}`) and run:",
         "",
         *markdown_table(["model", "command", "published (CIFAR-10 test)"], rows, "lll"),

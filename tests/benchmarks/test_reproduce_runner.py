@@ -30,7 +30,7 @@ def test_only_one_experiment_writes_its_section_and_keeps_the_others(tmp_path):
     assert store["cifar_recipes"]["record"]["allow_load"] is True
     assert store["cifar_recipes"]["claims"] == []
     assert "kode train lm_resnet110_sd --dataset cifar10" in doc and "4.80% error" in doc
-    assert "Not run here" in doc
+    assert "Not run by `kode reproduce`" in doc
     # Every experiment has a section, in order; the ones not run say how to run them.
     headings = [line for line in doc.splitlines() if line.startswith("## ")]
     assert len(headings) == len(EXPERIMENTS)
