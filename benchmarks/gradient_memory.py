@@ -805,7 +805,9 @@ def targets(table: dict) -> list[str]:
             continue
         text = (f"- ResNet-1202 trains with adjoint at batch {batch}: increment "
                 f"{a['increment_mb']:.0f} MB, {a['step_s']:.0f} s/step, losses finite: "
-                f"{a['finite']}")
+                f"{a['finite']} (memory only: resnet1202 has h = 1, where the Euler adjoint's "
+                "gradients are far from backprop's; the guard would stop such a run or switch "
+                "its stages to checkpoint)")
         if _ok(b):
             r = b["increment_mb"] / a["increment_mb"]
             text += (f"; backprop {b['increment_mb']:.0f} MB = {r:.1f}× — "
@@ -1016,22 +1018,24 @@ DOC_HEAD = [
     "",
     "Every `IntegratorStage` has `gradient=\"backprop\" | \"checkpoint\" | \"adjoint\"` "
     "(constructor argument, settable attribute, `zoo.create_model(name, gradient=...)`, or "
-    "`kode.gradients.set_gradient_mode(model, mode)` for a whole model, then recompile):",
+    "`kode.set_gradient_mode(model, mode)` for a whole model, then recompile):",
     "",
     "- `backprop`: autodiff through every step; keeps the activations of all N steps, O(N).",
     "- `checkpoint`: keeps the state every ⌈√N⌉ steps, recomputes one segment at a time in "
     "the backward; exact gradients, O(√N) states, about one extra forward.",
     "- `adjoint` (Sander et al. 2022): the forward keeps only the final state; the backward "
     "rebuilds x_n with the integrator's `reverse_step` and takes one vector-Jacobian product "
-    "per step: O(1) states; exact for reversible Heun and momentum, approximate for Euler "
-    "(gradient error: [reference.md](reference.md) §3).",
+    "per step: O(1) states; exact up to rounding for reversible Heun and RevNet; momentum's "
+    "reversal divides by γ each step, which amplifies rounding (kode refuses its adjoint "
+    "beyond a step limit, 43 steps at γ = 0.9); approximate for Euler (gradient error: "
+    "[reference.md](reference.md) §3).",
     "- `remat` (not a kode mode, the Keras alternative): `keras.RematScope(mode="
     "\"activations\")` around building a backprop model (mode `\"full\"` fails in `fit` with "
     "BatchNorm, keras#21207).",
     "",
     "Reproduce with `python -m benchmarks.gradient_memory [--quick] [--out docs]` "
-    "(`--quick`: N = 4, 8, 32, 128 and ResNet-110 at batch 32, ≈ 20 min here; the full run "
-    "≈ 80 min, most of it tracing the unrolled graphs and ResNet-1202).",
+    "(`--quick`: N = 4, 8, 32, 128 and ResNet-110 at batch 32, about a quarter of the full "
+    "run's time, most of it tracing the unrolled graphs and ResNet-1202).",
     "",
 ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from benchmarks.reproduce.common import Context, markdown_table
 
-TITLE = "CIFAR-scale recipes (not run here)"
+TITLE = "CIFAR-scale recipes (not run by kode reproduce)"
 
 # Lu et al., CIFAR-10 test error (%), as transcribed in docs/reference.md §2.
 LM_RESNET_ERRORS = {
