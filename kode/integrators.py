@@ -53,6 +53,14 @@ class Integrator:
     max_adjoint_steps: int | None = None
     #: Residual functions one step evaluates with their own weights (RevNet's F and G: 2).
     functions_per_step: ClassVar[int] = 1
+    #: The dtype of the residual stream under a mixed precision policy (f_n computing in
+    #: bfloat16/float16), None: the policy's variable dtype, float32. A reversal whose rounding
+    #: grows step by step (momentum's division by γ) needs more: a rebuilt state off by more
+    #: than float32 rounding casts to another bfloat16 input of f_n at some coordinates, and
+    #: each such flip changes f_n's output by a bfloat16 rounding step, which the next reverse
+    #: steps amplify (measured: momentum adjoint vs backprop 9e-3 with a float32 stream, 0 with
+    #: a float64 one).
+    mixed_precision_stream: ClassVar[str | None] = None
 
     def residual_shape(self, state_shape: tuple) -> tuple:
         """The shape a residual function maps to itself, given the stage's (concatenated)
@@ -227,6 +235,9 @@ class Momentum(Integrator):
     name = "momentum"
     order = 1
     reversal = EXACT
+    # The reversal divides by γ: float32 rounding, grown by γ^-N, would change f_n's
+    # bfloat16 inputs (see Integrator.mixed_precision_stream).
+    mixed_precision_stream = "float64"
 
     def __init__(self, gamma: float = 0.9):
         gamma = float(gamma)
