@@ -68,10 +68,11 @@ class IntegratorStage(TrackedChildren, layers.Layer):
     Precision: the residual stream (the integrator's whole state: x, LM's history, momentum's
     velocity, reversible Heun's second copy, RevNet's halves) is carried in
     :attr:`stream_dtype`, the policy's variable dtype: float32 under ``mixed_bfloat16`` and
-    ``mixed_float16`` (float64 for an integrator that declares it needs more, momentum). Each f_n runs in the compute dtype on the state cast down, its output
-    is cast up before the update, so every integrator's arithmetic, forward and reverse,
-    happens in float32: an exact reversal rebuilds the float32 state to float32 rounding, and
-    casting it down gives f_n the very low-precision input the forward gave it. Input and
+    ``mixed_float16`` (float64 for an integrator that declares it needs more: momentum).
+    Each f_n runs in the compute dtype on the state cast down, its output is cast up before
+    the update, so every integrator's arithmetic, forward and reverse, happens in float32:
+    an exact reversal rebuilds the float32 state to float32 rounding, and casting it down
+    gives f_n the very low-precision input the forward gave it. Input and
     output stay in the compute dtype (the Keras contract between layers; transitions, stem and
     head follow the policy), so the stream is float32 within a stage, and saved models,
     exported signatures and weights are the same as before.

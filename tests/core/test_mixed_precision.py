@@ -19,7 +19,9 @@ import tensorflow as tf
 
 import zoo
 from kode import IntegratorStage
+from kode.testing.models import reduced_overrides
 from kode.tools.guard import check_gradients
+from zoo.registry import family_integrator
 
 
 @contextlib.contextmanager
@@ -112,7 +114,7 @@ def test_inexact_adjoint_error_curve_under_mixed_bfloat16_follows_float32(integr
         rows.append((n, f32, bf16, floor))
     print("\n" + "\n".join(f"N={n:3d} float32 {a:.3e} mixed_bfloat16 {b:.3e} ratio {b / a:6.2f}"
                            f" bfloat16 gradient error {c:.3e}" for n, a, b, c in rows))
-    for n, f32, bf16, floor in rows:
+    for _n, f32, bf16, floor in rows:
         assert bf16 <= 2.0 * max(f32, floor), rows
         if f32 > 2.0 * floor:  # above the floor: the float32 curve itself
             assert bf16 >= 0.5 * f32, rows
@@ -126,24 +128,21 @@ FAMILIES = ["resnet20", "heun_resnet20", "lm_resnet20", "momentum_resnet20",
 
 
 def _modes(name):
-    integrator = zoo.family_integrator(zoo.get_entry(name).family)
-    from kode.integrators import get_integrator
-
-    reversible = get_integrator(integrator).reversible
-    return ["backprop", "checkpoint"] + (["adjoint"] if reversible else [])
+    integrator = family_integrator(zoo.get_entry(name).family)
+    return ["backprop", "checkpoint"] + (["adjoint"] if integrator.reversal != "none" else [])
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_and_gradient_mode_trains_under_mixed_bfloat16(name):
     """One SGD step per gradient mode: finite loss, bfloat16 outputs of the stages, float32
     weights and gradients; the loss of one step agrees across modes (same weights)."""
-    x, y = _images((8, 8, 3))
+    overrides = {**reduced_overrides(name), **({"depth": 14} if name == "revnet38" else {})}
+    x, y = _images(overrides["input_shape"], batch=4)
     losses = {}
     with policy("mixed_bfloat16"):
         for mode in _modes(name):
             keras.utils.set_random_seed(1)
-            model = zoo.create_model(name, depth=8 if name != "revnet38" else 14,
-                                     input_shape=(8, 8, 3), gradient=mode)
+            model = zoo.create_model(name, **overrides, gradient=mode)
             model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy",
                           jit_compile=False)
             assert all(w.dtype == "float32" for w in model.weights
