@@ -160,7 +160,7 @@ def test_saved_under_mixed_bfloat16_loads_and_exports_under_float32(tmp_path):
     saved policy) and predicts the same; a float32 model's weights load into a
     mixed_bfloat16 build and predict the same within bfloat16 rounding; the SavedModel keeps
     float32/uint8 inputs and float32 outputs."""
-    from kode.serving.export import export_model
+    from kode.serving.export import default_atol, export_model
 
     x, _ = _images((8, 8, 3), batch=4)
     with policy("mixed_bfloat16"):
@@ -180,6 +180,7 @@ def test_saved_under_mixed_bfloat16_loads_and_exports_under_float32(tmp_path):
                                    atol=3e-2)
         result = export_model(loaded, str(tmp_path / "saved_models"), check_inputs=x)
     assert result.max_abs_diff <= 1e-5
+    assert default_atol(loaded) == 4 * 2.0**-8 and default_atol(float32_model) == 1e-5
     signatures = tf.saved_model.load(result.path).signatures
     for signature, dtype in (("serving_default", tf.float32), ("serving_uint8", tf.uint8),
                              ("serving_preprocessed", tf.float32)):
