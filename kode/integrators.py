@@ -199,6 +199,10 @@ class LinearMultistep(Integrator):
                 shape=(),
                 initializer=keras.initializers.RandomUniform(low, high),
                 trainable=True,
+                # Read in its own dtype, never autocast: the forward runs inside the layer's
+                # autocast scope, the checkpoint's recomputation outside it, and both must
+                # see the same k (the stream is float32 under mixed precision).
+                autocast=False,
             )
             for n in range(first, num_steps)
         ]
@@ -213,7 +217,7 @@ class LinearMultistep(Integrator):
         u, u_prev = state
         if u_prev is None:
             return (u + scale(h, fns[n](u)), u)
-        # k_n is a float32 variable under mixed precision: compute in the state's dtype.
+        # k_n: a float32 variable under mixed precision, as the stream; cast for a plain policy.
         k = keras.ops.cast(params[n - (len(fns) - len(params))], u.dtype)
         # (1 − k) u + k u_prev written as u + k (u_prev − u): the same value up to rounding,
         # and ∂L/∂k = Σ g·(u_prev − u) is one product and one reduction over the state instead
