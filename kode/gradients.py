@@ -345,7 +345,8 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
 
 
 def reconstruction_error(dynamics: Dynamics, x, history=None) -> float:
-    """max |x_0 − x̂_0| / max |x_0|, x̂_0 rebuilt by N reverse steps from the forward's x_N.
+    """max |x_0 − x̂_0| / max |x_0|, x̂_0 rebuilt by N reverse steps from the forward's x_N,
+    both as the stage outputs a state (``dynamics.output``: its compute dtype).
 
     Runs without lasting updates (BN statistics, generator states) and with every random
     generator replayed from the same state forward and backward.
@@ -359,5 +360,10 @@ def reconstruction_error(dynamics: Dynamics, x, history=None) -> float:
     for n in reversed(range(dynamics.num_steps)):
         state = _replay(dynamics, rng, lambda s=state, n=n: dynamics.reverse_step(n, s))
     rebuilt = dynamics.output(state)
+    # x as the stage outputs it (its compute dtype under mixed precision), in one dtype.
+    x = tf.cast(_replay(dynamics, rng, lambda: dynamics.output(dynamics.init(x, history))),
+                rebuilt.dtype)
+    if rebuilt.dtype.size < 4:
+        rebuilt, x = tf.cast(rebuilt, tf.float32), tf.cast(x, tf.float32)
     return float(tf.reduce_max(tf.abs(rebuilt - x)) / (tf.reduce_max(tf.abs(x)) + 1e-30))
 

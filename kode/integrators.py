@@ -53,6 +53,14 @@ class Integrator:
     max_adjoint_steps: int | None = None
     #: Residual functions one step evaluates with their own weights (RevNet's F and G: 2).
     functions_per_step: ClassVar[int] = 1
+    #: The dtype of the residual stream under a mixed precision policy (f_n computing in
+    #: bfloat16/float16), None: the policy's variable dtype, float32. A reversal whose rounding
+    #: grows step by step (momentum's division by γ) needs more: a rebuilt state off by more
+    #: than float32 rounding casts to another bfloat16 input of f_n at some coordinates, and
+    #: each such flip changes f_n's output by a bfloat16 rounding step, which the next reverse
+    #: steps amplify (measured: momentum adjoint vs backprop 9e-3 with a float32 stream, 0 with
+    #: a float64 one).
+    mixed_precision_stream: ClassVar[str | None] = None
 
     def residual_shape(self, state_shape: tuple) -> tuple:
         """The shape a residual function maps to itself, given the stage's (concatenated)
@@ -191,6 +199,10 @@ class LinearMultistep(Integrator):
                 shape=(),
                 initializer=keras.initializers.RandomUniform(low, high),
                 trainable=True,
+                # Read in its own dtype, never autocast: the forward runs inside the layer's
+                # autocast scope, the checkpoint's recomputation outside it, and both must
+                # see the same k (the stream is float32 under mixed precision).
+                autocast=False,
             )
             for n in range(first, num_steps)
         ]
@@ -205,7 +217,7 @@ class LinearMultistep(Integrator):
         u, u_prev = state
         if u_prev is None:
             return (u + scale(h, fns[n](u)), u)
-        # k_n is a float32 variable under mixed precision: compute in the state's dtype.
+        # k_n: a float32 variable under mixed precision, as the stream; cast for a plain policy.
         k = keras.ops.cast(params[n - (len(fns) - len(params))], u.dtype)
         # (1 − k) u + k u_prev written as u + k (u_prev − u): the same value up to rounding,
         # and ∂L/∂k = Σ g·(u_prev − u) is one product and one reduction over the state instead
@@ -227,6 +239,9 @@ class Momentum(Integrator):
     name = "momentum"
     order = 1
     reversal = EXACT
+    # The reversal divides by γ: float32 rounding, grown by γ^-N, would change f_n's
+    # bfloat16 inputs (see Integrator.mixed_precision_stream).
+    mixed_precision_stream = "float64"
 
     def __init__(self, gamma: float = 0.9):
         gamma = float(gamma)

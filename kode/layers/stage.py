@@ -40,8 +40,12 @@ def resolve_step_size(step_size: float | str, num_steps: int, horizon: float = 1
     return float(step_size)
 
 
-def _in_dtype_of(x, y):
-    return y if y.dtype == x.dtype else keras.ops.cast(y, x.dtype)
+def _cast(x, dtype):
+    """x in ``dtype`` (x itself when it is already: no op in the graph); None stays None."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    if x is None or keras.backend.standardize_dtype(x.dtype) == dtype:
+        return x
+    return keras.ops.cast(x, dtype)
 
 
 def _split_inputs(inputs):
@@ -60,6 +64,18 @@ class IntegratorStage(TrackedChildren, layers.Layer):
     Output: x_N (same shape as x). ``gradient`` chooses how training differentiates the
     stage: "backprop", "checkpoint" (O(√N) states) or "adjoint" (O(1) states, rebuilt by
     the integrator's reverse step; see :mod:`kode.gradients`).
+
+    Precision: the residual stream (the integrator's whole state: x, LM's history, momentum's
+    velocity, reversible Heun's second copy, RevNet's halves) is carried in
+    :attr:`stream_dtype`, the policy's variable dtype: float32 under ``mixed_bfloat16`` and
+    ``mixed_float16`` (float64 for an integrator that declares it needs more: momentum).
+    Each f_n runs in the compute dtype on the state cast down, its output is cast up before
+    the update, so every integrator's arithmetic, forward and reverse, happens in float32:
+    an exact reversal rebuilds the float32 state to float32 rounding, and casting it down
+    gives f_n the very low-precision input the forward gave it. Input and
+    output stay in the compute dtype (the Keras contract between layers; transitions, stem and
+    head follow the policy), so the stream is float32 within a stage, and saved models,
+    exported signatures and weights are the same as before.
     """
 
     def __init__(
@@ -117,30 +133,49 @@ class IntegratorStage(TrackedChildren, layers.Layer):
             self, self.num_steps, has_history
         )
 
+    @property
+    def stream_dtype(self) -> str:
+        """The dtype of the residual stream: the compute dtype under a plain policy (float32,
+        float16…); under a mixed one (compute dtype narrower than the variables') the
+        variables' float32, or the wider dtype the integrator asks for
+        (``Integrator.mixed_precision_stream``: momentum's amplifying reversal)."""
+        compute, variable = self.compute_dtype, self.variable_dtype
+        if compute == variable or not keras.backend.is_float_dtype(variable):
+            return compute
+        return self.integrator.mixed_precision_stream or variable
+
     def residual_callables(self, training=None) -> list:
         """The residual functions as x ↦ f_n(x) callables with ``training`` bound (through
         :func:`kode.gradients.evaluate`, which may reuse an adjoint's reverse evaluation).
 
-        f_n(x) comes back in x's dtype: the state keeps the stage's compute dtype (float16,
-        bfloat16) even when a residual function was built with another dtype policy.
+        f_n runs on x cast to the stage's compute dtype (bfloat16, float16) and comes back in
+        x's dtype (the stream's, float32 under a mixed policy), whatever the dtype policy a
+        residual function was built with.
         """
+        compute = self.compute_dtype
 
         def bind(f):
             def fn(x):
-                return _in_dtype_of(x, f(x, training=training))
+                return _cast(f(_cast(x, compute), training=training), x.dtype)
 
             return lambda x: evaluate(fn, x)
 
         return [bind(f) for f in self.residual_functions]
 
     def dynamics(self, training=None) -> Dynamics:
-        """This stage as init/step/reverse callables for :func:`kode.gradients.integrate`."""
+        """This stage as init/step/reverse callables for :func:`kode.gradients.integrate`.
+
+        ``init`` casts the input (and history) up to :attr:`stream_dtype`, ``output`` casts
+        x_N down to the compute dtype: every state in between, the ones the checkpoint mode
+        stores and the adjoint rebuilds included, is in the stream dtype."""
         fns = self.residual_callables(training)
         integrator, h, params = self.integrator, self.h, self.integrator_variables
+        stream, compute = self.stream_dtype, self.compute_dtype
         return Dynamics(
-            init=lambda x, history: integrator.init_state(x, history, fns, h),
+            init=lambda x, history: integrator.init_state(
+                _cast(x, stream), _cast(history, stream), fns, h),
             step=lambda n, state: integrator.step(n, state, fns, h, params),
-            output=integrator.output,
+            output=lambda state: _cast(integrator.output(state), compute),
             num_steps=self.num_steps,
             reverse_step=(lambda n, state: integrator.reverse_step(n, state, fns, h, params))
             if integrator.reversible else None,

@@ -160,6 +160,10 @@ class TrainingPipeline:
 
         if s.verbose:
             print(describe_devices(self.strategy))
+            from kode.distribute.strategy import bfloat16_hint
+
+            if hint := bfloat16_hint(s.precision):  # once per run, beside the devices
+                print(hint)
 
         self.chief = is_chief(self.strategy)
         self.logdir = worker_logdir(s.logdir, self.strategy)
