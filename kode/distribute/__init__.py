@@ -11,7 +11,8 @@ from kode.distribute.strategy import (
     describe_devices,
     make_strategy,
     parse_tf_config,
+    synchronize_batchnorm,
 )
 
 __all__ = ["PRECISIONS", "STRATEGIES", "configure_cpu_devices", "describe_devices",
-           "make_strategy", "parse_tf_config"]
+           "make_strategy", "parse_tf_config", "synchronize_batchnorm"]
