@@ -372,13 +372,23 @@ def run_profile_worker(cfg: dict) -> dict:
 
 
 #: Paired mode: (model, baseline, target, what); "matmul" is the float32 matmul's FLOP/s.
+#: A model name may carry a gradient mode and a Keras dtype policy: ``name:mode@policy``.
+BF16 = "@mixed_bfloat16"
 PAIRED_COMPARISONS = (
     ("resnet56", REFERENCE, 1.4, "speed (images/s ratio)"),
-    ("lm_resnet56", "resnet56", 0.95, "speed (images/s ratio)"),
+    ("lm_resnet56", "resnet56", 0.97, "speed (images/s ratio)"),
     ("heun_resnet56", "resnet56", 0.95, "speed per function evaluation (× MACs ratio)"),
     ("resnet56", "matmul", 0.7, "training FLOP/s / matmul FLOP/s"),
+    (f"resnet56{BF16}", REFERENCE, 1.9, "speed (images/s ratio)"),
+    (f"resnet56{BF16}", "resnet56", 1.4, "speed (images/s ratio)"),
+    (f"lm_resnet56{BF16}", f"resnet56{BF16}", 0.97, "speed (images/s ratio)"),
+    # ≥ 1/1.4: the adjoint's step takes at most 1.4× its backprop step.
+    (f"revheun_resnet56:adjoint{BF16}", f"revheun_resnet56{BF16}", 1 / 1.4,
+     "speed (images/s ratio; ≥ 0.714 means the adjoint step is ≤ 1.4× backprop's)"),
 )
-PAIRED_MODELS = (REFERENCE, "resnet56", "lm_resnet56", "heun_resnet56")
+PAIRED_MODELS = (REFERENCE, "resnet56", "lm_resnet56", "heun_resnet56", f"resnet56{BF16}",
+                 f"lm_resnet56{BF16}", f"revheun_resnet56{BF16}",
+                 f"revheun_resnet56:adjoint{BF16}")
 PAIRED_MATMUL = 2048
 
 
@@ -403,7 +413,15 @@ def run_paired_worker(cfg: dict) -> dict:
     steps, info = {}, {}
     for name in cfg["models"]:
         keras.utils.set_random_seed(0)
-        model = build_model(name, shape, CLASSES)
+        spec, _, policy = name.partition("@")
+        zoo_name, _, gradient = spec.partition(":")
+        keras.mixed_precision.set_global_policy(policy or "float32")
+        model = build_model(zoo_name, shape, CLASSES)
+        if gradient:
+            from kode.layers.stage import set_gradient_mode
+
+            set_gradient_mode(model, gradient)
+        keras.mixed_precision.set_global_policy("float32")
         model.compile(optimizer=make_optimizer(0.1, 0.9, 1e-4),
                       loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
