@@ -283,3 +283,13 @@ def test_bad_refine_settings_are_refused_before_anything_is_written(refine, sour
         finetune(source_file, "digits", refine=refine, gradient="adjoint", logdir=logdir)
     assert "\n" not in str(info.value)
     assert not os.path.exists(logdir)
+
+
+def test_refine_auto_needs_the_adjoint(source_file, tmp_path):
+    """auto measures the adjoint's error: with backprop or checkpoint there is none."""
+    logdir = os.path.join(tmp_path, "run")
+    with pytest.raises(KodeError, match="^--refine auto chooses m by the adjoint's gradient "
+                                        "error; it needs --gradient adjoint \\(got 'checkpoint'"):
+        finetune(source_file, "digits", refine="auto", gradient="checkpoint", epochs=1,
+                 logdir=logdir, verbose=0, diagnostics=False)
+    assert not os.path.exists(logdir)
