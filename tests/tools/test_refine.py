@@ -192,3 +192,15 @@ def test_auto_needs_a_batch_and_other_words_are_refused():
         with pytest.raises(KodeError, match="refinement factor must be a positive integer"):
             refine(model, bad)
     assert check_refine("auto") == "auto" and check_refine(4) == 4
+
+
+def test_a_frozen_stage_stays_frozen_and_auto_does_not_count_it(smooth_errors):
+    """kode finetune --freeze then --refine auto: a frozen stage trains no gradient, so its
+    (nan) error is not the search's; the refined copy stays frozen."""
+    model, x, y, _ = smooth_errors
+    frozen = refine(model, 1)
+    _stage(frozen).trainable = False
+    refined = refine(frozen, 2)
+    assert not _stage(refined).trainable and refined.get_layer("head").trainable
+    choice = choose_factor(frozen, x, y, 1e-6)  # only the head trains: nothing to measure
+    assert choice.factor == 1 and choice.rows[0].gradient_error == 0.0
