@@ -90,6 +90,20 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _refine_factor(text: str) -> int | str:
+    """``--refine``: a positive integer or ``auto`` (argparse reports the error, one line)."""
+    if text == "auto":
+        return text
+    try:
+        factor = int(text)
+    except ValueError:
+        factor = 0
+    if factor < 1:
+        raise argparse.ArgumentTypeError(
+            f"refinement factor must be a positive integer or 'auto', got '{text}'")
+    return factor
+
+
 def _cmd_finetune(args) -> int:
     from kode.training.finetune import FinetunePipeline, run_name, settings_from
 
@@ -297,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--weights", metavar="FILE|imagenet",
                           help="weights of a zoo or keras.applications source ('imagenet' "
                           "downloads keras.applications' ImageNet weights)")
-    finetune.add_argument("--refine", type=int, default=1, metavar="M",
-                          help="untie every residual step into M steps of h/M (default 1)")
+    finetune.add_argument("--refine", type=_refine_factor, default=1, metavar="M|auto",
+                          help="untie every residual step into M steps of h/M (default 1); "
+                          "auto: the smallest M in 1, 2, 4, 8, 16 whose adjoint gradient "
+                          "error (guard) is within --guard-tolerance")
     finetune.add_argument("--freeze", default="0", metavar="stem|K",
                           help="freeze the stem, or the stem and the first K stages")
     finetune.add_argument("--input-size", type=int, metavar="S",

@@ -7,8 +7,10 @@ three of its steps differ:
 - :meth:`FinetunePipeline.build_model`: the source network (a ``.keras`` file, a zoo name with
   a weights file, or a keras.applications ResNet with a weights file or ``"imagenet"``),
   ported into kode stages (:func:`kode.port.port_model`), its head replaced by a new dense
-  softmax for the dataset's classes, refined ×m (:func:`kode.refine.refine`), every stage set
-  to the run's gradient mode, and the stem plus the first ``freeze`` stages frozen;
+  softmax for the dataset's classes, refined ×m (:func:`kode.tools.refine.refine`; with
+  ``refine="auto"`` m is chosen by :func:`kode.tools.refine.choose_factor` on the gradient
+  guard's batch and tolerance, its table printed and recorded), every stage set to the run's
+  gradient mode, and the stem plus the first ``freeze`` stages frozen;
 - :meth:`FinetunePipeline.load_data`: images are brought to what the source network expects:
   its input size (bilinear resize), its channels (gray → RGB) and its preprocessing
   (keras.applications V2: x/127.5 − 1; V1: caffe; kode models: the dataset's mean/std);
@@ -41,7 +43,7 @@ class FinetuneSettings(TrainSettings):
 
     source: str = ""
     weights: str | None = None  #: zoo / keras.applications sources: a file or "imagenet"
-    refine: int = 1  #: refinement factor m (1: none)
+    refine: int | str = 1  #: refinement factor m (1: none), or "auto" (needs the adjoint)
     freeze: int | str = 0  #: "stem", or the number of leading stages frozen with the stem
     input_size: int | None = None  #: side of the source's input (default: the source's own)
 
@@ -63,11 +65,13 @@ class Source:
 def resolve_source(settings: FinetuneSettings) -> Source:
     """Classify ``settings.source`` and check its weights and options (no model built)."""
     import zoo
-    from kode.tools.refine import check_factor
+    from kode.tools.refine import check_refine
     from zoo.keras_resnet.applications import KERAS_RESNETS, _arch_key
 
     source, weights = settings.source, settings.weights
-    check_factor(settings.refine)
+    if check_refine(settings.refine) == "auto" and settings.gradient != "adjoint":
+        raise KodeError("--refine auto chooses m by the adjoint's gradient error; it needs "
+                        f"--gradient adjoint (got '{settings.gradient}'): give an integer m")
     freeze = settings.freeze
     if not (freeze == "stem" or (isinstance(freeze, int) and not isinstance(freeze, bool)
                                  and freeze >= 0)):
@@ -207,6 +211,8 @@ class FinetunePipeline(TrainingPipeline):
 
     settings: FinetuneSettings
 
+    refine_choice = None  #: what ``refine="auto"`` measured and chose (RefineChoice)
+
     def check_model(self) -> None:
         self.source = resolve_source(self.settings)
 
@@ -267,11 +273,36 @@ class FinetunePipeline(TrainingPipeline):
 
         s = self.settings
         model = _with_new_head(_load_source(self.source, s, info), info.num_classes)
-        if s.refine != 1:
+        if s.refine == "auto":
+            from kode.tools.refine import choose_factor
+
+            freeze_layers(model, s.freeze)  # frozen stages train no gradient: not counted
+            x, y = self.guard_batch()
+            self.refine_choice = choose_factor(model, x, y, s.guard_tolerance, log=print)
+            model = self.refine_choice.model
+        elif s.refine != 1:
             model = refine(model, s.refine)
         set_gradient_mode(model, s.gradient)
         self.frozen = freeze_layers(model, s.freeze)
         return model
+
+    def guard_batch(self) -> tuple:
+        """The batch the gradient guard checks (the first 32 of a second instance of the
+        training data, brought to the source's input)."""
+        from kode.data.datasets import load_dataset
+
+        s = self.settings
+        x, y = next(iter(load_dataset(
+            s.dataset, batch_size=s.batch_size, augment=s.augment, data_dir=s.data_dir,
+            manual_dir=s.manual_dir, seed=s.seed, cache=False)[0]))
+        x, y = x[:32], y[:32]
+        return (self.adapt(x) if self.adapt is not None else x), y
+
+    def config(self) -> dict:
+        config = super().config()
+        if self.refine_choice is not None:
+            config["refine_choice"] = self.refine_choice.as_dict()
+        return config
 
     def metadata(self) -> dict:
         meta = super().metadata()
@@ -281,8 +312,12 @@ class FinetunePipeline(TrainingPipeline):
             meta.pop("std", None)
             meta["preprocessing"] = self.preprocessing
         meta["finetune"] = {"source": self.source.name, "kind": self.source.kind,
-                            "weights": self.settings.weights, "refine": self.settings.refine,
+                            "weights": self.settings.weights,
+                            "refine": (self.refine_choice.factor if self.refine_choice
+                                       else self.settings.refine),
                             "freeze": self.settings.freeze, "frozen_layers": len(self.frozen)}
+        if self.refine_choice is not None:
+            meta["finetune"]["refine_requested"] = "auto"
         return meta
 
 

@@ -1,5 +1,6 @@
 """refine(model, m): m untied steps of h/m per Euler step (Sander et al., Table 2)."""
 
+import math
 import os
 
 import keras
@@ -10,7 +11,7 @@ import zoo
 from kode.errors import KodeError
 from kode.layers.stage import IntegratorStage
 from kode.tools.guard import check_gradients
-from kode.tools.refine import refine, refine_report
+from kode.tools.refine import AUTO_FACTORS, check_refine, choose_factor, refine, refine_report
 
 WIDTH = 6
 
@@ -120,3 +121,86 @@ def test_integrators_that_cannot_be_refined_are_refused():
         refine(keras.Model(inputs, out), 2)
     with pytest.raises(KodeError, match="no integrator stage"):
         refine(keras.Model(inputs, keras.layers.Dense(2)(inputs)), 2)
+
+
+# ---------------------------------------------------------------- refine="auto"
+
+@pytest.fixture(scope="module")
+def smooth_errors():
+    """The guard's adjoint error of the two-step tied float64 stage (h = 1/2) refined ×m.
+    Measured: 0.390, 0.210, 0.0976, 0.0494, 0.0250 for m = 1, 2, 4, 8, 16."""
+    model, (x, y) = _tied_model(steps=2), _batch()
+    errors = {m: check_gradients(refine(model, m), x, y, mode="adjoint").max_error
+              for m in AUTO_FACTORS}
+    return model, x, y, errors
+
+
+@pytest.mark.numerics
+def test_the_adjoint_error_of_a_smooth_stage_halves_with_m(smooth_errors):
+    """Euler's reversal error is O(h): on weights constant in depth, doubling m halves it."""
+    *_, errors = smooth_errors
+    for m in AUTO_FACTORS[:-1]:
+        assert 1.6 < errors[m] / errors[2 * m] < 2.5, errors
+
+
+def test_auto_picks_the_smallest_m_within_the_tolerance(smooth_errors):
+    """A tolerance between the errors at m = 4 and m = 8 chooses 8, measuring no further."""
+    model, x, y, errors = smooth_errors
+    tolerance = math.sqrt(errors[4] * errors[8])
+    logged = []
+    choice = choose_factor(model, x, y, tolerance, log=logged.append)
+    assert choice.factor == 8 and [r.factor for r in choice.rows] == [1, 2, 4, 8]
+    assert [r.passed for r in choice.rows] == [False, False, False, True]
+    for row in choice.rows:
+        assert row.gradient_error == pytest.approx(errors[row.factor], rel=1e-9)
+        assert row.stage_steps == (2 * row.factor,)
+        assert row.parameters == refine(model, row.factor).count_params()
+        # S = 16 examples × 6 float64 = 768 bytes; backprop keeps N states, the adjoint one
+        assert (row.memory_backprop, row.memory_adjoint) == (2 * row.factor * 768, 768)
+    assert _stage(choice.model).num_steps == 16
+    (table,) = logged
+    assert table == ("refine auto (adjoint gradient error, gradient guard, tolerance "
+                     f"{tolerance:.3g}):\n" + choice.format())
+    assert "chose m = 8" in table and f"{errors[8]:.3e}" in table and "12.0 KiB" in table
+    refined = refine(model, "auto", x=x, y=y, tolerance=tolerance)
+    assert _stage(refined).num_steps == 16
+    for a, b in zip(refined.get_weights(), choice.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auto_without_a_passing_m_is_a_one_line_error(smooth_errors):
+    model, x, y, errors = smooth_errors
+    with pytest.raises(KodeError) as info:
+        refine(model, "auto", x=x, y=y, tolerance=errors[16] / 2)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == (
+        f"no refinement factor up to 16 brings the adjoint's gradient error under the "
+        f"tolerance {errors[16] / 2:.3g} (smallest: {errors[16]:.3g} at m = 16); train with "
+        "--gradient checkpoint")
+
+
+def test_auto_needs_a_batch_and_other_words_are_refused():
+    model = _tied_model(steps=2)
+    with pytest.raises(KodeError, match="measures the adjoint's gradient error on a batch: "
+                                        "pass x=... and y=..."):
+        refine(model, "auto")
+    for bad in ("autox", "Auto", 0, 1.5):
+        with pytest.raises(KodeError, match="refinement factor must be a positive integer "
+                                            "or 'auto'"):
+            check_refine(bad)
+        with pytest.raises(KodeError, match="refinement factor must be a positive integer"):
+            refine(model, bad)
+    assert check_refine("auto") == "auto" and check_refine(4) == 4
+
+
+def test_a_frozen_stage_stays_frozen_and_auto_does_not_count_it(smooth_errors):
+    """kode finetune --freeze then --refine auto: a frozen stage trains no gradient, so its
+    (nan) error is not the search's; the refined copy stays frozen."""
+    model, x, y, _ = smooth_errors
+    frozen = refine(model, 1)
+    _stage(frozen).trainable = False
+    refined = refine(frozen, 2)
+    assert not _stage(refined).trainable and refined.get_layer("head").trainable
+    choice = choose_factor(frozen, x, y, 1e-6)  # only the head trains: nothing to measure
+    assert choice.factor == 1 and choice.rows[0].gradient_error == 0.0

@@ -96,6 +96,10 @@ def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_
      "post-activation ResNet, relu\\(x \\+ f\\(x\\)\\) is not invertible"),
     (["ResNet50V2", "--refine", "0"], "refinement factor must be a positive integer"),
     (["ResNet50V2", "--refine", "1.5"], "argument --refine"),
+    (["ResNet50V2", "--refine", "autox"],
+     "argument --refine: refinement factor must be a positive integer or 'auto', got 'autox'"),
+    (["ResNet50V2", "--refine", "auto"], "--refine auto chooses m by the adjoint's gradient "
+     "error; it needs --gradient adjoint \\(got 'backprop'\\)"),
     (["ResNet50V2", "--weights", "missing.h5"], "weights file 'missing.h5' does not exist"),
     (["resnet20"], "zoo source 'resnet20' needs --weights FILE"),
     (["ResNet50V2", "--freeze", "early"], "freeze must be 'stem' or a number"),
@@ -203,3 +207,89 @@ def test_kode_finetune_a_keras_applications_resnet_v2_end_to_end_with_the_adjoin
         served = signatures[name](images=tf.constant(images))
         np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5, err_msg=name)
         np.testing.assert_array_equal(served["class_ids"], expected.argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def seeded_source(tmp_path_factory):
+    """resnet8 (one stage of one step, h = 1) at seed 0, saved as .keras: its adjoint error
+    falls slowly with m (measured 1.2, 0.92, 0.63 at m = 1, 2, 4)."""
+    directory = tmp_path_factory.mktemp("seeded")
+    keras.utils.set_random_seed(0)
+    model = zoo.create_model("resnet20", depth=8, input_shape=(8, 8, 1), classes=10,
+                             width_multiplier=0.5)
+    path = os.path.join(directory, "model.keras")
+    model.save(path)
+    return path
+
+
+def test_kode_finetune_refine_auto_prints_its_table_and_records_the_choice(
+        seeded_source, tmp_path, capsys):
+    """`--refine auto --gradient adjoint`: the search on the guard's batch with the guard's
+    tolerance, stopping at the first m that passes; the table printed, the choice trained
+    (N·m steps) and recorded; the guard at epoch 0 measures what the search measured."""
+    logdir = os.path.join(tmp_path, "run")
+    code = main(["finetune", seeded_source, "--refine", "auto", "--gradient", "adjoint",
+                 "--guard-tolerance", "0.78", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--batch-size", "32", "--no-diagnostics", "--logdir", logdir])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    metrics = json.loads(open(os.path.join(logdir, "metrics.json")).read())
+    choice = metrics["config"]["refine_choice"]
+    rows, m = choice["candidates"], choice["chosen"]
+    assert metrics["config"]["refine"] == "auto" and choice["tolerance"] == 0.78
+    assert [r["m"] for r in rows] == [1, 2, 4, 8, 16][:len(rows)] and rows[-1]["m"] == m > 1
+    assert [r["passed"] for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert all(r["gradient_error"] > 0.78 for r in rows[:-1])
+    assert rows[-1]["gradient_error"] <= 0.78
+    table = out.split("refine auto (adjoint gradient error, gradient guard, tolerance 0.78):\n",
+                      1)[1].splitlines()
+    for row, line in zip(rows, table[1:], strict=False):
+        assert line.split()[:4] == [str(row["m"]), "+".join(map(str, row["stage_steps"])),
+                                    f"{row['parameters']:,}", f"{row['gradient_error']:.3e}"]
+    assert table[len(rows) + 2] == f"refine auto: chose m = {m}"
+    (guard,) = metrics["config"]["gradient_guard"]
+    assert guard["action"] == "none"
+    assert guard["max_error"] == pytest.approx(rows[-1]["gradient_error"], rel=1e-4)
+    source = keras.saving.load_model(seeded_source)
+    trained = keras.saving.load_model(os.path.join(logdir, "model.keras"))
+    steps = [s.num_steps for s in source.layers if isinstance(s, IntegratorStage)]
+    assert [s.num_steps for s in trained.layers if isinstance(s, IntegratorStage)] == [
+        m * n for n in steps]
+    meta = json.loads(open(os.path.join(logdir, "kode.json")).read())
+    assert meta["finetune"]["refine"] == m and meta["finetune"]["refine_requested"] == "auto"
+
+
+def test_refine_auto_without_a_passing_m_is_one_line_and_writes_nothing(
+        seeded_source, tmp_path, capsys):
+    logdir = os.path.join(tmp_path, "run")
+    code = main(["finetune", seeded_source, "--refine", "auto", "--gradient", "adjoint",
+                 "--guard-tolerance", "0.01", "--epochs", "1", "--logdir", logdir])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1, err
+    assert __import__("re").fullmatch(
+        r"kode: error: no refinement factor up to 16 brings the adjoint's gradient error "
+        r"under the tolerance 0.01 \(smallest: \S+ at m = \d+\); train with --gradient "
+        r"checkpoint\n", err), err
+    assert " 16 16 " in out  # the table was printed, every factor tried
+    assert not os.path.exists(logdir)
+
+
+@pytest.mark.parametrize("refine", ["autox", 0, 1.5])
+def test_bad_refine_settings_are_refused_before_anything_is_written(refine, source_file,
+                                                                    tmp_path):
+    logdir = os.path.join(tmp_path, "run")
+    with pytest.raises(KodeError, match="^refinement factor must be a positive integer or "
+                                        "'auto', got") as info:
+        finetune(source_file, "digits", refine=refine, gradient="adjoint", logdir=logdir)
+    assert "\n" not in str(info.value)
+    assert not os.path.exists(logdir)
+
+
+def test_refine_auto_needs_the_adjoint(source_file, tmp_path):
+    """auto measures the adjoint's error: with backprop or checkpoint there is none."""
+    logdir = os.path.join(tmp_path, "run")
+    with pytest.raises(KodeError, match="^--refine auto chooses m by the adjoint's gradient "
+                                        "error; it needs --gradient adjoint \\(got 'checkpoint'"):
+        finetune(source_file, "digits", refine="auto", gradient="checkpoint", epochs=1,
+                 logdir=logdir, verbose=0, diagnostics=False)
+    assert not os.path.exists(logdir)
