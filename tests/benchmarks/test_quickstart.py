@@ -24,4 +24,12 @@ def test_the_page_starts_with_the_record_and_states_every_seed():
     text = "\n".join(lines)
     assert "mean 98.24%, from 97.50% to 98.89%" in text
     for run in RUNS:
-        assert f"| {run['seed']} | {100 * run['test_accuracy']:.2f}% |" in text
+        assert f"| {run['seed']} | float32 | {100 * run['test_accuracy']:.2f}% |" in text
+
+
+def test_bfloat16_runs_are_judged_against_the_float32_spread():
+    inside = [{**r, "precision": "mixed_bfloat16", "test_accuracy": 0.98} for r in RUNS]
+    outside = [{**r, "precision": "mixed_bfloat16", "test_accuracy": 0.90} for r in RUNS]
+    assert quickstart.claims(RUNS + inside)[2]["verdict"] == "met"
+    assert quickstart.claims(RUNS + outside)[2]["verdict"] == "missed"
+    assert len(quickstart.claims(RUNS)) == 2
