@@ -97,3 +97,24 @@ def test_corrupt_and_mismatched_weights_files(tmp_path):
     loaded = zoo.create_model("resnet20", input_shape=(8, 8, 1), classes=5, weights=str(good))
     x = np.ones((1, 8, 8, 1), "float32")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), source.predict(x, verbose=0))
+
+
+def test_standard_fit_check_catches_a_stage_whose_gradient_is_zero(monkeypatch):
+    """A broken adjoint (every stage variable's gradient zero, the input's still right) fails
+    the zoo's standard fit check, naming the stage; the same model with the adjoint intact
+    passes."""
+    import tensorflow as tf
+
+    from kode import gradients
+    from kode.testing.models import check_fit_step
+
+    def build():
+        return zoo.create_model("resnet20", depth=8, input_shape=(8, 8, 3),
+                                gradient="adjoint")
+
+    check_fit_step(build())
+    accumulate = gradients._accumulate
+    monkeypatch.setattr(gradients, "_accumulate", lambda total, grads: accumulate(
+        total, [None if g is None else tf.zeros_like(tf.convert_to_tensor(g)) for g in grads]))
+    with pytest.raises(AssertionError, match=r"unchanged: .*\(stage "):
+        check_fit_step(build())
