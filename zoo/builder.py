@@ -23,7 +23,12 @@ from kode.errors import KodeError, one_line
 from kode.gradients import check_gradient_mode
 from kode.integrators import Integrator, get_integrator
 from kode.layers.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
-from kode.layers.stage import IntegratorStage, TransitionBlock, integrator_stages
+from kode.layers.stage import (
+    IntegratorStage,
+    TransitionBlock,
+    integrator_stages,
+    resolve_step_size,
+)
 from zoo.registry import arguments_checked, register_model
 
 IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -213,6 +218,7 @@ def integrator_resnet(
         raise KodeError(
             f"final_survival_probability must be in (0, 1], got {final_survival_probability}"
         )
+    resolve_step_size(step_size, 1, horizon)  # (a stage checks it too, once built)
     arguments_checked()
 
     def scaled(c: int) -> int:

@@ -122,6 +122,11 @@ def check_model_options(model_name: str, options: dict) -> dict:
     return options
 
 
+#: The numeric settings :meth:`TrainSettings.resolve` checks itself.
+_NUMBERS = ("epochs", "batch_size", "steps_per_epoch", "lr", "weight_decay", "momentum",
+            "guard_every", "devices", "connect_timeout")
+
+
 @dataclass
 class TrainSettings:
     """Everything that defines a training run: what ``kode train`` fills from its options,
@@ -170,7 +175,8 @@ class TrainSettings:
 
     def resolve(self) -> TrainSettings:
         """A validated copy with the recipe's values for every ``None`` hyper-parameter."""
-        fields = dataclasses.fields(self)
+        # The numbers have their own checks below (which say "positive", "finite", ">= 0").
+        fields = [f for f in dataclasses.fields(self) if f.name not in _NUMBERS]
         check_argument_types({f.name: getattr(self, f.name) for f in fields},
                              {f.name: f.type for f in fields})
         if not isinstance(self.model_options, dict):
