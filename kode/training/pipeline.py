@@ -172,6 +172,13 @@ class TrainingPipeline:
         if s.deterministic:
             tf.config.experimental.enable_op_determinism()
 
+    def announce_devices(self) -> None:
+        """Print the devices line (verbose runs), once the settings passed every check."""
+        if self.settings.verbose:
+            from kode.distribute.strategy import describe_devices
+
+            print(describe_devices(self.strategy))
+
     def make_strategy(self) -> tf.distribute.Strategy:
         """First TensorFlow work of the run: logical devices and collective ops can only be
         configured before TensorFlow initializes its runtime."""
@@ -360,10 +367,7 @@ class TrainingPipeline:
                         synchronize_batchnorm(self.model)
                     self.compile(self.model)
                     self.resume()
-                if s.verbose:  # after the model is built: a refusal is the only line
-                    from kode.distribute.strategy import describe_devices
-
-                    print(describe_devices(self.strategy))
+                self.announce_devices()  # after the model is built: a refusal is the only line
                 if self.initial_epoch and s.verbose:
                     print(f"resuming from {self.snapshots.directory}: "
                           f"{self.initial_epoch} of {s.epochs} epochs done")
