@@ -13,6 +13,9 @@ per grid point. Each integrator is a short class (after diffrax's solvers):
 ``fns`` is the list of residual functions as plain callables x ↦ f_n(x) (the training flag is
 already bound), so integrators never see layers. ``params`` holds the integrator's own
 trainable variables, created by ``create_variables`` through the stage layer (only LM has any).
+
+(A little over 450 lines: nine schemes, each a short class; one module keeps them side by
+side, as the table of schemes in docs/reference.md §2.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ from zoo import (  # noqa: F401  (importing a family registers it)
     revheun_resnet,
     revnet,
 )
-from zoo.registry import create_model, get_entry, list_families, list_models, register_model
+from zoo.registry import (
+    check_model,
+    create_model,
+    get_entry,
+    list_families,
+    list_models,
+    register_model,
+)
 
-__all__ = ["create_model", "get_entry", "list_families", "list_models", "port_model",
+__all__ = ["check_model", "create_model", "get_entry", "list_families", "list_models", "port_model",
            "register_model"]

@@ -9,6 +9,7 @@ bottleneck, widths 16/32/64) and ImageNet (18/34 basic, 50/101/152 bottleneck).
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import zipfile
 from collections.abc import Callable
@@ -22,8 +23,13 @@ from kode.errors import KodeError, one_line
 from kode.gradients import check_gradient_mode
 from kode.integrators import Integrator, get_integrator
 from kode.layers.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
-from kode.layers.stage import IntegratorStage, TransitionBlock, integrator_stages
-from zoo.registry import register_model
+from kode.layers.stage import (
+    IntegratorStage,
+    TransitionBlock,
+    integrator_stages,
+    resolve_step_size,
+)
+from zoo.registry import arguments_checked, register_model
 
 IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
                    152: (3, 8, 36, 3)}
@@ -205,12 +211,15 @@ def integrator_resnet(
     except (TypeError, ValueError) as err:
         raise KodeError(str(err)) from None
     check_gradient_mode(gradient, integrator)
-    if not width_multiplier > 0:
-        raise KodeError(f"width_multiplier must be positive, got {width_multiplier}")
+    if not (math.isfinite(width_multiplier) and width_multiplier > 0):
+        raise KodeError(f"width_multiplier must be a finite positive number, got "
+                        f"{width_multiplier!r}")
     if final_survival_probability is not None and not 0 < final_survival_probability <= 1:
         raise KodeError(
             f"final_survival_probability must be in (0, 1], got {final_survival_probability}"
         )
+    resolve_step_size(step_size, 1, horizon)  # (a stage checks it too, once built)
+    arguments_checked()
 
     def scaled(c: int) -> int:
         return max(1, int(round(c * width_multiplier)))

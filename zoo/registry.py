@@ -6,8 +6,10 @@ arguments and its defaults; ``create_model(name, **overrides)`` calls it.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import fnmatch
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from types import MappingProxyType
 
 import keras
 
-from kode.errors import KodeError
+from kode.errors import KodeError, check_argument_types
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,43 @@ def create_model(model_name: str, /, **overrides) -> keras.Model:
     """Build the registered model ``model_name``; ``overrides`` replace its default arguments,
     e.g. ``create_model("lm_resnet56", classes=100, step_size="ode", name="mine")``."""
     entry = get_entry(model_name)
+    parameters = inspect.signature(entry.builder).parameters
+    check_argument_types(overrides, {k: p.annotation for k, p in parameters.items()},
+                         model_name)
     try:
         return entry.builder(**entry.config(**overrides))
     except TypeError as err:
         raise KodeError(f"{model_name}: {err}") from None
+
+
+_checking_arguments = contextvars.ContextVar("zoo_checking_arguments", default=False)
+
+
+class _ArgumentsChecked(Exception):
+    """Ends a builder called by :func:`check_model` once its arguments are validated."""
+
+
+def arguments_checked() -> None:
+    """A builder calls this once it has validated its arguments, before it builds anything:
+    under :func:`check_model` the call ends there."""
+    if _checking_arguments.get():
+        raise _ArgumentsChecked
+
+
+def check_model(model_name: str, /, **overrides) -> None:
+    """Refuse what ``create_model(model_name, **overrides)`` would refuse for its arguments,
+    without building anything (no TensorFlow work: callers check a run's settings before
+    they configure TensorFlow's devices). A weights file is only checked to exist; whether it
+    fits the architecture shows when the model is built."""
+    token = _checking_arguments.set(True)
+    try:
+        create_model(model_name, **overrides)
+    except _ArgumentsChecked:
+        return
+    finally:
+        _checking_arguments.reset(token)
+    raise RuntimeError(f"the builder of {model_name} built the model under check_model: it "
+                       "must call zoo.registry.arguments_checked() before building")
 
 
 def list_models(pattern: str = "*", family: str | None = None) -> list[str]:

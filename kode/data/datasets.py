@@ -54,6 +54,7 @@ from kode.data.pipelines import (
 from kode.data.tfds import (
     _load_imagenet,
     _load_small_tfds,
+    _not_prepared,
     _offline_tfds,
     _tfds_builder,
     _tfds_info,
@@ -90,6 +91,21 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
         if spec.test_split in splits:
             test_size = int(splits[spec.test_split].num_examples)
     return _tfds_info(key, builder, train_size, test_size)
+
+
+def check_prepared(name: str, data_dir: str | None = None,
+                   manual_dir: str | None = None) -> None:
+    """Raise the :class:`KodeError` :func:`load_dataset` raises for a tfds dataset that is not
+    prepared in ``data_dir``, without reading it (a run checks this before it configures
+    TensorFlow). imagenet2012 with ``manual_dir`` is prepared by :func:`load_dataset`."""
+    key = _check_name(name)
+    if key == "digits" or (key == "imagenet2012" and manual_dir is not None):
+        return
+    builder = _tfds_builder(key, data_dir)
+    with _offline_tfds():
+        prepared = builder.is_prepared()
+    if not prepared:
+        raise _not_prepared(key, builder.data_dir_root)
 
 
 def load_dataset(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ import keras
 import numpy as np
 
 import zoo
+from kode.compat import all_layers
 from kode.serving.export import export_model
 from kode.testing.layers import check_checkpoint_round_trip, check_layers_have_cases
 
@@ -21,15 +23,22 @@ REDUCED_CIFAR_INPUT = (8, 8, 3)
 REDUCED_IMAGENET_INPUT = (32, 32, 3)
 
 
+KERAS_APPLICATIONS_MIN_INPUT = (32, 32, 3)  # keras.applications' ResNets refuse smaller
+
+
 def reduced_overrides(name: str) -> dict:
     """Builder overrides giving a small model of the same kind as ``name``.
 
     CIFAR: depth 20 stays (three blocks per stage), deeper basic layouts become
     depth 8, bottleneck ones depth 11. ImageNet: the depth-18 stage layout (2, 2, 2, 2) with the
     name's block kind (a transition and one integrator step per stage; bottlenecks for
-    50/101/152), 1/16 width, 32×32 input.
+    50/101/152), 1/16 width, 32×32 input. keras.applications ports (no ``layout``: their
+    stages and widths are fixed): the smallest input keras.applications accepts (32×32) and
+    10 classes.
     """
     defaults = zoo.get_entry(name).defaults
+    if "layout" not in defaults:
+        return {"input_shape": KERAS_APPLICATIONS_MIN_INPUT, "classes": 10}
     depth, layout = defaults["depth"], defaults["layout"]
     if layout == "cifar":
         small = 11 if defaults.get("bottleneck") else (depth if depth <= 20 else 8)
@@ -47,17 +56,56 @@ def _batch(model: keras.Model, size: int = 4, seed: int = 0):
     return x, np.arange(size) % classes
 
 
+def _stochastic_depth_kept(model: keras.Model) -> list:
+    """Every stochastic-depth block of ``model`` set to survival 1 (kept in training);
+    returns ``(layer, probability)`` to restore."""
+    from kode.layers.blocks import StochasticDepth
+
+    changed = [(layer, layer.survival_probability) for layer in all_layers(model)
+               if isinstance(layer, StochasticDepth)]
+    for layer, _ in changed:
+        layer.survival_probability = 1.0
+    return changed
+
+
 def check_fit_step(model: keras.Model) -> None:
-    """One SGD step runs, gives a finite loss and changes the trainable weights."""
+    """One SGD step runs, gives a finite loss and moves every trainable tensor the loss has a
+    gradient path to: every variable of every integrator stage (a stage whose gradient is
+    zero, e.g. a broken adjoint, fails) and every other trainable tensor whose gradient (a tape
+    over the same forward) is not None.
+
+    Stochastic-depth blocks are kept for this step (survival 1): a dropped block's variables
+    would rightly not move.
+    """
+    import tensorflow as tf
+
+    from kode.layers.stage import IntegratorStage
+
     x, y = _batch(model)
-    before = [np.array(w) for w in model.trainable_weights]
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy",
-                  jit_compile=False)
-    loss = model.train_on_batch(x, y)
+    trainable = model.trainable_weights
+    in_stage = {id(v): layer.name for layer in all_layers(model)
+                if isinstance(layer, IntegratorStage) for v in layer.trainable_weights}
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    kept = _stochastic_depth_kept(model)
+    try:
+        with tf.GradientTape() as tape:  # which tensors the loss reaches (None: no path)
+            loss = loss_fn(y, model(x, training=True))
+        reached = [g is not None for g in tape.gradient(loss, trainable)]
+        before = [np.array(w) for w in trainable]
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss_fn, jit_compile=False)
+        loss = model.train_on_batch(x, y)
+    finally:
+        for layer, probability in kept:
+            layer.survival_probability = probability
+        model.train_function = None  # traced with survival 1
     assert np.isfinite(loss), f"{model.name}: non-finite loss {loss}"
-    changed = sum(not np.array_equal(b, np.array(w))
-                  for b, w in zip(before, model.trainable_weights, strict=True))
-    assert changed >= len(before) // 2, f"{model.name}: only {changed}/{len(before)} weights moved"
+    still = [(w, in_stage.get(id(w))) for w, b, path in zip(trainable, before, reached,
+                                                            strict=True)
+             if (path or id(w) in in_stage) and np.array_equal(b, np.array(w))]
+    assert not still, (
+        f"{model.name}: one SGD step left {len(still)}/{len(trainable)} trainable tensors "
+        "unchanged: " + ", ".join(f"{w.path}" + (f" (stage {stage})" if stage else "")
+                                  for w, stage in still[:8]))
 
 
 def check_keras_round_trip(model: keras.Model, directory: str) -> None:
@@ -107,18 +155,39 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     return model
 
 
-def architecture(model: keras.Model) -> str:
+def architecture(model: keras.Model, steps: bool = True) -> str:
     """``model.get_config()`` as JSON without the names Keras makes up or the caller chooses
-    (the model's, its input layers'): equal for two builds of the same architecture."""
-    text = json.dumps({**model.get_config(), "name": None}, sort_keys=True, default=repr)
+    (the model's, its input layers'): equal for two builds of the same architecture.
+
+    ``steps=False``: every integrator stage keeps only its first residual function and every
+    layer name becomes its order of appearance (names number blocks by depth, e.g.
+    ``conv4_block23_out``), so two models that differ only in their number of steps per stage
+    (keras.applications ResNet50, 101 and 152) give the same text.
+    """
+    config = {**model.get_config(), "name": None}
+    if not steps:
+        from kode.layers.stage import IntegratorStage
+
+        stage_class = keras.saving.get_registered_name(IntegratorStage)
+        config["layers"] = [
+            {**layer, "config": {**layer["config"], "residual_functions":
+                                 layer["config"]["residual_functions"][:1]}}
+            if stage_class in (layer.get("registered_name"), layer.get("class_name")) else layer
+            for layer in config["layers"]]
+    text = json.dumps(config, sort_keys=True, default=repr)
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             text = text.replace(json.dumps(layer.name), json.dumps("<input>"))
+    if not steps:
+        names, order = {layer.name for layer in all_layers(model)}, {}
+        text = re.sub(r'"((?:[^"\\]|\\.)*)"', lambda m: json.dumps(
+            f"<layer {order.setdefault(m[1], len(order))}>") if m[1] in names else m[0], text)
     return text
 
 
 def family_model_tests(family: str, min_models: int = 12,
-                       overrides: Callable[[str], dict] | None = None):
+                       overrides: Callable[[str], dict] | None = None,
+                       same_up_to_steps: dict[str, str] | None = None):
     """The shared pytest tests of one family:
     ``test_family_is_registered, test_standard_model_checks, test_same_reduced_model = …``.
 
@@ -127,10 +196,20 @@ def family_model_tests(family: str, min_models: int = 12,
     depth 8, ImageNet 50/101/152 one bottleneck layout): the standard checks run once per
     distinct reduced model, on its first name; every other name is built reduced and must be
     that same architecture (``test_same_reduced_model``), so the checks hold for it too.
+
+    ``same_up_to_steps`` maps names to a checked name whose reduced architecture they have up
+    to the number of steps per stage (:func:`architecture` with ``steps=False``): for families
+    whose models cannot be reduced to one (keras.applications ResNet50/101/152, fixed layouts
+    of 23–60M parameters), so that only one of each kind gets the (slow) standard checks.
     """
     import pytest
 
     names = zoo.list_models(family=family)
+    like = dict(same_up_to_steps or {})
+    unknown = sorted(set(like) - set(names)) + sorted(set(like.values()) - set(names))
+    if unknown or set(like) & set(like.values()):
+        raise ValueError(f"same_up_to_steps of {family}: {unknown or like} are not other "
+                         "names of the family mapped to checked ones")
 
     def reduced(name: str) -> dict:
         return {**reduced_overrides(name), **(overrides(name) if overrides else {})}
@@ -143,14 +222,15 @@ def family_model_tests(family: str, min_models: int = 12,
 
     first: dict = {}
     for name in names:
-        first.setdefault(same_model_key(name), name)
+        if name not in like:
+            first.setdefault(same_model_key(name), name)
     checked = list(first.values())
-    representative = {name: first[same_model_key(name)] for name in names}
+    representative = {name: like.get(name) or first[same_model_key(name)] for name in names}
     others = [name for name in names if representative[name] != name]
 
     @functools.cache
-    def checked_architecture(name: str) -> str:
-        return architecture(zoo.create_model(name, **reduced(name)))
+    def checked_architecture(name: str, steps: bool) -> str:
+        return architecture(zoo.create_model(name, **reduced(name)), steps=steps)
 
     def test_family_is_registered():
         assert len(names) >= min_models, names
@@ -163,8 +243,11 @@ def family_model_tests(family: str, min_models: int = 12,
     def test_same_reduced_model(name):  # (None below when every reduced model is distinct)
         model = zoo.create_model(name, **reduced(name))
         assert model.name == name
-        assert architecture(model) == checked_architecture(representative[name]), (
-            f"{name} reduced is not the model {representative[name]} was checked as")
+        steps = name not in like
+        assert architecture(model, steps=steps) == checked_architecture(
+            representative[name], steps), (
+            f"{name} reduced is not the model {representative[name]} was checked as"
+            + ("" if steps else " (up to its number of steps per stage)"))
 
     return (test_family_is_registered, test_standard_model_checks,
             test_same_reduced_model if others else None)

@@ -35,6 +35,9 @@ from kode.training.settings import TrainResult, TrainSettings, keyword_signature
 #: keras.applications ResNets are used at this input size unless ``input_size`` says otherwise.
 KERAS_DEFAULT_SIZE = 224
 
+#: Stages of a ported keras.applications ResNet (conv2_x … conv5_x).
+KERAS_STAGES = 4
+
 
 @dataclass
 class FinetuneSettings(TrainSettings):
@@ -214,7 +217,15 @@ class FinetunePipeline(TrainingPipeline):
     refine_choice = None  #: what ``refine="auto"`` measured and chose (RefineChoice)
 
     def check_model(self) -> None:
-        self.source = resolve_source(self.settings)
+        import zoo
+
+        s = self.settings
+        self.source = source = resolve_source(s)
+        if source.kind == "keras_applications":  # its input size, its gradient modes
+            zoo.check_model(f"keras_{source.name}", input_shape=source.input_shape,
+                            gradient=s.gradient)
+            if isinstance(s.freeze, int) and s.freeze > KERAS_STAGES:
+                raise KodeError(f"freeze {s.freeze}: the model has only {KERAS_STAGES} stages")
 
     def load_data(self) -> None:
         super().load_data()

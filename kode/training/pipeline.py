@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 import zoo
-from kode.data.datasets import DatasetInfo, load_dataset
+from kode.data.datasets import DatasetInfo, check_prepared, dataset_info, load_dataset
 from kode.errors import KodeError
 from kode.io import finite_json, write_json, write_with
 from kode.training.callbacks import DivergenceStop, _LearningRateLogger
@@ -141,12 +141,19 @@ class TrainingPipeline:
     # ------------------------------------------------------------------ steps
 
     def check_model(self) -> None:
-        """Fail fast on an unknown model name or bad builder options (before any data)."""
-        check_model_options(self.settings.model, self.settings.model_options)
+        """Fail fast on an unknown model name, bad builder options or options the builder
+        refuses for the dataset (its image shape, classes): nothing is built or read."""
+        s = self.settings
+        check_model_options(s.model, s.model_options)
+        info = dataset_info(s.dataset, s.data_dir)
+        zoo.check_model(s.model, input_shape=info.input_shape, classes=info.num_classes,
+                        **{"gradient": s.gradient, **s.model_options})
 
     def prepare(self) -> None:
-        """Validate the settings, create the log directory, create the strategy."""
+        """Validate the settings (every refusal comes before anything is printed, written or
+        configured), create the log directory, create the strategy."""
         self.settings = s = self.requested.resolve()
+        check_prepared(s.dataset, s.data_dir, s.manual_dir)
         self.check_model()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         s.logdir = s.logdir or os.path.join("runs", f"{s.model}-{s.dataset}-{stamp}")
@@ -156,14 +163,7 @@ class TrainingPipeline:
 
             check_export_dir(s.export_dir, s.model)
         self.strategy = self.make_strategy()
-        from kode.distribute.strategy import describe_devices, is_chief, worker_logdir
-
-        if s.verbose:
-            print(describe_devices(self.strategy))
-            from kode.distribute.strategy import bfloat16_hint
-
-            if hint := bfloat16_hint(s.precision):  # once per run, beside the devices
-                print(hint)
+        from kode.distribute.strategy import is_chief, worker_logdir
 
         self.chief = is_chief(self.strategy)
         self.logdir = worker_logdir(s.logdir, self.strategy)
@@ -171,6 +171,16 @@ class TrainingPipeline:
             _prepare_logdir(self.logdir)
         if s.deterministic:
             tf.config.experimental.enable_op_determinism()
+
+    def announce_devices(self) -> None:
+        """Print the devices line (verbose runs), once the settings passed every check, and
+        on bfloat16 hardware training in float32 the one-line hint on mixed_bfloat16."""
+        if self.settings.verbose:
+            from kode.distribute.strategy import bfloat16_hint, describe_devices
+
+            print(describe_devices(self.strategy))
+            if hint := bfloat16_hint(self.settings.precision):  # once per run
+                print(hint)
 
     def make_strategy(self) -> tf.distribute.Strategy:
         """First TensorFlow work of the run: logical devices and collective ops can only be
@@ -360,6 +370,7 @@ class TrainingPipeline:
                         synchronize_batchnorm(self.model)
                     self.compile(self.model)
                     self.resume()
+                self.announce_devices()  # after the model is built: a refusal is the only line
                 if self.initial_epoch and s.verbose:
                     print(f"resuming from {self.snapshots.directory}: "
                           f"{self.initial_epoch} of {s.epochs} epochs done")

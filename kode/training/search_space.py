@@ -250,6 +250,7 @@ class ZooHyperModel(kt.HyperModel):
         pipeline = TrialPipeline(self.trial_settings(hp, **changes), self)
         try:
             pipeline.prepare()
+            pipeline.announce_devices()
             pipeline.load_data()
             pipeline.model = model
             with pipeline.strategy.scope():

@@ -24,7 +24,7 @@ import keras
 import zoo
 from kode.data.datasets import load_dataset
 from kode.distribute.strategy import PRECISIONS, STRATEGIES
-from kode.errors import KodeError
+from kode.errors import KodeError, check_argument_types
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -88,7 +88,10 @@ def _check_non_negative(name: str, value) -> None:
 
 #: Builder arguments the pipeline sets from the dataset; an option may not override them.
 _PIPELINE_ARGUMENTS = {"input_shape": "the dataset's image shape",
-                       "classes": "the dataset's number of classes"}
+                       "classes": "the dataset's number of classes",
+                       "include_top": "the classifier it trains (include_top true)",
+                       "pooling": "the classifier it trains (include_top true, no pooling)",
+                       "classifier_activation": "the loss it trains with (softmax)"}
 
 
 def check_model_options(model_name: str, options: dict) -> dict:
@@ -117,6 +120,11 @@ def check_model_options(model_name: str, options: dict) -> dict:
     if "step_size" in options or "horizon" in options:
         resolve_step_size(options.get("step_size", 1.0), 1, options.get("horizon", 1.0))
     return options
+
+
+#: The numeric settings :meth:`TrainSettings.resolve` checks itself.
+_NUMBERS = ("epochs", "batch_size", "steps_per_epoch", "lr", "weight_decay", "momentum",
+            "guard_every", "devices", "connect_timeout")
 
 
 @dataclass
@@ -167,8 +175,20 @@ class TrainSettings:
 
     def resolve(self) -> TrainSettings:
         """A validated copy with the recipe's values for every ``None`` hyper-parameter."""
-        if not isinstance(self.dataset, str):
-            raise KodeError(f"dataset must be a name, got {self.dataset!r}")
+        # The numbers have their own checks below (which say "positive", "finite", ">= 0").
+        fields = [f for f in dataclasses.fields(self) if f.name not in _NUMBERS]
+        check_argument_types({f.name: getattr(self, f.name) for f in fields},
+                             {f.name: f.type for f in fields})
+        if not isinstance(self.model_options, dict):
+            raise KodeError(f"model_options must be a dict of builder arguments, got "
+                            f"{self.model_options!r}")
+        if self.verbose not in ("auto", 0, 1, 2) or isinstance(self.verbose, bool):
+            raise KodeError(f"verbose must be 'auto', 0, 1 or 2, got {self.verbose!r}")
+        import tensorflow as tf
+
+        if not isinstance(self.strategy, str | tf.distribute.Strategy):
+            raise KodeError(f"strategy must be a name ({', '.join(STRATEGIES)}) or a "
+                            f"tf.distribute.Strategy, got {self.strategy!r}")
         dataset = self.dataset.strip().lower()
         if dataset not in RECIPES:
             # load_dataset gives the canonical message for unknown names.

@@ -217,6 +217,7 @@ def tune(
     previous_policy = keras.mixed_precision.global_policy()
     try:
         search_pipeline.prepare()
+        search_pipeline.announce_devices()
         keras.mixed_precision.set_global_policy(settings.precision)
         return _search(families, settings, search_pipeline.strategy, directory, tuner=tuner,
                        max_trials=max_trials, depths=depths,

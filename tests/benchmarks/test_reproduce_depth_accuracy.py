@@ -59,7 +59,46 @@ def test_report_renders_the_result(tiny_result):
         assert f"{100 * row['acc_mean']:.1f} ± {100 * row['acc_std']:.1f}" in text
     for i in da.INTEGRATORS:
         assert f"{100 * da._gap(result, i, 2):.1f} points" in text
-    assert "agrees" in text or "does not hold" in text
+    # The verdicts follow this run's numbers (the exact texts: test_findings_verdicts).
+    approaches = all(da._gap(result, i, 4) < da._gap(result, i, 2) for i in da.INTEGRATORS) \
+        and all(da.catch_up_depth(result, i) is not None for i in da.INTEGRATORS)
+    assert (APPROACHES_AGREES in text) == approaches
+    assert (APPROACHES_DOES_NOT_HOLD in text) == (not approaches)
+
+
+APPROACHES_AGREES = ("- The adjoint approaches backprop as depth grows: **agrees** with "
+                     "Sander et al. (Fig. 3c).")
+APPROACHES_DOES_NOT_HOLD = ("- The adjoint approaches backprop as depth grows: **does not "
+                            "hold** in this run, unlike Sander et al. (Fig. 3c).")
+FEWER_LAYERS = "- Heun reaches backprop with fewer layers than Euler: "
+
+
+def _summary_result(adjoint_accuracy: dict) -> dict:
+    """A result whose backprop accuracy is 0.9 everywhere and whose adjoint accuracies are
+    ``adjoint_accuracy[integrator]`` at depths 2, 4, 8."""
+    summary = []
+    for integrator in da.INTEGRATORS:
+        for depth, acc in zip((2, 4, 8), adjoint_accuracy[integrator], strict=True):
+            for gradient, a in (("backprop", 0.9), ("adjoint", acc)):
+                summary.append({"integrator": integrator, "gradient": gradient, "depth": depth,
+                                "acc_mean": a, "acc_std": 0.0, "err_init": 0.1 / depth,
+                                "err_trained": 0.1 / depth})
+    return {"depths": [2, 4, 8], "summary": summary, "horizon": 4.0}
+
+
+def test_findings_verdicts():
+    """Inputs built to agree with both claims and to disagree with both: the exact verdicts."""
+    agree = da.findings(_summary_result({"euler": (0.5, 0.8, 0.9), "heun": (0.6, 0.9, 0.9)}))
+    assert APPROACHES_AGREES in agree and APPROACHES_DOES_NOT_HOLD not in agree
+    assert (FEWER_LAYERS + "**agrees**: Heun's adjoint catches up at N = 4, Euler's at N = 8."
+            ) in agree
+    # Euler catches up at N = 4, Heun never does, and Heun's gap grows with depth.
+    disagree = da.findings(_summary_result({"euler": (0.5, 0.9, 0.9),
+                                            "heun": (0.8, 0.7, 0.6)}))
+    assert APPROACHES_DOES_NOT_HOLD in disagree and APPROACHES_AGREES not in disagree
+    assert (FEWER_LAYERS + "**disagrees** with the paper: Heun's adjoint catches up at "
+            "N = None, Euler's at N = 4 (None: not within the sweep), so Heun does not need "
+            "fewer layers here.") in disagree
 
 
 def test_adjoint_error_falls_with_depth_and_heun_beats_euler():

@@ -72,10 +72,14 @@ def test_smooth_weights_run_and_report(tmp_path, monkeypatch):
     zero12 = next(r for r in result["runs"] if r["init"] == "zero" and r["n"] == 12)
     assert f"max|A_{{n+1}} − A_n| = {fmt(zero12['max_diff'])}" in text
     assert f"slope {fmt(result['slopes']['zero'])}" in text
-    assert "agrees with the paper" in text
+    # The exact verdict ("agrees with the paper" is also a substring of "disagrees with the
+    # paper's"): the measured slope (≈ −1) agrees, a flat one disagrees.
+    assert "This agrees with the paper." in text and "disagrees" not in text
     rough = copy.deepcopy(result)
     rough["slopes"]["zero"] = -0.2
-    assert "disagrees" in "\n".join(smooth_weights.report(rough))
+    rough_text = "\n".join(smooth_weights.report(rough))
+    assert "**This disagrees with the paper's O(1/N) claim**" in rough_text
+    assert "This agrees with the paper." not in rough_text
 
 
 def test_adjoint_error_run_and_report(tmp_path, monkeypatch):

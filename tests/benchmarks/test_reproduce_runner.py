@@ -1,6 +1,7 @@
 """`kode reproduce`: the runner, its document and the sections that need no training."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -75,7 +76,10 @@ def test_figures_carry_the_command_and_seeds(tmp_path):
 
 def test_loglog_slope_recovers_a_power_law_and_ignores_zeros():
     assert loglog_slope([4, 8, 16, 32], [1 / n**2 for n in (4, 8, 16, 32)]) == pytest.approx(-2)
-    assert loglog_slope([4, 8, 16], [0.0, 0.0, 1.0]) != loglog_slope([4, 8, 16], [1, 1, 1])
+    # Zero (and non-finite) errors are left out of the fit, not turned into log 0 = −inf.
+    assert loglog_slope([2, 4, 8, 16], [0.0, 1 / 16, 1 / 64, math.inf]) == pytest.approx(-2)
+    assert loglog_slope([4, 8, 16], [1.0, 1.0, 1.0]) == pytest.approx(0)
+    assert math.isnan(loglog_slope([4, 8, 16], [0.0, 0.0, 1.0]))  # one point: no slope
 
 
 def _worker_row(integrator, n, mode, allocator_mb):

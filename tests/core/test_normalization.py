@@ -144,3 +144,13 @@ def test_every_zoo_block_uses_the_fused_layer():
     norms = [la for la in model._flatten_layers()
              if isinstance(la, keras.layers.BatchNormalization)]
     assert norms and all(type(la) is BatchNormalization for la in norms)
+
+
+def test_pre_fused_fixture_generator_refuses_the_fused_code(tmp_path):
+    # make_pre_fused_bn.py runs with the code of 0277e14; today's blocks would write fused files.
+    import runpy
+
+    generator = runpy.run_path(os.path.join(FIXTURES, "make_pre_fused_bn.py"))
+    with pytest.raises(SystemExit, match="run it with the code of commit 0277e14"):
+        generator["main"](str(tmp_path))
+    assert list(tmp_path.iterdir()) == []

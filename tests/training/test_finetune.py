@@ -107,9 +107,27 @@ def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_
 ])
 def test_bad_inputs_are_one_line_errors(argv, message, capsys, tmp_path):
     code = main(["finetune", *argv, "--epochs", "1", "--logdir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == "", out  # refused before anything is printed
     assert code == 2 and err.count("\n") == 1 and err.startswith("kode: error:"), err
     assert __import__("re").search(message, err), err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"refine": "2"}, "refine must be an integer, got '2'"),
+    ({"input_size": "32"}, "input_size must be an integer or None, got '32'"),
+    ({"input_size": 16}, "input_shape (16, 16, 3) is invalid for ResNet50V2"),
+    ({"freeze": 1.5}, "freeze must be 'stem' or a number of stages >= 0, got 1.5"),
+    ({"weights": 3}, "weights must be a string or None, got 3"),
+    ({"epochs": "3"}, "epochs must be a positive integer, got '3'"),
+    ({"lr": "0.1"}, "lr must be a positive finite number, got '0.1'"),
+    ({"batch_size": 1.5}, "batch_size must be a positive integer, got 1.5"),
+])
+def test_wrong_types_name_the_argument_and_what_it_takes(settings, words, tmp_path):
+    with pytest.raises(KodeError) as refused:
+        finetune("ResNet50V2", "digits", logdir=str(tmp_path / "run"), verbose=0, **settings)
+    assert str(refused.value).startswith(words), refused.value
     assert not os.path.exists(tmp_path / "run")
 
 

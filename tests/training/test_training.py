@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import keras
 import numpy as np
@@ -46,6 +47,35 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, settings,
     with pytest.raises(KodeError, match=words.replace("(", r"\(")):
         train("resnet20", logdir=str(logdir), **{**FAST, **settings})
     assert not logdir.exists()
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"epochs": "3"}, "epochs must be a positive integer, got '3'"),
+    ({"lr": "0.1"}, "lr must be a positive finite number, got '0.1'"),
+    ({"batch_size": 1.5}, "batch_size must be a positive integer, got 1.5"),
+    ({"seed": "1"}, "seed must be an integer, got '1'"),
+    ({"guard_tolerance": "0.1"}, "guard_tolerance must be a number, got '0.1'"),
+    ({"resume": "no"}, "resume must be True or False, got 'no'"),
+    ({"augment": "yes"}, "augment must be True or False or None, got 'yes'"),
+    ({"logdir": 3}, "logdir must be a string or None, got 3"),
+    ({"gradient": 1}, "gradient must be a string, got 1"),
+    ({"verbose": "x"}, "verbose must be 'auto', 0, 1 or 2, got 'x'"),
+    ({"strategy": 3}, "strategy must be a name (default, mirrored, multiworker, tpu) or a "
+                      "tf.distribute.Strategy, got 3"),
+    ({"model_options": [1]}, "model_options must be a dict of builder arguments, got [1]"),
+    ({"model_options": {"step_size": [1]}},
+     "step_size must be a finite positive number or 'ode', got [1]"),
+    ({"model_options": {"depth": "20"}}, "option depth takes a finite number, got '20'"),
+])
+def test_wrong_types_name_the_argument_and_what_it_takes(tmp_path, settings, words):
+    logdir = settings.get("logdir", str(tmp_path / "run"))
+    with pytest.raises(KodeError) as refused:
+        train("resnet20", **{**FAST, "logdir": logdir, **settings})
+    assert str(refused.value) == words
+    assert not (tmp_path / "run").exists()
+    if not isinstance(settings.get("model_options"), dict):  # (options: the builder's check)
+        with pytest.raises(KodeError, match=re.escape(words)):
+            TrainSettings("resnet20", **settings).resolve()
 
 
 def test_dataset_names_are_case_insensitive():

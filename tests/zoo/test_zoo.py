@@ -77,11 +77,37 @@ def test_ode_step_size_option_reaches_stages():
         ("resnet20", {"step_size": -1.0}, "step_size"),
         ("momentum_resnet20", {"integrator_config": {"gamma": 1.5}}, "gamma"),
         ("resnet20", {"colour": "red"}, "colour"),
+        # Wrong types: the argument and what it takes, never an internal message.
+        ("resnet20", {"depth": "20"}, "resnet20: depth must be an integer, got '20'"),
+        ("resnet20", {"width_multiplier": "0.5"},
+         "resnet20: width_multiplier must be a number, got '0.5'"),
+        ("resnet20", {"width_multiplier": float("inf")},
+         "width_multiplier must be a finite positive number, got inf"),
+        ("resnet20", {"step_size": [1]}, "step_size must be a finite positive number or 'ode'"),
+        ("resnet20", {"classes": "10"}, "resnet20: classes must be an integer, got '10'"),
+        ("resnet20", {"include_top": "no"}, "include_top must be True or False, got 'no'"),
+        ("resnet20", {"bottleneck": "yes"}, "bottleneck must be True or False or None"),
+        ("resnet20", {"name": 3}, "resnet20: name must be a string or None, got 3"),
+        ("keras_resnet50v2", {"classes": 1.5}, "classes must be an integer, got 1.5"),
+        ("keras_resnet50v2", {"input_shape": (16, 16, 3)}, "height and width >= 32"),
+        ("keras_resnet50", {"gradient": "adjoint"}, "needs a reversible integrator"),
     ],
 )
 def test_bad_input_raises_value_error_with_clear_message(name, overrides, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         zoo.create_model(name, **overrides)
+    with pytest.raises(ValueError, match=re.escape(words)):  # the same, nothing built
+        zoo.check_model(name, **overrides)
+
+
+def test_check_model_builds_nothing_for_any_family(monkeypatch):
+    import keras
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("check_model built a layer")
+    monkeypatch.setattr(keras.layers.Layer, "__call__", no_building)
+    for family in zoo.list_families():
+        zoo.check_model(zoo.list_models(family=family)[0])  # every builder stops after checks
 
 
 def test_corrupt_and_mismatched_weights_files(tmp_path):
@@ -97,3 +123,24 @@ def test_corrupt_and_mismatched_weights_files(tmp_path):
     loaded = zoo.create_model("resnet20", input_shape=(8, 8, 1), classes=5, weights=str(good))
     x = np.ones((1, 8, 8, 1), "float32")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), source.predict(x, verbose=0))
+
+
+def test_standard_fit_check_catches_a_stage_whose_gradient_is_zero(monkeypatch):
+    """A broken adjoint (every stage variable's gradient zero, the input's still right) fails
+    the zoo's standard fit check, naming the stage; the same model with the adjoint intact
+    passes."""
+    import tensorflow as tf
+
+    from kode import gradients
+    from kode.testing.models import check_fit_step
+
+    def build():
+        return zoo.create_model("resnet20", depth=8, input_shape=(8, 8, 3),
+                                gradient="adjoint")
+
+    check_fit_step(build())
+    accumulate = gradients._accumulate
+    monkeypatch.setattr(gradients, "_accumulate", lambda total, grads: accumulate(
+        total, [None if g is None else tf.zeros_like(tf.convert_to_tensor(g)) for g in grads]))
+    with pytest.raises(AssertionError, match=r"unchanged: .*\(stage "):
+        check_fit_step(build())

@@ -10,7 +10,10 @@ import os
 import keras
 
 from kode.errors import KodeError, one_line
+from kode.gradients import check_gradient_mode
+from kode.integrators import get_integrator
 from kode.tools.port import port_model
+from zoo.registry import arguments_checked
 
 #: keras.applications ResNets that :func:`keras_resnet` ports, with the preprocessing their
 #: ImageNet weights expect (on 0–255 RGB pixels): V2 "tf" mode x/127.5 − 1, V1 "caffe" mode
@@ -67,6 +70,13 @@ def keras_resnet(
     builder = getattr(keras.applications, KERAS_RESNETS[key][0])
     if weights not in (None, "imagenet") and not os.path.isfile(str(weights)):
         raise KodeError(f"weights file '{weights}' does not exist")
+    if input_shape is not None and (len(input_shape) != 3 or min(input_shape[:2]) < 32):
+        raise KodeError(f"input_shape {tuple(input_shape)} is invalid for "
+                        f"{KERAS_RESNETS[key][0]}: (height, width, channels) with height and "
+                        "width >= 32")
+    check_gradient_mode(gradient, get_integrator("euler" if key.endswith("v2")
+                                                 else "post_activation_euler"))
+    arguments_checked()
     try:
         source = builder(include_top=include_top, weights=weights, input_shape=input_shape,
                          pooling=pooling, classes=classes,
