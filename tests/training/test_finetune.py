@@ -115,7 +115,7 @@ def test_bad_inputs_are_one_line_errors(argv, message, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("settings, words", [
-    ({"refine": "2"}, "refine must be an integer, got '2'"),
+    ({"refine": "2"}, "refinement factor must be a positive integer or 'auto', got '2'"),
     ({"input_size": "32"}, "input_size must be an integer or None, got '32'"),
     ({"input_size": 16}, "input_shape (16, 16, 3) is invalid for ResNet50V2"),
     ({"freeze": 1.5}, "freeze must be 'stem' or a number of stages >= 0, got 1.5"),
