@@ -23,6 +23,8 @@ from kode.testing.models import reduced_overrides
 from kode.tools.guard import check_gradients
 from zoo.registry import family_integrator
 
+pytestmark = pytest.mark.bfloat16
+
 
 @contextlib.contextmanager
 def policy(name: str):

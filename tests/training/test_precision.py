@@ -114,6 +114,7 @@ MIRRORED = textwrap.dedent("""
 
 
 @pytest.mark.numerics
+@pytest.mark.bfloat16
 def test_mirrored_strategy_adjoint_matches_backprop_under_mixed_bfloat16():
     """Two replicas, mixed_bfloat16: the adjoint trains as backprop does (exact reversal)."""
     result = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True,
