@@ -277,3 +277,42 @@ def image_serving_contract(shape: tuple[int, int, int]) -> dict:
         "serving_uint8": ({"images": ("uint8", batch)}, outputs),
         "serving_preprocessed": ({"images": ("float32", batch)}, outputs),
     }
+
+
+_MIRRORED_FIT = """
+import json, sys
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, zoo
+name, policy, epochs, options = json.loads(sys.argv[1])
+keras.mixed_precision.set_global_policy(policy)
+x = np.random.default_rng(0).standard_normal((16, 8, 8, 1)).astype("float32")
+y = np.arange(16) % 10
+def run(strategy, mode):
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        model = zoo.create_model(name, input_shape=(8, 8, 1), gradient=mode, **options)
+        model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy",
+                      jit_compile=False)
+    return model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0).history["loss"]
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+print(json.dumps({mode: run(strategy, mode) for mode in ("adjoint", "backprop")}))
+"""
+
+
+def mirrored_fit_losses(name: str = "revheun_resnet20", policy: str = "float32",
+                        epochs: int = 3, **options) -> dict[str, list[float]]:
+    """Per-epoch losses of ``name`` (8×8×1 digits-sized input, the same seed and batches)
+    trained with the adjoint and with backprop under a ``MirroredStrategy`` over two logical
+    CPU devices. Runs in a fresh process: logical devices must be configured before
+    TensorFlow initializes its runtime."""
+    import subprocess
+    import sys
+
+    arguments = json.dumps([name, policy, epochs, options])
+    result = subprocess.run([sys.executable, "-c", _MIRRORED_FIT, arguments],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -17,6 +14,7 @@ import tensorflow as tf
 
 from kode.distribute import strategy as strategy_module
 from kode.distribute.strategy import bfloat16_hardware, bfloat16_hint
+from kode.testing.models import mirrored_fit_losses
 
 
 def test_bfloat16_hardware_detection():
@@ -91,36 +89,10 @@ def test_kode_finetune_ported_resnet_v2_under_mixed_bfloat16(tmp_path, capsys):
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=-1), 1.0, atol=1e-3)
 
 
-MIRRORED = textwrap.dedent("""
-    import json
-    import numpy as np, tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras, zoo
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    x = np.random.default_rng(0).standard_normal((16, 8, 8, 1)).astype("float32")
-    y = np.arange(16) % 10
-    def run(strategy, mode):
-        with strategy.scope():
-            keras.utils.set_random_seed(1)
-            model = zoo.create_model("revheun_resnet20", depth=8, input_shape=(8, 8, 1),
-                                     gradient=mode)
-            model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy",
-                          jit_compile=False)
-        return model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history["loss"]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    print(json.dumps({mode: run(strategy, mode) for mode in ("adjoint", "backprop")}))
-""")
-
-
 @pytest.mark.numerics
 @pytest.mark.bfloat16
 def test_mirrored_strategy_adjoint_matches_backprop_under_mixed_bfloat16():
     """Two replicas, mixed_bfloat16: the adjoint trains as backprop does (exact reversal)."""
-    result = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                sys.path)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    losses = mirrored_fit_losses("revheun_resnet20", "mixed_bfloat16", epochs=2, depth=8)
     assert np.isfinite(losses["adjoint"]).all()
     np.testing.assert_allclose(losses["adjoint"], losses["backprop"], rtol=1e-3)
