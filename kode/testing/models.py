@@ -316,3 +316,23 @@ def mirrored_fit_losses(name: str = "revheun_resnet20", policy: str = "float32",
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def smooth_dense_stage(num_functions: int, integrator: str, dtype: str = "float64",
+                       width: int = 8, seed: int = 0):
+    """An integrator stage whose weights are smooth in depth, h = 1/N:
+    f_n(x) = tanh(x W(t_n) + b(t_n)), W(t) = A + sin(3t) B + cos(2t) C (A, B, C drawn with
+    ``seed``), b(t) = 0.1 t, t_n = n / (N − 1): the regime where the Euler and Heun adjoints'
+    errors fall like 1/N and 1/N² (Sander et al. 2022)."""
+    from kode.layers.stage import IntegratorStage
+
+    rng = np.random.default_rng(seed)
+    a, b, c = rng.standard_normal((3, width, width)) / np.sqrt(width)
+    fns = []
+    for n in range(num_functions):
+        t = n / max(num_functions - 1, 1)
+        w = a + np.sin(3 * t) * b + np.cos(2 * t) * c
+        fns.append(keras.layers.Dense(width, activation="tanh", dtype=dtype,
+                                      kernel_initializer=keras.initializers.Constant(w),
+                                      bias_initializer=keras.initializers.Constant(0.1 * t)))
+    return IntegratorStage(fns, integrator, step_size="ode", dtype=dtype)

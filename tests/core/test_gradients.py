@@ -8,6 +8,7 @@ import tensorflow as tf
 from kode import BasicBlock, IntegratorStage, StochasticDepth
 from kode.errors import KodeError
 from kode.gradients import checkpoint_segments
+from kode.testing.models import smooth_dense_stage
 
 
 def _stage(integrator, mode, num=6, seed=0, block=None, **kwargs):
@@ -78,20 +79,6 @@ def test_checkpoint_segments_cover_steps_in_sqrt_pieces():
     assert [e for _, e in segments[:-1]] == [s for s, _ in segments[1:]]
 
 
-def _smooth_dense_stage(num_functions, integrator, width=8, seed=0):
-    """f_n(x) = tanh(x W(t_n) + b(t_n)), weights smooth in t, float64, h = 1/N."""
-    rng = np.random.default_rng(seed)
-    a, b, c = rng.standard_normal((3, width, width)) / np.sqrt(width)
-    fns = []
-    for n in range(num_functions):
-        t = n / max(num_functions - 1, 1)
-        w = a + np.sin(3 * t) * b + np.cos(2 * t) * c
-        fns.append(keras.layers.Dense(width, activation="tanh", dtype="float64",
-                                      kernel_initializer=keras.initializers.Constant(w),
-                                      bias_initializer=keras.initializers.Constant(0.1 * t)))
-    return IntegratorStage(fns, integrator, step_size="ode", dtype="float64")
-
-
 @pytest.mark.numerics
 @pytest.mark.parametrize("integrator, order", [("euler", 1), ("heun", 2)])
 def test_adjoint_gradient_error_falls_with_the_integrator_order(integrator, order):
@@ -99,7 +86,7 @@ def test_adjoint_gradient_error_falls_with_the_integrator_order(integrator, orde
     steps, errors = [8, 16, 32, 64, 128], []
     for n in steps:
         num_functions = n if integrator == "euler" else n + 1
-        stage = _smooth_dense_stage(num_functions, integrator)
+        stage = smooth_dense_stage(num_functions, integrator)
         stage(x)
         stage.gradient = "backprop"
         want = _grads(stage, x)
@@ -245,7 +232,7 @@ def test_guard_still_shows_the_euler_and_heun_adjoint_errors():
     assert len(stage.point_errors) == 3 and min(stage.point_errors) > 0.05, stage
     steps, errors = [4, 8, 16, 32], []
     for n in steps:
-        report = check_gradients(_guard_model(_smooth_dense_stage(n + 1, "heun")), x, y)
+        report = check_gradients(_guard_model(smooth_dense_stage(n + 1, "heun")), x, y)
         errors.append(report.max_error)
     slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert errors[0] > 1e-6 and slope <= -1.7, errors

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 import zoo
 from kode import IntegratorStage
-from kode.testing.models import reduced_overrides
+from kode.testing.models import reduced_overrides, smooth_dense_stage
 from kode.tools.guard import check_gradients
 from zoo.registry import family_integrator
 
@@ -81,16 +81,9 @@ def test_checkpoint_matches_backprop_under_mixed_bfloat16(name):
 def _smooth_dense_model(num_functions, integrator, dtype, width=8, seed=0):
     """f_n(x) = tanh(x W(t_n) + b(t_n)), weights smooth in t, h = 1/N, a softmax head."""
     rng = np.random.default_rng(seed)
-    a, b, c = rng.standard_normal((3, width, width)) / np.sqrt(width)
-    fns = []
-    for n in range(num_functions):
-        t = n / max(num_functions - 1, 1)
-        w = a + np.sin(3 * t) * b + np.cos(2 * t) * c
-        fns.append(keras.layers.Dense(width, activation="tanh", dtype=dtype,
-                                      kernel_initializer=keras.initializers.Constant(w),
-                                      bias_initializer=keras.initializers.Constant(0.1 * t)))
+    rng.standard_normal((3, width, width))  # the stage's draws: the head's come after them
     inputs = keras.Input((width,))
-    x = IntegratorStage(fns, integrator, step_size="ode", dtype=dtype)(inputs)
+    x = smooth_dense_stage(num_functions, integrator, dtype, width, seed)(inputs)
     head = keras.layers.Dense(3, activation="softmax", dtype=dtype,
                               kernel_initializer=keras.initializers.Constant(
                                   rng.standard_normal((width, 3))))
