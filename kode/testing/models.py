@@ -312,8 +312,7 @@ def mirrored_fit_losses(name: str = "revheun_resnet20", policy: str = "float32",
 
     arguments = json.dumps([name, policy, epochs, options])
     result = subprocess.run([sys.executable, "-c", _MIRRORED_FIT, arguments],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
