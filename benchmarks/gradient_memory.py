@@ -4,9 +4,15 @@ Keras remat), each configuration measured in its own Python process.
     python -m benchmarks.gradient_memory [--quick] [--out docs]
 
 Sweeps: one ``IntegratorStage`` of N ``BasicBlock(16)`` (Euler, reversible Heun) for N up to
-256; the Euler stage under XLA at two N; the zoo's ResNet-110 and ResNet-1202. Writes
-``<out>/gradients.md`` and ``<out>/gradients_{memory,time}.png``; the method is described in
-the doc (``METHOD`` below) and in :func:`run_worker`.
+256; the Euler stage under XLA at two N; the zoo's ResNet-110 and ResNet-1202; activation
+memory against depth of the zoo's CIFAR ResNets (``depth``, in :mod:`benchmarks.depth_memory`).
+Writes ``<out>/gradients.md`` and ``<out>/gradients_{memory,time,depth}.png``; the method is
+described in the doc (``METHOD`` below) and in :func:`run_worker`.
+
+A worker configuration's ``mode`` may carry ``"recompute": bool`` (passed to
+``kode.layers.set_gradient_mode`` after the build: recomputation outside the stages in
+checkpoint/adjoint mode); a paired configuration's ``modes`` may name variants such as
+``"adjoint (stages only)"`` (:func:`benchmarks.depth_memory.variant`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import inspect
 import json
 import os
 import shlex
@@ -23,7 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import depth_memory
 from benchmarks import record as run_record
+from benchmarks.depth_memory import split_variant, variant
 from benchmarks.record import machine_description
 
 MODES = ("backprop", "checkpoint", "adjoint", "remat")
@@ -61,7 +70,26 @@ def _release_free_heap() -> None:
         pass
 
 
+def set_recompute(model, mode: str, recompute: bool) -> None:
+    """``kode.layers.set_gradient_mode(model, mode, recompute=recompute)`` for checkpoint and
+    adjoint (backprop has nothing to recompute). A kode whose ``set_gradient_mode`` has no
+    ``recompute`` (before issue 21) always backpropagates outside the stages: ``False`` is
+    then what it does anyway, ``True`` is refused rather than measured under a wrong label."""
+    if mode not in depth_memory.RECOMPUTING:
+        return
+    from kode.layers import set_gradient_mode
+
+    if "recompute" in inspect.signature(set_gradient_mode).parameters:
+        set_gradient_mode(model, mode, recompute=recompute)
+    elif recompute:
+        raise RuntimeError("this kode's set_gradient_mode has no recompute argument: "
+                           "recomputation outside the stages cannot be switched on")
+
+
 def _build_model(cfg: dict):
+    """(model, input shape, stage steps) of a worker configuration: ``kind`` "stage" (one
+    ``IntegratorStage`` of ``n`` BasicBlocks) or "zoo" (``model``, optionally refined ×
+    ``refine``); its stages in ``mode`` (remat: backprop), and ``recompute`` if given."""
     import keras
 
     from kode.integrators import get_integrator
@@ -91,6 +119,8 @@ def _build_model(cfg: dict):
         from kode.tools.refine import refine
 
         model = refine(model, cfg["refine"])
+    if "recompute" in cfg:  # after refine, which copies the stages
+        set_recompute(model, gradient, bool(cfg["recompute"]))
     from kode.layers.stage import integrator_stages
 
     stages = integrator_stages(model)
@@ -117,13 +147,15 @@ def _reset_allocator_peak() -> None:
 
 
 def _train_step(cfg: dict, mode: str):
-    """(model, SGD train step, input shape, integrator steps) for ``mode``; the step is a
+    """(model, SGD train step, input shape, integrator steps) for ``mode`` (a gradient mode,
+    "remat", or a variant label such as "adjoint (stages only)"); the step is a
     ``tf.function`` with a dynamic batch dimension unless ``cfg["eager"]``."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(cfg.get("seed", 0))
-    cfg = {**cfg, "mode": mode}
+    mode, recompute = split_variant(mode)
+    cfg = {**cfg, "mode": mode, **({} if recompute is None else {"recompute": recompute})}
     if mode == "remat":
         with keras.RematScope(mode=cfg.get("remat_mode", "activations")):
             model, shape, num_steps = _build_model(cfg)
@@ -395,7 +427,7 @@ def zoo_configs(runs, modes) -> list[dict]:
 def _key(r: dict) -> tuple:
     if r["kind"] == "stage":
         return (r["sweep"], r["integrator"], r["n"], r["mode"])
-    return (r["sweep"], r["model"], r["batch"], r["mode"])
+    return (r["sweep"], r["model"], r["batch"], variant(r))
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -475,7 +507,8 @@ def _r(x: float | None, digits: int = 2) -> str:
 
 def plot(table: dict, out: Path, prefix: str = "gradients", footer: str | None = None
          ) -> list[str]:
-    """Memory and step time vs N per stage integrator: ``<prefix>_memory.png``/``_time.png``.
+    """Memory and step time vs N per stage integrator: ``<prefix>_memory.png``/``_time.png``;
+    activation memory vs depth (the depth sweep): ``<prefix>_depth.png``.
 
     ``footer`` (e.g. the command and seeds of the run) is printed in the figure's corner.
     """
@@ -484,12 +517,12 @@ def plot(table: dict, out: Path, prefix: str = "gradients", footer: str | None =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    files = depth_memory.plot(table, out, prefix)
     keys = [k for k in table if k[0] == "stage"]
     integrators = [i for i in STAGE_INTEGRATORS if any(k[1] == i for k in keys)]
     if not integrators:
-        return []
+        return files
     ns = sorted({k[2] for k in keys})
-    files = []
     for field, ylabel, fname in (
         ("increment_mb", "peak RSS increment over the built model (MB)", f"{prefix}_memory.png"),
         ("step_s", "median training-step time (s)", f"{prefix}_time.png"),
@@ -669,7 +702,8 @@ def _zoo_table(table: dict) -> list[str]:
         "## Sweep 2: whole zoo networks (`zoo.create_model(name, gradient=...)`, 32×32×3, "
         "10 classes)",
         "",
-        "Transitions always backpropagate; `stage steps` is the number of integrator steps in "
+        "Stem, transitions and head run the builder's default `recompute` (sweep 3 compares "
+        "recomputation on and off); `stage steps` is the number of integrator steps in "
         "the model's stages. Memory cells as above (RSS MB, allocator MiB in parentheses).",
         "",
         "| model | batch | stage steps | " + " | ".join(f"{m} MB" for m in modes) + " | "
@@ -818,7 +852,7 @@ def targets(table: dict) -> list[str]:
                      f"> {bound / a['increment_mb']:.0f}× — "
                      f"{_verdict(bound >= 4 * a['increment_mb'])}.")
         out.append(text)
-    return out
+    return out + depth_memory.targets(table)
 
 
 def claims(table: dict, page: str = "docs/gradients.md") -> list[dict]:
@@ -880,7 +914,7 @@ def claims(table: dict, page: str = "docs/gradients.md") -> list[dict]:
             claim("resnet1202.backprop-vs-adjoint-memory", f"ResNet-1202 at batch {batch}, "
                   "backprop / adjoint training memory (backprop killed: a lower bound)", r,
                   low=r, unit="×", target="≥ 4×", verdict="met" if r >= 4 else "missed")
-    return out
+    return out + depth_memory.claims(table, page)
 
 
 def cost_model(table: dict) -> list[str]:
@@ -937,6 +971,7 @@ def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
         *_timing_table(table),
         *_xla_table(table),
         *_zoo_table(table),
+        *depth_memory.section(table),
         "## Targets",
         "",
         *targets(table),
@@ -1033,8 +1068,9 @@ DOC_HEAD = [
     "BatchNorm, keras#21207).",
     "",
     "Reproduce with `python -m benchmarks.gradient_memory [--quick] [--out docs]` "
-    "(`--quick`: N = 4, 8, 32, 128 and ResNet-110 at batch 32, about a quarter of the full "
-    "run's time, most of it tracing the unrolled graphs and ResNet-1202).",
+    "(`--quick`: N = 4, 8, 32, 128, ResNet-110 at batch 32 and the depth sweep up to "
+    "ResNet-110, about a quarter of the full run's time, most of it tracing the unrolled "
+    "graphs and ResNet-1202; `--sweeps depth` runs the depth sweep alone).",
     "",
 ]
 
@@ -1184,8 +1220,8 @@ def notes(table: dict) -> list[str]:
     if _ok(b) and _ok(a):
         text = (f"- **ResNet-1202 at batch 128**: backprop's training steps need "
                 f"{b['increment_mb'] / 1024:.1f} GB on top of the model, the adjoint "
-                f"{a['increment_mb']:.0f} MB (the transitions, which always backpropagate, "
-                "the head, and a few states per stage)")
+                f"{a['increment_mb']:.0f} MB (what stem, transitions and head keep under "
+                "the builder's default `recompute`, and a few states per stage)")
         if _ok(pair):
             t = pair["step_s"]
             text += (f"; alternating steps in one process (batch {pair_keys[0][2]}) the "
@@ -1236,6 +1272,13 @@ def run_all(args) -> None:
         configs += zoo_timing_configs([("resnet110", 32, 2)] if quick else
                                       [("resnet110", args.zoo_batch, 3),
                                        ("resnet1202", args.zoo_batch, 2)])
+    if not args.merge and "depth" in args.sweeps:
+        depth_cfgs = depth_memory.configs(
+            args.depths or (depth_memory.QUICK_DEPTHS if quick else depth_memory.DEPTHS),
+            args.depth_batches)
+        for line in depth_memory.estimate(depth_cfgs, args.mem_cap_gb):
+            print(line, flush=True)
+        configs += depth_cfgs
     for i, cfg in enumerate(configs):
         load = os.getloadavg()[0]
         r = measure(cfg, timeout=args.timeout, mem_cap_gb=args.mem_cap_gb)
@@ -1243,7 +1286,7 @@ def run_all(args) -> None:
         r["load_at_start"] = load
         results.append(r)
         desc = " ".join(f"{k}={cfg[k]}" for k in ("sweep", "model", "integrator", "n", "mode",
-                                                   "batch") if k in cfg)
+                                                   "recompute", "batch") if k in cfg)
         if "error" in r:
             status = r["error"]
         elif "ratio" in r:
@@ -1290,8 +1333,13 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smaller sweep (≈ 20 min on 2 cores)")
     parser.add_argument("--out", default="docs", help="directory for gradients.md and plots")
-    sweeps = ["stage", "timing", "overhead", "xla", "zoo", "zoo-timing"]
+    sweeps = ["stage", "timing", "overhead", "xla", "zoo", "zoo-timing", "depth"]
     parser.add_argument("--sweeps", nargs="+", default=sweeps, choices=sweeps)
+    parser.add_argument("--depths", type=int, nargs="+", choices=depth_memory.DEPTHS,
+                        help="override the depth sweep's zoo depths (resnet<d>)")
+    parser.add_argument("--depth-batches", type=int, nargs=2, default=depth_memory.BATCHES,
+                        metavar=("SMALL", "LARGE"),
+                        help="the depth sweep's two batches (activation memory = LARGE − SMALL)")
     parser.add_argument("--ns", type=int, nargs="+", help="override the stage sweep's N")
     parser.add_argument("--timing-ns", type=int, nargs="+", help="override the timing sweep's N")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the timing sweep")

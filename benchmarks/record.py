@@ -160,6 +160,22 @@ def claim(id: str, text: str, value: float, *, unit: str, page: str, low: float 
             "verdict": normalize_verdict(verdict), "page": page}
 
 
+def agreeing_verdict(values, limit: float) -> str:
+    """The verdict on a ceiling ``limit`` from several measures of one quantity (e.g. a
+    process's peak RSS and its allocator peak): "met" when every value is ≤ limit, "missed"
+    when every value is above it, "not decided" when they disagree, "not measured" when one is
+    missing (None or NaN). Used where one process per configuration leaves the agreement of
+    the measures as the only check of their spread."""
+    values = list(values)
+    if not values or any(v is None or v != v for v in values):  # v != v: NaN
+        return "not measured"
+    if max(values) <= limit:
+        return "met"
+    if min(values) > limit:
+        return "missed"
+    return "not decided"
+
+
 def check_claims(claims: list[dict]) -> None:
     """ValueError unless every claim has the layout's keys, a known verdict and a unique id."""
     seen = set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 
 from benchmarks.record import claim
+from benchmarks.reproduce.finetune_auto import auto_verdict
 
 PAGE = "docs/results.md"
 
@@ -72,6 +73,14 @@ def finetune(r: dict) -> list[dict]:
             out.append(_c("finetune", f"m{m}-{mode}-accuracy", f"Fine-tuned with {mode} after "
                           f"refining ×{m}: test accuracy (mean over seeds)",
                           100 * statistics.fmean(values), unit="%"))
+    autos = [run["auto"] for run in r["runs"] if "auto" in run]
+    verdict = auto_verdict(autos) if autos else {"agrees": None}
+    if verdict["agrees"] is not None:
+        out.append(_c("finetune", "auto-backprop-minus-adjoint", "Fine-tuned after "
+                      "`--refine auto`: backprop − adjoint test accuracy (mean over seeds; "
+                      "target: Sander et al., Table 2)", 100 * verdict["gap_mean"],
+                      unit="points", target=f"≤ {100 * verdict['tolerance']:g} point",
+                      verdict="met" if verdict["agrees"] else "missed"))
     return out
 
 

@@ -15,6 +15,10 @@ the memory-free adjoint, and report that it recovers the accuracy. Here, on ``di
    stage's parameter gradients against backprop) of each refined network;
 4. fine-tune each on the other half of the training set, with the adjoint and with backprop
    (same optimizer, epochs, data order): test accuracy;
+4b. refine with m chosen per seed as ``kode finetune --refine auto`` does
+   (:func:`kode.tools.refine.choose_factor`: the smallest m whose guard error is within the
+   tolerance), fine-tune that network both ways: the verdict on "the adjoint's fine-tuned
+   accuracy is within one point of backprop's" (:mod:`benchmarks.reproduce.finetune_auto`);
 5. activation memory of one training step: the peak resident memory (VmHWM) above the
    resident memory before the step, after ``malloc_trim``, by the helpers of
    ``benchmarks/gradient_memory.py`` (which run one process per configuration; here all
@@ -26,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.reproduce.common import Context, fmt, markdown_table, mean_std
+from benchmarks.reproduce.finetune_auto import TOLERANCE, auto_report, run_auto
 
 TITLE = "Fine-tuning a refined pretrained network with the adjoint (Sander et al., Table 2)"
 
@@ -36,11 +41,14 @@ WIDTH = 16
 BATCH = 64
 MEMORY_BATCH = 512
 GUARD_BATCH = 128
-QUICK = {"pretrain_epochs": 15, "finetune_epochs": 3}
-FULL = {"pretrain_epochs": 40, "finetune_epochs": 10}
+# ``--refine auto``: the full run uses the CLI's defaults (tolerance 0.05, the guard's; m up to
+# 16). Quick keeps to m ≤ 8 with a looser tolerance so that it stays quick: the guard error is
+# ≈ 0.17 at ×4 (docs/results.md), so auto picks ×4 or ×8, and ×4's fine-tuning is reused.
+QUICK = {"pretrain_epochs": 15, "finetune_epochs": 3, "auto_tolerance": 0.2,
+         "auto_factors": [1, 2, 4, 8]}
+FULL = {"pretrain_epochs": 40, "finetune_epochs": 10, "auto_tolerance": 0.05,
+        "auto_factors": [1, 2, 4, 8, 16]}
 PRETRAIN_LR, FINETUNE_LR = 0.05, 0.01
-# Fine-tuning counts as recovering when within this many points of backprop's accuracy.
-TOLERANCE = 0.01
 
 
 def _data():
@@ -147,7 +155,6 @@ _RESULT = "FINETUNE_MEMORY "
 
 
 def run_seed(seed: int, budget: dict, ctx: Context) -> dict:
-    from kode.layers.stage import set_gradient_mode
     from kode.tools.guard import check_gradients
     from kode.tools.refine import refine
 
@@ -170,21 +177,39 @@ def run_seed(seed: int, budget: dict, ctx: Context) -> dict:
                "output_change": change, "guard_error_tied": tied_error,
                "guard_error": check_gradients(refined, xg, yg).max_error,
                "refined_accuracy": _accuracy(refined, data["test"])}
-        start = refined.get_weights()
-        for mode in MODES:
-            set_gradient_mode(refined, mode)
-            refined.set_weights(start)
-            _compile(refined, FINETUNE_LR)
-            _fit(refined, data["finetune"], budget["finetune_epochs"], seed)
-            row[f"finetuned_{mode}"] = _accuracy(refined, data["test"])
-            if mode == "adjoint":
-                row["guard_error_after"] = check_gradients(refined, xg, yg).max_error
+        row.update(_finetune_both(refined, data, budget, seed, (xg, yg)))
         ctx.progress(
             f"seed {seed} ×{m}: refined acc {row['refined_accuracy']:.3f}, guard error "
             f"{row['guard_error']:.2e}, fine-tuned backprop {row['finetuned_backprop']:.3f} "
             f"adjoint {row['finetuned_adjoint']:.3f}")
         rows.append(row)
-    return {"seed": seed, "pretrained_accuracy": pretrained, "rows": rows}
+    model.set_weights(weights)
+    auto = run_auto(model, rows, budget, (xg, yg), lambda refined: _finetune_both(
+        refined, data, budget, seed, (xg, yg)))
+    ctx.progress(f"seed {seed} auto: " + (auto["error"] if auto["m"] is None else
+                 f"m = {auto['m']} (guard error {auto['guard_error']:.2e}), fine-tuned "
+                 f"backprop {auto['finetuned_backprop']:.3f} adjoint "
+                 f"{auto['finetuned_adjoint']:.3f}" + (" (×m row reused)" if auto["reused"]
+                                                       else "")))
+    return {"seed": seed, "pretrained_accuracy": pretrained, "rows": rows, "auto": auto}
+
+
+def _finetune_both(refined, data, budget: dict, seed: int, guard_batch) -> dict:
+    """Fine-tune ``refined`` from its current weights with each of MODES (same optimizer,
+    epochs and data order): test accuracy per mode, and the guard error after the adjoint's."""
+    from kode.layers.stage import set_gradient_mode
+    from kode.tools.guard import check_gradients
+
+    start, row = refined.get_weights(), {}
+    for mode in MODES:
+        set_gradient_mode(refined, mode)
+        refined.set_weights(start)
+        _compile(refined, FINETUNE_LR)
+        _fit(refined, data["finetune"], budget["finetune_epochs"], seed)
+        row[f"finetuned_{mode}"] = _accuracy(refined, data["test"])
+        if mode == "adjoint":
+            row["guard_error_after"] = check_gradients(refined, *guard_batch).max_error
+    return row
 
 
 def run(ctx: Context) -> dict:
@@ -344,6 +369,8 @@ def report(result: dict) -> list[str]:
           "stage; one stage, no shape-changing blocks; fine-tuning on the other half of the "
           "same task rather than continued ImageNet training; a few epochs.",
     ]
+    if any("auto" in run for run in runs):
+        lines += ["", *auto_report(runs, GUARD_BATCH)]
     return lines
 
 
