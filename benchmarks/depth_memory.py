@@ -191,7 +191,8 @@ def slope(depths, values) -> float:
     values = np.asarray(values, float)
     if len(values) < 2 or not np.all(values > 0):
         return math.nan
-    return float(np.polyfit(np.log(np.asarray(depths, float)), np.log(values), 1)[0])
+    k = np.polyfit(np.log(np.asarray(depths, float)), np.log(values), 1)[0]
+    return round(float(k), 12) + 0.0  # rounding noise of a flat line prints as "-0.000"
 
 
 def slopes(act: dict) -> dict[str, dict]:

@@ -189,12 +189,15 @@ def claims(results: list[dict], page: str = "docs/finetune_memory.md") -> list[d
 def _memory_target(m: int, mem: dict) -> str:
     a, b = mem.get((m, "adjoint")), mem.get((m, "backprop"))
     rss, alloc = (_ratio(a, b, f) for f in ("increment_mb", "allocator_increment_mb"))
-    values = "—" if rss is None else f"RSS {rss:.3f}×, allocator {alloc:.3f}×"
     limit = MEMORY_TARGETS.get(m)
+    what = (f"adjoint memory ≤ {limit}× backprop's" if limit is not None else
+            "adjoint memory / backprop's (no target at this m)")
+    if rss is None:
+        return f"{what}: **not measured** (a process is missing or failed)"
+    values = f"RSS {rss:.3f}×, allocator {alloc:.3f}×"
     if limit is None:
-        return f"adjoint memory / backprop's: {values} (no target at this m)"
-    return (f"adjoint memory ≤ {limit}× backprop's: {values} — "
-            f"**{memory_verdict(rss, alloc, limit)}**")
+        return f"{what}: {values}"
+    return f"{what}: {values} — **{memory_verdict(rss, alloc, limit)}**"
 
 
 def _time_targets(r: dict | None) -> str:

@@ -157,7 +157,7 @@ def _memory(m, mode, increment, alloc):
 
 def test_finetune_memory_page_and_claims(tmp_path):
     results = [_memory(1, "backprop", 4000, 3900), _memory(1, "checkpoint", 1500, 1400),
-               _memory(1, "adjoint", 1000, 960),
+               _memory(1, "adjoint", 400, 380),
                {"refine": 1, "mode": "pair", "rounds": 4, "wall_s": 1.0,
                 "step_s": {"backprop": 40.0, "adjoint": 60.0, "fwd": 12.0},
                 "ratio": {"adjoint": 1.5}, "interval": {"adjoint": [1.4, 1.9]}},
@@ -172,8 +172,9 @@ def test_finetune_memory_page_and_claims(tmp_path):
     claims = {c["id"]: c for c in finetune_memory.claims(results)}
     assert set(claims) == {"finetune_memory.m1.adjoint-memory", "finetune_memory.m1.adjoint-time"}
     mem, time = (claims[f"finetune_memory.m1.adjoint-{k}"] for k in ("memory", "time"))
-    assert (mem["value"], mem["low"], mem["high"]) == (0.25, 960 / 3900, 0.25)
-    assert mem["verdict"] == "met" and "RSS 0.250×, allocator 0.246× — **met**" in text
+    assert (mem["value"], mem["low"], mem["high"]) == (0.1, 380 / 3900, 0.1)
+    assert mem["verdict"] == "met" and mem["target"] == "≤ 0.12×"  # issue 21, m = 1
+    assert "RSS 0.100×, allocator 0.097× — **met**" in text
     assert (time["value"], time["low"], time["high"], time["verdict"]) == (1.5, 1.4, 1.9,
                                                                            "not decided")
     assert "1.50 [1.40, 1.90] — **not decided**" in text
