@@ -54,12 +54,15 @@ RATIO_DEPTH, RATIO_TARGET = 110, 0.03
 #: is 0.05 (gradient_memory.METHOD, tests/benchmarks/test_gradient_memory.py).
 INTER_OP_THREADS = 1
 
-# Cost model of one worker process, for the printed estimate only. Calibrated on this machine
-# (2 cores): resnet110 at batch 8, one op at a time, 2026-12-02: 17–21 s per process, of which
-# 7–9 s tracing (adjoint 1.3× backprop's); docs/gradients.md's zoo sweep (ResNet-110 and -1202
-# at batch 128): 0.41–0.44 ms per residual block and example for a backprop step, 0.6 for
-# checkpoint, 0.7 for the adjoint, and backprop's increment 0.15 MB per block and example.
-STARTUP_S, TRACE_S_PER_BLOCK = 8.0, 0.17
+# Cost model of one worker process, for the printed estimate only. Measured on this machine
+# (2 cores) on 2026-12-02, adjoint at batch 8, one op at a time: resnet110 (54 blocks) 21 s per
+# process, 9.4 s of it tracing (load 1.5); resnet1202 (600 blocks) 460 s, 408 s tracing (load
+# 3.5–4.6, so an upper bound): tracing grows faster than the blocks (graph optimization),
+# fitted by a·n + b·n²; backprop traces in about 1/1.3 of the adjoint's time. Steps: the zoo
+# sweep of docs/gradients.md (ResNet-110 and -1202 at batch 128, quiet machine): 0.41–0.44 ms
+# per block and example for a backprop step, 0.6 checkpoint, 0.7 adjoint; backprop's
+# increment 0.15 MB per block and example.
+STARTUP_S, TRACE_S_PER_BLOCK, TRACE_S_PER_BLOCK2 = 8.0, 0.124, 9.3e-4
 STEP_S_PER_BLOCK_EXAMPLE = {"backprop": 0.45e-3, "checkpoint": 0.6e-3, "adjoint": 0.7e-3}
 BACKPROP_MB_PER_BLOCK_EXAMPLE = 0.155
 
@@ -117,14 +120,16 @@ def blocks(depth: int) -> int:
 def process_seconds(cfg: dict) -> float:
     """Estimated wall time of one worker process (the cost model above)."""
     mode, n = cfg["mode"], blocks(depth_of(cfg["model"]))
-    trace = TRACE_S_PER_BLOCK * n * (1.0 if mode == "backprop" else 1.3)
+    trace = (TRACE_S_PER_BLOCK * n + TRACE_S_PER_BLOCK2 * n**2) / (
+        1.3 if mode == "backprop" else 1.0)
     steps = cfg.get("warmup", 0) + cfg.get("steps", 1)
     return STARTUP_S + trace + steps * cfg["batch"] * n * STEP_S_PER_BLOCK_EXAMPLE[mode]
 
 
 def peak_gb(cfg: dict) -> float:
-    """Estimated peak RSS of one worker process: the built model (0.6 GB + 5 MB per block of
-    unrolled graph, from resnet110's 0.86 GB) plus its activations (backprop: every block;
+    """Estimated peak RSS of one worker process: the built and traced model (0.6 GB + 5 MB
+    per block of unrolled graph: measured 0.86 GB for resnet110, 2.7 GB for resnet1202, so
+    an upper bound there) plus its activations (backprop: every block;
     checkpoint and adjoint: bounded by 2√blocks blocks' worth, which matched ResNet-110 and
     -1202 at batch 128)."""
     n = blocks(depth_of(cfg["model"]))
@@ -216,6 +221,12 @@ def ratio(act: dict, depth: int, name: str = "adjoint") -> dict | None:
     return {f: a[f] / b[f] for f in ("rss", "alloc")}
 
 
+def _batches(act: dict) -> str:
+    """"batch 72 − batch 8": the difference the activation memory is (the first row's)."""
+    row = next(iter(act.values()))
+    return f"batch {row['high_batch']} − batch {row['low_batch']}"
+
+
 def _verdict_text(verdict: str) -> str:
     return f"**{verdict}**"
 
@@ -274,7 +285,7 @@ def claims(table: dict, page: str) -> list[dict]:
         out.append(run_record.claim(
             f"gradients.depth.{tag}-slope",
             f"zoo ResNets d = {row['depths'][0]}–{row['depths'][-1]}, {name}: slope of log "
-            "activation memory (batch 72 − batch 8) against log depth (RSS; range: RSS and "
+            f"activation memory ({_batches(act)}) against log depth (RSS; range: RSS and "
             "allocator)", row["rss"], low=min(row["rss"], row["alloc"]),
             high=max(row["rss"], row["alloc"]), unit="slope",
             target=f"≤ {SLOPE_TARGET:g}" if target else None,
@@ -288,7 +299,7 @@ def claims(table: dict, page: str) -> list[dict]:
         verdict = run_record.agreeing_verdict(r.values(), RATIO_TARGET)
         out.append(run_record.claim(
             f"gradients.depth.resnet{RATIO_DEPTH}.{tag}-vs-backprop",
-            f"ResNet-{RATIO_DEPTH}, {name} / backprop activation memory (batch 72 − batch 8; "
+            f"ResNet-{RATIO_DEPTH}, {name} / backprop activation memory ({_batches(act)}; "
             "RSS; range: RSS and allocator)", r["rss"], low=min(r.values()),
             high=max(r.values()), unit="×", target=f"≤ {RATIO_TARGET:g}×" if target else None,
             verdict=verdict if target else "measured", page=page))
@@ -374,7 +385,7 @@ def plot(table: dict, out: Path, prefix: str = "gradients") -> list[str]:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("depth d (zoo resnet<d>)")
-        ax.set_title(f"{title}: batch 72 − batch 8")
+        ax.set_title(f"{title}: {_batches(act)}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("activation memory")
