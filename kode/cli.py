@@ -60,7 +60,7 @@ def _trial_settings(args) -> dict:
         on_inaccurate=args.on_inaccurate, strategy=args.strategy, devices=args.devices,
         connect_timeout=args.connect_timeout, tpu=args.tpu, precision=args.precision,
         sync_batchnorm=args.sync_batchnorm, deterministic=args.deterministic,
-        diagnostics=not args.no_diagnostics,
+        diagnostics=not args.no_diagnostics, recompute=not args.no_recompute,
     )
 
 
@@ -260,6 +260,10 @@ def _add_trial_arguments(parser: argparse.ArgumentParser) -> None:
     guard, the strategy, precision and diagnostics."""
     parser.add_argument("--guard-tolerance", type=float, default=0.05,
                        help="largest accepted relative adjoint gradient error")
+    parser.add_argument("--no-recompute", action="store_true",
+                       help="with --gradient checkpoint/adjoint: let the layers outside the "
+                       "stages (stem, transitions, head) store their activations instead of "
+                       "recomputing them in the backward")
     parser.add_argument("--guard-every", type=int, metavar="K",
                        help="re-check the adjoint every K epochs (default: at start only)")
     parser.add_argument("--on-inaccurate", choices=["stop", "fallback"], default="stop",

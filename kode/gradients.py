@@ -17,6 +17,11 @@ forward, so dropout and stochastic-depth draws repeat exactly, and (b) discards 
 updates, so BatchNorm moving statistics are updated once per training step (by the forward)
 while recomputation normalizes with the batch statistics of the same states as the forward.
 
+The same machinery serves the layers outside the stages (stem, shape-changing blocks, head):
+:func:`recompute` runs any ``fn(x)`` as a one-step checkpointed system, so that only x is kept
+and the activations are rebuilt, with the same random draws and no second statistics update,
+in the backward.
+
 Two generic hooks, for callers that opt in:
 
 - :func:`once_per_step`: a value computed inside the forward of step n (e.g. synchronized
@@ -53,7 +58,8 @@ class Dynamics:
 
     init: Callable[[tf.Tensor, tf.Tensor | None], tuple]
     step: Callable[[int, tuple], tuple]
-    output: Callable[[tuple], tf.Tensor]
+    #: the stage's output from the final state: a tensor or a tuple of tensors.
+    output: Callable[[tuple], tf.Tensor | tuple]
     num_steps: int
     reverse_step: Callable[[int, tuple], tuple] | None = None
     #: non-trainable variables holding random-generator state, replayed on recomputation.
@@ -254,6 +260,40 @@ def _accumulate(total: list, grads: Sequence) -> None:
         total[i] = g if total[i] is None else total[i] + g
 
 
+def recompute(fn: Callable, x, rng_variables: Sequence[keras.Variable] = ()):
+    """``fn(x)``, differentiated by recomputing ``fn``'s activations from ``x`` in the backward
+    instead of storing them (gradient checkpointing of one segment: stored = x; alive during
+    its backward = x plus fn's activations). ``fn`` may return a tensor or a tuple of tensors.
+
+    As for a stage's steps, the recomputation replays the random draws of ``rng_variables``
+    and discards variable updates (BatchNorm moving statistics are updated once, by the
+    forward). A ``recompute`` nested in another one's ``fn`` runs plainly: the outer
+    recomputation already keeps nothing, and a nested one would recompute twice more.
+    """
+    if getattr(_context, "recomputing", 0):
+        return fn(x)
+    structure = []
+
+    def run(t):
+        _context.recomputing = getattr(_context, "recomputing", 0) + 1
+        try:
+            y = fn(t)
+        finally:
+            _context.recomputing -= 1
+        if not structure:
+            structure.append(y)
+        return tuple(tf.nest.flatten(y))
+
+    dynamics = Dynamics(
+        init=lambda x, history: (x,),
+        step=lambda n, state: run(state[0]),
+        output=lambda state: tf.nest.pack_sequence_as(structure[0], list(state)),
+        num_steps=1,
+        rng_variables=rng_variables,
+    )
+    return integrate(dynamics, x, mode=CHECKPOINT)
+
+
 def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
     inputs = [x] if history is None else [x, history]
 
@@ -288,9 +328,9 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
             with tf.GradientTape() as tape:
                 targets = _tensors(final_state)
                 tape.watch(targets)
-                y = dynamics.output(final_state)
+                ys = tf.nest.flatten(dynamics.output(final_state))
             adjoint = tape.gradient(
-                y, targets, output_gradients=dys[0],
+                ys, targets, output_gradients=_zeros_for_none(dys, ys),
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
             state_out = final_state

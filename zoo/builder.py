@@ -28,6 +28,7 @@ from kode.layers.stage import (
     TransitionBlock,
     integrator_stages,
     resolve_step_size,
+    set_gradient_mode,
 )
 from zoo.registry import arguments_checked, register_model
 
@@ -194,6 +195,7 @@ def integrator_resnet(
     zero_init: bool = False,
     integrator_config: dict | None = None,
     gradient: str = "backprop",
+    recompute: bool = True,
 ) -> keras.Model:
     """Build stem → stages → head with every stage integrated by ``integrator``.
 
@@ -201,7 +203,9 @@ def integrator_resnet(
     ``final_survival_probability`` p_L turns on LM stochastic depth: block l of L survives
     with p_l = 1 − (l/L)(1 − p_L). ``groups``/``group_width`` make ResNeXt bottlenecks.
     ``gradient`` ("backprop" | "checkpoint" | "adjoint") is how every stage is differentiated
-    in training; transitions always backpropagate (they are not invertible).
+    in training. Transitions are not invertible: with ``recompute`` (the default) they keep
+    only their input in "checkpoint" and "adjoint" and recompute their activations in the
+    backward; ``recompute=False`` lets them backpropagate.
     """
     spec = resolve_layout(layout, depth, bottleneck)
     shape = _check_input_shape(input_shape, spec.stem)
@@ -211,6 +215,8 @@ def integrator_resnet(
     except (TypeError, ValueError) as err:
         raise KodeError(str(err)) from None
     check_gradient_mode(gradient, integrator)
+    if not isinstance(recompute, bool):
+        raise KodeError(f"recompute must be True or False, got {recompute!r}")
     if not (math.isfinite(width_multiplier) and width_multiplier > 0):
         raise KodeError(f"width_multiplier must be a finite positive number, got "
                         f"{width_multiplier!r}")
@@ -288,6 +294,7 @@ def integrator_resnet(
         x = layers.GlobalMaxPooling2D(name="max_pool")(x)
 
     model = keras.Model(inputs, x, name=name or f"{integrator.name}_resnet{depth}")
+    set_gradient_mode(model, gradient, recompute)
     if weights is not None:
         _load_weights(model, weights, include_top, classes)
     return model

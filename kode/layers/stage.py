@@ -17,6 +17,7 @@ from kode.compat import all_layers
 from kode.errors import KodeError
 from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, evaluate, integrate
 from kode.integrators import EXACT, Integrator, get_integrator, serialize_integrator
+from kode.layers.segment import Recomputable, random_state_variables
 from kode.layers.tracking import TrackedChildren
 
 _PACKAGE = "kode"
@@ -179,7 +180,7 @@ class IntegratorStage(TrackedChildren, layers.Layer):
             num_steps=self.num_steps,
             reverse_step=(lambda n, state: integrator.reverse_step(n, state, fns, h, params))
             if integrator.reversible else None,
-            rng_variables=[v for v in self.non_trainable_variables if "int" in str(v.dtype)],
+            rng_variables=random_state_variables(self),
             reverse_replays=integrator.reverse_replays,
             reuse_reverse_evaluations=integrator.reversal == EXACT,
         )
@@ -216,18 +217,22 @@ class IntegratorStage(TrackedChildren, layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class TransitionBlock(TrackedChildren, layers.Layer):
+class TransitionBlock(Recomputable, TrackedChildren, layers.Layer):
     """Shape-changing block between stages: u_{n+1} = P(u_n) + f(u_n), not invertible.
 
     Returns ``(u_{n+1}, P(u_n))``: LM's next step takes u_{n−1} := P(u_n) (Lu et al.);
     other schemes ignore the second output. (A tuple: Keras' data pipeline, which a fit step
     on this layer alone goes through, takes tuples but not lists as nested outputs.)
+    ``gradient`` other than "backprop": the backward recomputes the block from u_n (which the
+    previous stage keeps anyway) instead of storing its activations.
     """
 
-    def __init__(self, residual_function: layers.Layer, projection: layers.Layer, **kwargs):
+    def __init__(self, residual_function: layers.Layer, projection: layers.Layer,
+                 gradient: str = BACKPROP, **kwargs):
         super().__init__(**kwargs)
         self.residual_function = residual_function
         self.projection = projection
+        self.gradient = gradient
 
     def build(self, input_shape):
         if not self.residual_function.built:
@@ -236,10 +241,13 @@ class TransitionBlock(TrackedChildren, layers.Layer):
             self.projection.build(input_shape)
 
     def call(self, x, training=None):
-        # Both branches in this layer's compute dtype, whatever the sublayers' policies.
-        shortcut = keras.ops.cast(self.projection(x, training=training), self.compute_dtype)
-        fx = keras.ops.cast(self.residual_function(x, training=training), self.compute_dtype)
-        return (shortcut + fx, shortcut)
+        def block(u):
+            # Both branches in this layer's compute dtype, whatever the sublayers' policies.
+            shortcut = keras.ops.cast(self.projection(u, training=training), self.compute_dtype)
+            fu = keras.ops.cast(self.residual_function(u, training=training), self.compute_dtype)
+            return (shortcut + fu, shortcut)
+
+        return self.recomputed(block, x, training)
 
     def compute_output_shape(self, input_shape):
         shape = tuple(self.projection.compute_output_shape(input_shape))
@@ -250,6 +258,7 @@ class TransitionBlock(TrackedChildren, layers.Layer):
             **super().get_config(),
             "residual_function": keras.saving.serialize_keras_object(self.residual_function),
             "projection": keras.saving.serialize_keras_object(self.projection),
+            "gradient": self.gradient,
         }
 
     @classmethod
@@ -265,12 +274,23 @@ def integrator_stages(model: keras.layers.Layer) -> list[IntegratorStage]:
     return [layer for layer in all_layers(model) if isinstance(layer, IntegratorStage)]
 
 
-def set_gradient_mode(model: keras.layers.Layer, mode: str) -> list[str]:
+def recomputable_layers(model: keras.layers.Layer) -> list[Recomputable]:
+    """The layers outside the stages that can recompute in the backward (transitions, a
+    ported model's stem, shape-changing segments and head), in layer order."""
+    return [layer for layer in all_layers(model) if isinstance(layer, Recomputable)]
+
+
+def set_gradient_mode(model: keras.layers.Layer, mode: str, recompute: bool = True) -> list[str]:
     """Set ``mode`` on every integrator stage of ``model``; returns the stage names.
 
+    With ``recompute`` (the default) the layers outside the stages (:func:`recomputable_layers`)
+    take the same mode, so that in "checkpoint" and "adjoint" they keep only their inputs and
+    recompute their activations in the backward; ``recompute=False`` lets them backpropagate.
     Recompile (``model.compile``) a compiled model so that the next train step is retraced.
     """
     stages = integrator_stages(model)
     for stage in stages:
         stage.gradient = mode
+    for layer in recomputable_layers(model):
+        layer.gradient = mode if recompute else BACKPROP
     return [stage.name for stage in stages]

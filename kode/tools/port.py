@@ -11,9 +11,12 @@ their weights):
 - post-activation (ResNet50/101/152): x_{n+1} = relu(x_n + f_n(x_n)) (integrator
   ``post_activation_euler``: no reversal, so ``checkpoint`` but not ``adjoint``).
 
-Every other layer (stem, the blocks that change shape, head) is copied as it is. The ported
-model computes the same function as the original, in inference and in training mode. A model
-with no such blocks (a kode model: its residual blocks are stages already) is copied.
+Every other layer (stem, the blocks that change shape, head) is copied as it is; with
+``segments`` (the default) the layers between two stages become one
+:class:`~kode.layers.RecomputedSegment` each (:mod:`kode.tools.segments`), which memory-saving
+gradient modes recompute in the backward. The ported model computes the same function as the
+original, in inference and in training mode. A model with no such blocks (a kode model: its
+residual blocks are stages already) is copied.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kode.compat import functional_nodes, is_functional_graph, producer_name
 from kode.errors import KodeError
 from kode.layers.chain import LayerChain
 from kode.layers.stage import IntegratorStage
+from kode.tools.segments import cut_at_stages
 
 #: Longest branch searched for; keras.applications branches have 8–10 layers.
 MAX_BRANCH_LAYERS = 64
@@ -167,8 +171,12 @@ class PortSummary:
 
 
 def port_model(model: keras.Model, gradient: str = "backprop",
-               name: str | None = None, copy: bool = True) -> keras.Model:
+               name: str | None = None, copy: bool = True,
+               segments: bool = True) -> keras.Model:
     """A kode version of ``model``: runs of x + f(x) (or relu(x + f(x))) blocks become stages.
+
+    ``segments``: cut the layers outside the stages into recomputable segments, which take
+    ``gradient`` too (False: leave them as plain layers of the model, which backpropagate).
 
     With ``copy`` the result owns new layers with copies of the weights (the source is left
     untouched); without, it reuses the source's layers (no second set of variables: half the
@@ -231,6 +239,8 @@ def port_model(model: keras.Model, gradient: str = "backprop",
                          outputs if len(outputs) > 1 else outputs[0], name=name or model.name)
     for source, copy in clones.values():
         copy.set_weights(source.get_weights())
+    if segments:
+        ported = cut_at_stages(ported, gradient)
     ported._kode_port_summary = PortSummary(tuple(stages_made))
     return ported
 

@@ -138,17 +138,18 @@ def _load_source(source: Source, settings: FinetuneSettings, info) -> keras.Mode
         # Headless: a file with the 1000-class head is read by a model with the head, then cut.
         try:
             return keras_resnet(source.name, include_top=False, pooling="avg",
-                                weights=settings.weights, input_shape=source.input_shape)
+                                weights=settings.weights, input_shape=source.input_shape,
+                                recompute=False)
         except KodeError as first:
             if settings.weights in (None, "imagenet"):
                 raise
             try:
                 return keras_resnet(source.name, weights=settings.weights,
-                                    input_shape=source.input_shape)
+                                    input_shape=source.input_shape, recompute=False)
             except KodeError:
                 raise first from None
     if source.kind == "keras_file":
-        return port_model(load_keras_file(source.name), copy=False)
+        return port_model(load_keras_file(source.name), copy=False, segments=False)
     shape = (*((settings.input_size,) * 2 if settings.input_size else info.input_shape[:2]),
              info.input_shape[2])
     entry = zoo.get_entry(source.name)
@@ -281,6 +282,7 @@ class FinetunePipeline(TrainingPipeline):
     def build_model(self, info) -> keras.Model:
         from kode.layers.stage import set_gradient_mode
         from kode.tools.refine import refine
+        from kode.tools.segments import cut_at_stages
 
         s = self.settings
         model = _with_new_head(_load_source(self.source, s, info), info.num_classes)
@@ -293,7 +295,10 @@ class FinetunePipeline(TrainingPipeline):
             model = self.refine_choice.model
         elif s.refine != 1:
             model = refine(model, s.refine)
-        set_gradient_mode(model, s.gradient)
+        # The new head in place and the stages refined: the layers between the stages are cut
+        # into segments that the memory-saving modes recompute.
+        model = cut_at_stages(model)
+        set_gradient_mode(model, s.gradient, s.recompute)
         self.frozen = freeze_layers(model, s.freeze)
         return model
 

@@ -25,6 +25,7 @@ import zoo
 from kode.data.datasets import DatasetInfo, check_prepared, dataset_info, load_dataset
 from kode.errors import KodeError
 from kode.io import finite_json, write_json, write_with
+from kode.layers.stage import set_gradient_mode
 from kode.training.callbacks import DivergenceStop, _LearningRateLogger
 from kode.training.settings import (
     SCHEDULES,
@@ -211,8 +212,12 @@ class TrainingPipeline:
         if self._build_model is not None:
             return self._build_model(self, info)
         s = self.settings
-        return zoo.create_model(s.model, input_shape=info.input_shape, classes=info.num_classes,
-                                **{"gradient": s.gradient, **s.model_options})
+        model = zoo.create_model(s.model, input_shape=info.input_shape,
+                                 classes=info.num_classes,
+                                 **{"gradient": s.gradient, **s.model_options})
+        if not s.recompute:
+            set_gradient_mode(model, s.gradient, recompute=False)
+        return model
 
     def make_optimizer(self) -> keras.optimizers.Optimizer:
         s = self.settings

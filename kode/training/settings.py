@@ -155,6 +155,8 @@ class TrainSettings:
     augment: bool | None = None
     model_options: dict | None = None  #: builder arguments (depth, step_size, ...)
     gradient: str = "backprop"
+    #: in "checkpoint"/"adjoint", recompute the layers outside the stages in the backward too
+    recompute: bool = True
     guard_tolerance: float = 0.05
     guard_every: int | None = None
     on_inaccurate: str = "stop"
@@ -242,6 +244,8 @@ class TrainSettings:
             "decay_lm_k": self.decay_lm_k, "seed": self.seed, "augment": self.augment,
             "model_options": self.model_options, "gradient": self.gradient,
             "precision": self.precision}
+        if not self.recompute:  # absent when on: older checkpoints still match
+            fingerprint["recompute"] = False
         if self.steps_per_epoch is not None:  # absent when unset: older checkpoints still match
             fingerprint["steps_per_epoch"] = self.steps_per_epoch
         return fingerprint

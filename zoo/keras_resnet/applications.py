@@ -58,6 +58,7 @@ def keras_resnet(
     classifier_activation: str | None = "softmax",
     name: str | None = None,
     gradient: str = "backprop",
+    recompute: bool = True,
 ) -> keras.Model:
     """keras.applications ``arch`` (e.g. "ResNet50V2"), built with the same arguments, ported.
 
@@ -85,4 +86,5 @@ def keras_resnet(
         detail = one_line(err)
         raise KodeError(f"could not build {KERAS_RESNETS[key][0]} with weights={weights!r}: "
                         f"{detail}") from None
-    return port_model(source, gradient=gradient, name=name or f"keras_{key}", copy=False)
+    return port_model(source, gradient=gradient, name=name or f"keras_{key}", copy=False,
+                      segments=recompute)
