@@ -11,9 +11,11 @@ not scale with the batch, among it the unrolled graph's per-step host bookkeepin
 with depth in every mode (``docs/gradients.md``, "what grows is not activations").
 
 Variants: ``backprop``; ``checkpoint`` and ``adjoint`` with recomputation outside the stages
-(``recompute=True``: stem, transitions and head keep only their input and recompute their
-activations in the backward); ``adjoint (stages only)`` (``recompute=False``: the parts
-outside the stages backpropagate, the behaviour before issue 21).
+(``recompute=True``: the layers ``kode.layers.stage.recomputable_layers`` finds, in these
+CIFAR ResNets the two transition blocks, keep only their input and recompute their
+activations in the backward; the stem convolution and the head are not among them and
+backpropagate); ``adjoint (stages only)`` (``recompute=False``: the transitions backpropagate
+too, the behaviour before issue 21).
 
 Targets: the slope of log(activation memory) against log(depth), least squares over the
 depths, ≤ 0.05 for the adjoint; at ResNet-110 the adjoint's activation memory ≤ 0.03×
@@ -232,7 +234,15 @@ def _verdict_text(verdict: str) -> str:
 
 
 def _range(values: dict, digits: int) -> str:
+    if math.isnan(values["rss"]) or math.isnan(values["alloc"]):
+        return "— (needs two depths or more, each with a positive value)"
     return f"RSS {values['rss']:.{digits}f}, allocator {values['alloc']:.{digits}f}"
+
+
+def _pair_cell(values: dict | None, digits: int = 3) -> str:
+    if values is None or math.isnan(values["rss"]) or math.isnan(values["alloc"]):
+        return "—"
+    return f"{values['rss']:.{digits}f} ({values['alloc']:.{digits}f})"
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -249,7 +259,7 @@ def targets(table: dict) -> list[str]:
         row = s["adjoint"]
         verdict = run_record.agreeing_verdict((row["rss"], row["alloc"]), SLOPE_TARGET)
         others = "; ".join(f"{name}: {_range(s[name], 2)}" for name in VARIANTS
-                           if name != "adjoint" and name in s)
+                           if name != "adjoint" and name in s and not math.isnan(s[name]["rss"]))
         out.append(
             f"- Adjoint activation memory flat in depth (slope of log memory against log depth "
             f"≤ {SLOPE_TARGET:g}, least squares over d = {', '.join(map(str, row['depths']))}):"
@@ -328,9 +338,11 @@ def section(table: dict, image: str = "gradients_depth.png") -> list[str]:
         "",
         f"`zoo.create_model(\"resnet<d>\", gradient=mode)` (Euler stages, h = 1, 32×32×3, 10 "
         "classes), then `kode.layers.set_gradient_mode(model, mode, recompute=...)`: "
-        "checkpoint and adjoint with `recompute=True` (stem, transitions and head keep only "
-        f"their input and recompute their activations in the backward); `{STAGES_ONLY}` is the "
-        "adjoint with `recompute=False` (those parts backpropagate). One process per (depth, "
+        "checkpoint and adjoint with `recompute=True` (the two transition blocks keep only "
+        "their input and recompute their activations in the backward; the stem convolution "
+        "and the head backpropagate in every mode); "
+        f"`{STAGES_ONLY}` is the adjoint with `recompute=False` (the transitions "
+        "backpropagate too). One process per (depth, "
         f"mode, batch), ops one at a time (`inter_op_threads` {INTER_OP_THREADS}: an overlap "
         "of two convolution scratch buffers would add ~120 MiB at random, and more often in a "
         "deeper network), no untimed step, 2 timed steps. **Activation memory = increment at "
@@ -345,16 +357,12 @@ def section(table: dict, image: str = "gradients_depth.png") -> list[str]:
     for d in depths:
         steps = next((r["num_steps"] for (v, dd), r in act.items() if dd == d and _ok(r)), "—")
         cells = [_cell(act.get((v, d))) for v in names]
-        ratios = []
-        for name in ("adjoint", STAGES_ONLY):
-            r = ratio(act, d, name)
-            ratios.append("—" if r is None else f"{r['rss']:.3f} ({r['alloc']:.3f})")
+        ratios = [_pair_cell(ratio(act, d, name)) for name in ("adjoint", STAGES_ONLY)]
         lines.append(f"| {d} | {steps} | " + " | ".join(cells) + " | " + " | ".join(ratios)
                      + " |")
     s = slopes(act)
     lines.append("| slope of log memory vs log depth | | "
-                 + " | ".join("—" if v not in s else f"{s[v]['rss']:.3f} ({s[v]['alloc']:.3f})"
-                              for v in names) + " | | |")
+                 + " | ".join(_pair_cell(s.get(v)) for v in names) + " | | |")
     return lines + ["", f"![activation memory vs depth]({image})", ""]
 
 

@@ -702,8 +702,8 @@ def _zoo_table(table: dict) -> list[str]:
         "## Sweep 2: whole zoo networks (`zoo.create_model(name, gradient=...)`, 32×32×3, "
         "10 classes)",
         "",
-        "Stem, transitions and head run the builder's default `recompute` (sweep 3 compares "
-        "recomputation on and off); `stage steps` is the number of integrator steps in "
+        "Transitions run the builder's default `recompute` (sweep 3 compares recomputation "
+        "on and off); `stage steps` is the number of integrator steps in "
         "the model's stages. Memory cells as above (RSS MB, allocator MiB in parentheses).",
         "",
         "| model | batch | stage steps | " + " | ".join(f"{m} MB" for m in modes) + " | "
@@ -1220,8 +1220,9 @@ def notes(table: dict) -> list[str]:
     if _ok(b) and _ok(a):
         text = (f"- **ResNet-1202 at batch 128**: backprop's training steps need "
                 f"{b['increment_mb'] / 1024:.1f} GB on top of the model, the adjoint "
-                f"{a['increment_mb']:.0f} MB (what stem, transitions and head keep under "
-                "the builder's default `recompute`, and a few states per stage)")
+                f"{a['increment_mb']:.0f} MB (the stem's and head's activations, the "
+                "transitions' under the builder's default `recompute`, and a few states per "
+                "stage)")
         if _ok(pair):
             t = pair["step_s"]
             text += (f"; alternating steps in one process (batch {pair_keys[0][2]}) the "

@@ -147,6 +147,27 @@ def test_slope_needs_two_positive_values():
     assert record.agreeing_verdict((0.01, math.nan), 0.05) == "not measured"
 
 
+def test_one_depth_gives_no_slope_and_says_so():
+    table = gm.aggregate(synthetic(lambda d: 1.0, lambda d: 1.0, depths=(110,)))
+    assert "| slope of log memory vs log depth | | — | — | — | — | | |" in dm.section(table)
+    text = "\n".join(dm.targets(table))
+    assert "— (needs two depths or more, each with a positive value) — **not measured**" in text
+    assert "**met**" in text  # the ResNet-110 ratio needs one depth only
+    assert [c["id"] for c in gm.claims(table)] == [
+        "gradients.depth.resnet110.adjoint-vs-backprop",
+        "gradients.depth.resnet110.adjoint-stages-only-vs-backprop"]
+
+
+def test_worker_model_recomputes_outside_the_stages_as_configured():
+    from kode.layers.stage import recomputable_layers
+
+    for recompute, expected in ((True, "adjoint"), (False, "backprop")):
+        model, _, _ = gm._build_model({"kind": "zoo", "model": "resnet20", "input_size": 8,
+                                       "mode": "adjoint", "recompute": recompute})
+        layers = recomputable_layers(model)
+        assert layers and {la.gradient for la in layers} == {expected}
+
+
 def test_page_has_the_depth_section_targets_and_plot(tmp_path):
     table = gm.aggregate(synthetic(lambda d: 1.0, lambda d: 1.2))
     meta = {"machine": "test", "commands": ["python -m benchmarks.gradient_memory --sweeps "
