@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import inspect
 import json
 import os
 import shlex
@@ -72,18 +71,12 @@ def _release_free_heap() -> None:
 
 def set_recompute(model, mode: str, recompute: bool) -> None:
     """``kode.layers.set_gradient_mode(model, mode, recompute=recompute)`` for checkpoint and
-    adjoint (backprop has nothing to recompute). A kode whose ``set_gradient_mode`` has no
-    ``recompute`` (before issue 21) always backpropagates outside the stages: ``False`` is
-    then what it does anyway, ``True`` is refused rather than measured under a wrong label."""
-    if mode not in depth_memory.RECOMPUTING:
-        return
-    from kode.layers import set_gradient_mode
+    adjoint: whether the layers outside the stages keep only their input and recompute
+    (backprop has nothing to recompute, so its models are left as built)."""
+    if mode in depth_memory.RECOMPUTING:
+        from kode.layers import set_gradient_mode
 
-    if "recompute" in inspect.signature(set_gradient_mode).parameters:
         set_gradient_mode(model, mode, recompute=recompute)
-    elif recompute:
-        raise RuntimeError("this kode's set_gradient_mode has no recompute argument: "
-                           "recomputation outside the stages cannot be switched on")
 
 
 def _build_model(cfg: dict):

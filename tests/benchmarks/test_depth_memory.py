@@ -188,41 +188,23 @@ class _Model:
     pass
 
 
-@pytest.mark.parametrize("has_recompute", [True, False])
-def test_worker_passes_recompute_to_set_gradient_mode(monkeypatch, has_recompute):
+def test_worker_passes_recompute_to_set_gradient_mode(monkeypatch):
     import kode.layers
 
     calls = []
-    if has_recompute:
-        def fake(model, mode, recompute=True):
-            calls.append((mode, recompute))
-    else:
-        def fake(model, mode):
-            calls.append((mode, None))
-    monkeypatch.setattr(kode.layers, "set_gradient_mode", fake)
-    gm.set_recompute(_Model(), "backprop", True)  # nothing to recompute
+    monkeypatch.setattr(kode.layers, "set_gradient_mode",
+                        lambda model, mode, recompute=True: calls.append((mode, recompute)))
+    gm.set_recompute(_Model(), "backprop", True)  # nothing to recompute: left as built
     gm.set_recompute(_Model(), "adjoint", False)
-    if has_recompute:
-        gm.set_recompute(_Model(), "checkpoint", True)
-        assert calls == [("adjoint", False), ("checkpoint", True)]
-    else:  # before issue 21: False is what it does anyway, True must not be measured
-        assert calls == []
-        with pytest.raises(RuntimeError, match="no recompute"):
-            gm.set_recompute(_Model(), "adjoint", True)
+    gm.set_recompute(_Model(), "checkpoint", True)
+    assert calls == [("adjoint", False), ("checkpoint", True)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_one_tiny_worker_process_per_variant():
     """resnet20 at 8×8, batch 2, in real worker processes: the label comes back, the loss is
     finite, both measures are there."""
-    import inspect
-
-    from kode.layers import set_gradient_mode
-
-    names = ["adjoint", dm.STAGES_ONLY]
-    if "recompute" not in inspect.signature(set_gradient_mode).parameters:
-        names = [dm.STAGES_ONLY]  # recompute=True needs issue 21's set_gradient_mode
-    for name in names:
+    for name in ("adjoint", dm.STAGES_ONLY):
         cfg = {"sweep": "depth", "kind": "zoo", "model": "resnet20", "input_size": 8,
                **dm.variant_config(name), "batch": 2, "steps": 1, "warmup": 0,
                "inter_op_threads": 1}
