@@ -940,6 +940,23 @@ def cost_model(table: dict) -> list[str]:
     return lines
 
 
+def _cost_model_section(table: dict) -> list[str]:
+    """The cost-model paragraph and its lines (none without stage timings, e.g. a page of
+    the depth sweep alone)."""
+    lines = cost_model(table)
+    if not lines:
+        return []
+    return [
+        "Cost model of a step (forward F, backward of backprop ≈ step − F): the Euler adjoint "
+        "adds one reverse step and one recomputation per step, ≈ 2F, so adjoint/backprop ≈ "
+        "1 + 2F/step; the reversible-Heun adjoint differentiates its reverse step's evaluation "
+        "(no recomputation), ≈ F, so ≈ 1 + F/step:",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
     """``out/gradients.md``: every number comes from ``table``; ``record``'s header first."""
     lines = [
@@ -969,13 +986,7 @@ def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
         "",
         *targets(table),
         "",
-        "Cost model of a step (forward F, backward of backprop ≈ step − F): the Euler adjoint "
-        "adds one reverse step and one recomputation per step, ≈ 2F, so adjoint/backprop ≈ "
-        "1 + 2F/step; the reversible-Heun adjoint differentiates its reverse step's evaluation "
-        "(no recomputation), ≈ F, so ≈ 1 + F/step:",
-        "",
-        *cost_model(table),
-        "",
+        *_cost_model_section(table),
         *notes(table),
         "",
         *GUARD_SECTION,
@@ -1206,6 +1217,8 @@ def notes(table: dict) -> list[str]:
         "- **checkpoint** grows like √N, as designed (store ⌈√N⌉ states, recompute one "
         "segment of ⌈√N⌉ steps at a time), at about one extra forward.",
     ]
+    if not any(k[0] == "stage" for k in table):  # the bullets above are sweep 1's findings
+        out = out[:2]
     b, a = (table.get(("zoo", "resnet1202", 128, m)) for m in ("backprop", "adjoint"))
     pair_keys = sorted((k for k in table if k[0] == "timing" and k[1] == "resnet1202"
                         and _ok(table[k])), key=lambda k: -k[2])
@@ -1222,7 +1235,7 @@ def notes(table: dict) -> list[str]:
                      f"adjoint takes {pair['ratio']['adjoint']:.2f}× backprop's time "
                      f"({t['adjoint']:.0f} vs {t['backprop']:.0f} s per step)")
         out.append(text + ".")
-    return out
+    return out if len(out) > 2 else []
 
 
 def run_all(args) -> None:
