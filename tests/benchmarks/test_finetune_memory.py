@@ -124,3 +124,18 @@ def test_recompute_time_verdict_from_the_paired_rounds(factor, expected):
     mem = claims["finetune_memory.m1.adjoint-memory"]
     assert mem["target"] == "≤ 0.12×"
     assert mem["verdict"] == "missed"  # 500/4000 = 0.125, 470/3900 = 0.121: both above
+
+
+def test_tiny_paired_process_times_both_adjoints():
+    """A real paired process (resnet20 at 8×8, batch 2, 2 rounds) with the variant label:
+    it builds the three models and the recompute ratio comes out of its rounds."""
+    from benchmarks.gradient_memory import measure
+
+    r = measure({"kind": "zoo", "model": "resnet20", "input_size": 8, "mode": "pair",
+                 "modes": list(finetune_memory.PAIR_MODES), "recompute": True, "batch": 2,
+                 "rounds": 2, "refine": 1}, timeout=300.0, mem_cap_gb=4.0)
+    assert "error" not in r, r["error"]
+    assert set(r["times_s"]) == {*finetune_memory.PAIR_MODES, "fwd"}
+    assert all(len(v) == 2 for v in r["times_s"].values())
+    median, low, high = finetune_memory.recompute_ratio(r)
+    assert 0 < low <= median <= high
