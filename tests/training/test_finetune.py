@@ -11,9 +11,15 @@ from keras.src.legacy.saving import legacy_h5_format
 
 import zoo
 from kode.cli import main
+from kode.compat import all_layers
 from kode.errors import KodeError
-from kode.layers.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage, recomputable_layers
 from kode.training.finetune import FinetunePipeline, FinetuneSettings, finetune, freeze_layers
+
+
+def _layer(model: keras.Model, name: str) -> keras.layers.Layer:
+    """The layer ``name`` anywhere in ``model`` (segments hold the layers outside stages)."""
+    return next(layer for layer in all_layers(model) if layer.name == name)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +47,14 @@ def test_finetune_a_keras_file_with_the_adjoint_refined_and_frozen(source_file, 
     stage = next(lay for lay in model.layers if isinstance(lay, IntegratorStage))
     old = next(lay for lay in source.layers if isinstance(lay, IntegratorStage))
     assert stage.num_steps == 2 * old.num_steps and stage.h == old.h / 2
-    assert not model.get_layer("stem_conv").trainable and stage.trainable
-    assert model.layers[-1].name == "finetune_predictions"
-    np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0],
+    # The layers outside the stages are cut into segments the adjoint recomputes (resnet8
+    # has one stage: the shape-changing blocks of stages 2 and 3 and the head follow it).
+    assert {(lay.name, lay.gradient) for lay in recomputable_layers(model)} == {
+        ("stem", "adjoint"), ("head", "adjoint"), ("stage2_transition", "adjoint"),
+        ("stage3_transition", "adjoint")}
+    assert not _layer(model, "stem_conv").trainable and stage.trainable
+    assert _layer(model, "head").body.layers[-1].name == "finetune_predictions"
+    np.testing.assert_array_equal(_layer(model, "stem_conv").get_weights()[0],
                                   source.get_layer("stem_conv").get_weights()[0])
     report = result.config["gradient_guard"][0]
     assert report["action"] in ("none", "fallback") and report["max_error"] > 0
@@ -76,9 +87,11 @@ def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_
     x, _ = next(iter(pipeline.test_ds))
     assert x.shape[1:] == (32, 32, 3) and -1.0 <= float(np.min(x)) < float(np.max(x)) <= 1.0
     model = pipeline.build_model(pipeline.info)
-    features = keras.Model(model.inputs, model.get_layer("finetune_predictions").input)
-    np.testing.assert_allclose(features(x, training=False), original(x, training=False),
-                               atol=1e-5)
+    head = model.get_layer("head")  # the segment after the last stage, the new head in it
+    before_head = keras.Model(model.inputs, head.input)
+    in_head = keras.Model(head.body.inputs, head.body.get_layer("finetune_predictions").input)
+    np.testing.assert_allclose(in_head(before_head(x, training=False), training=False),
+                               original(x, training=False), atol=1e-5)
     assert model.output_shape == (None, 10)
     assert {s.gradient for s in model.layers if isinstance(s, IntegratorStage)} == {"adjoint"}
     assert not model.get_layer("conv2_stage").trainable
