@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import kode
 import zoo
 from kode.gradients import recompute
 from kode.layers import (
@@ -229,3 +230,22 @@ def test_the_guard_reports_what_is_recomputed_outside_the_stages():
     set_gradient_mode(model, "adjoint", recompute=False)
     report = check_gradients(model, x, y, points=1)
     assert report.recomputed == () and "0 of 2 layers" in report.format()
+
+
+def test_cut_at_stages_gives_a_zoo_imagenet_model_a_recomputed_stem():
+    """The zoo's ImageNet stem (conv 7×7/2, BN, ReLU, max-pool) stays plain layers in the
+    built model; ``cut_at_stages`` makes it (and the transitions, head) segments: same
+    function, checkpoint gradients equal backprop's, the nested transitions recomputed once."""
+    keras.utils.set_random_seed(0)
+    model = zoo.create_model("resnet18", **reduced_overrides("resnet18"))
+    cut = kode.cut_at_stages(model, gradient="checkpoint")
+    assert [layer.name for layer in cut.layers if isinstance(layer, RecomputedSegment)] == \
+        ["stem", "transition1", "transition2", "transition3", "head"]
+    x, y = _batch((32, 32, 3))
+    np.testing.assert_array_equal(cut(x), model(x))
+    set_gradient_mode(cut, "checkpoint")
+    state = _state(cut)
+    recomputed = _gradients(cut, x, y)
+    _reset(cut, state)
+    set_gradient_mode(cut, "backprop")
+    assert _relative(recomputed, _gradients(cut, x, y)) <= 1e-6
