@@ -324,3 +324,29 @@ def test_refine_auto_needs_the_adjoint(source_file, tmp_path):
         finetune(source_file, "digits", refine="auto", gradient="checkpoint", epochs=1,
                  logdir=logdir, verbose=0, diagnostics=False)
     assert not os.path.exists(logdir)
+
+
+def test_kode_finetune_refine_auto_from_a_keras_applications_resnet(tmp_path, capsys):
+    """`kode finetune ResNet50V2 --refine auto --gradient adjoint` end to end at 32×32: the
+    search runs on the ported model (random weights: a tolerance every m passes, so m = 1),
+    the stem, shape-changing segments and head recompute in the backward (the guard says so)
+    and the trained model keeps them."""
+    keras.utils.set_random_seed(0)
+    original = keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",
+                                             input_shape=(32, 32, 3))
+    weights = os.path.join(tmp_path, "resnet50v2_notop.weights.h5")
+    original.save_weights(weights)
+    logdir = os.path.join(tmp_path, "run")
+    code = main(["finetune", "ResNet50V2", "--weights", weights, "--input-size", "32",
+                 "--refine", "auto", "--guard-tolerance", "1e6", "--gradient", "adjoint",
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8",
+                 "--freeze", "3", "--no-diagnostics", "--logdir", logdir])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "refine auto: chose m = 1" in out
+    assert ("outside the stages: 5 of 5 layers (stem, transitions, head) recomputed in the "
+            "backward (stem, transition1, transition2, transition3, head)") in out
+    trained = keras.saving.load_model(os.path.join(logdir, "model.keras"))
+    assert {(layer.name, layer.gradient) for layer in recomputable_layers(trained)} == {
+        (name, "adjoint") for name in ("stem", "transition1", "transition2", "transition3",
+                                       "head")}
