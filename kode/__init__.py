@@ -30,18 +30,20 @@ from kode.layers import (  # noqa: E402
     IntegratorStage,
     LayerChain,
     Projection,
+    RecomputedSegment,
     StochasticDepth,
     TransitionBlock,
     set_gradient_mode,
 )
 from kode.tools.port import port_model  # noqa: E402
+from kode.tools.segments import cut_at_stages  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GRADIENT_MODES", "INTEGRATORS", "BasicBlock", "Bottleneck", "Euler", "Heun", "Integrator",
     "IntegratorStage", "KodeError", "LayerChain", "LinearMultistep", "Momentum",
-    "PostActivationEuler", "Projection", "port_model",
+    "PostActivationEuler", "Projection", "RecomputedSegment", "cut_at_stages", "port_model",
     "ReversibleHeun", "StochasticDepth", "TransitionBlock", "export_model", "get_integrator",
     "check_gradients", "finetune", "load_dataset", "predict_files", "set_gradient_mode",
     "train",

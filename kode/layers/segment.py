@@ -28,21 +28,21 @@ def random_state_variables(layer: keras.layers.Layer) -> list:
     return [v for v in layer.non_trainable_variables if "int" in str(v.dtype)]
 
 
+def check_mode(mode: str) -> str:
+    """``mode`` if it is a gradient mode, else a KodeError naming the choices."""
+    if mode not in GRADIENT_MODES:
+        raise KodeError(
+            f"unknown gradient mode '{mode}'; choose one of {', '.join(GRADIENT_MODES)}")
+    return mode
+
+
 class Recomputable:
-    """Mixin for a layer outside the stages: ``gradient`` other than "backprop" makes
-    :meth:`recomputed` keep only the input and recompute the activations in the backward."""
+    """Mixin for a layer outside the stages: its ``gradient`` attribute (a gradient mode, set
+    with :func:`check_mode`; takes effect at the next traced train step) other than
+    "backprop" makes :meth:`recomputed` keep only the input and recompute the activations in
+    the backward."""
 
-    @property
-    def gradient(self) -> str:
-        return getattr(self, "_gradient", BACKPROP)
-
-    @gradient.setter
-    def gradient(self, mode: str) -> None:
-        # Takes effect for the next traced train step (recompile a compiled model).
-        if mode not in GRADIENT_MODES:
-            raise KodeError(
-                f"unknown gradient mode '{mode}'; choose one of {', '.join(GRADIENT_MODES)}")
-        self._gradient = mode
+    gradient: str = BACKPROP
 
     def recomputed(self, fn, x, training=None):
         """``fn(x)``; in training with a memory-saving mode, recomputed in the backward."""
@@ -67,7 +67,7 @@ class RecomputedSegment(Recomputable, TrackedChildren, layers.Layer):
         if len(body.inputs) != 1:
             raise ValueError(f"a segment has one input; '{body.name}' has {len(body.inputs)}")
         self.body = body
-        self.gradient = gradient
+        self.gradient = check_mode(gradient)
 
     def build(self, input_shape):
         pass  # the body is a built functional model

@@ -17,7 +17,7 @@ from kode.compat import all_layers
 from kode.errors import KodeError
 from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, evaluate, integrate
 from kode.integrators import EXACT, Integrator, get_integrator, serialize_integrator
-from kode.layers.segment import Recomputable, random_state_variables
+from kode.layers.segment import Recomputable, check_mode, random_state_variables
 from kode.layers.tracking import TrackedChildren
 
 _PACKAGE = "kode"
@@ -232,7 +232,7 @@ class TransitionBlock(Recomputable, TrackedChildren, layers.Layer):
         super().__init__(**kwargs)
         self.residual_function = residual_function
         self.projection = projection
-        self.gradient = gradient
+        self.gradient = check_mode(gradient)
 
     def build(self, input_shape):
         if not self.residual_function.built:
@@ -288,6 +288,7 @@ def set_gradient_mode(model: keras.layers.Layer, mode: str, recompute: bool = Tr
     recompute their activations in the backward; ``recompute=False`` lets them backpropagate.
     Recompile (``model.compile``) a compiled model so that the next train step is retraced.
     """
+    check_mode(mode)
     stages = integrator_stages(model)
     for stage in stages:
         stage.gradient = mode

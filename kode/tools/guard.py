@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from kode.errors import KodeError
 from kode.gradients import ADJOINT, BACKPROP, CHECKPOINT, reconstruction_error
+from kode.layers.stage import recomputable_layers
 from kode.tools.stages import integrator_stages, stage_inputs
 
 
@@ -64,6 +65,10 @@ class GradientReport:
     model_error: float
     #: that error at each point.
     model_point_errors: tuple[float, ...] = ()
+    #: the layers outside the stages recomputed in the backward (the rest backpropagate).
+    recomputed: tuple[str, ...] = ()
+    #: how many layers outside the stages could recompute (transitions, segments).
+    recomputable: int = 0
 
     @property
     def max_error(self) -> float:
@@ -81,6 +86,11 @@ class GradientReport:
                          f"{s.mode:10s} {_worst(s.point_errors, s.gradient_error):12.3e} "
                          f"{s.gradient_error:12.3e} {s.reconstruction_error:12.3e}")
         points = len(self.model_point_errors) or 1
+        if self.recomputable:
+            lines.append(f"outside the stages: {len(self.recomputed)} of {self.recomputable} "
+                         "layers (stem, transitions, head) recomputed in the backward"
+                         + (f" ({', '.join(self.recomputed)})" if self.recomputed else
+                            " (recompute off: they store their activations)"))
         lines.append(f"whole model: relative gradient error {self.model_error:.3e} "
                      f"(worst point {_worst(self.model_point_errors, self.model_error):.3e})")
         if points > 1:
@@ -161,6 +171,8 @@ def check_gradients(
     if not stages:
         raise KodeError(f"model '{model.name}' has no integrator stage to check")
     saved_modes = [s.gradient for s in stages]
+    outside = recomputable_layers(model)
+    outside_modes = [layer.gradient for layer in outside]
     saved_state = [np.array(v) for v in model.non_trainable_variables]
     x = tf.convert_to_tensor(x)
     batches = nearby_batches(x, points)
@@ -173,12 +185,14 @@ def check_gradients(
         for s in stages:
             used.append(mode if (mode != ADJOINT or s.integrator.reversible) else CHECKPOINT)
         for batch in batches:
-            for s in stages:
-                s.gradient = BACKPROP
+            for layer in [*stages, *outside]:
+                layer.gradient = BACKPROP
             reference = _gradients(model, loss_fn, batch, y)
             _restore(model, saved_state)
             for s, m in zip(stages, used, strict=True):
                 s.gradient = m
+            for layer, m in zip(outside, outside_modes, strict=True):
+                layer.gradient = m
             measured = _gradients(model, loss_fn, batch, y)
             _restore(model, saved_state)
             for errors, where in zip(stage_errors, positions, strict=True):
@@ -188,8 +202,8 @@ def check_gradients(
         received = stage_inputs(model, x, training=True, stages=stages)
         _restore(model, saved_state)
     finally:
-        for s, m in zip(stages, saved_modes, strict=True):
-            s.gradient = m
+        for layer, m in zip([*stages, *outside], saved_modes + outside_modes, strict=True):
+            layer.gradient = m
     checks = []
     for stage, stage_mode, (x0, history), errors in zip(stages, used, received, stage_errors,
                                                         strict=True):
@@ -199,7 +213,10 @@ def check_gradients(
             tuple(errors),
         ))
     _restore(model, saved_state)
-    return GradientReport(tuple(checks), _least(model_errors), tuple(model_errors))
+    recomputed = tuple(layer.name for layer, m in zip(outside, outside_modes, strict=True)
+                       if m != BACKPROP)
+    return GradientReport(tuple(checks), _least(model_errors), tuple(model_errors),
+                          recomputed, len(outside))
 
 
 def _restore(model, values) -> None:

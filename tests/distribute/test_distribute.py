@@ -146,7 +146,8 @@ SYNC_BN_RECOMPUTED = textwrap.dedent("""
 def test_synchronized_batchnorm_recomputation_reuses_the_forward_all_reduce():
     # The backward's recomputation used to all-reduce BN moments again; the extra collectives
     # raced the optimizer's all-reduce between replica threads ("Shape mismatch in the
-    # collective instance"). Now it reuses the forward's sums: as many all-reduces as backprop.
+    # collective instance"). Now it reuses the forward's sums: as many all-reduces as backprop,
+    # with the transitions (depth 8: two) recomputed too in adjoint and checkpoint mode.
     out = _python(SYNC_BN_RECOMPUTED, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = _result(out.stdout)

@@ -11,9 +11,15 @@ from keras.src.legacy.saving import legacy_h5_format
 
 import zoo
 from kode.cli import main
+from kode.compat import all_layers
 from kode.errors import KodeError
-from kode.layers.stage import IntegratorStage
+from kode.layers.stage import IntegratorStage, recomputable_layers
 from kode.training.finetune import FinetunePipeline, FinetuneSettings, finetune, freeze_layers
+
+
+def _layer(model: keras.Model, name: str) -> keras.layers.Layer:
+    """The layer ``name`` anywhere in ``model`` (segments hold the layers outside stages)."""
+    return next(layer for layer in all_layers(model) if layer.name == name)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +47,14 @@ def test_finetune_a_keras_file_with_the_adjoint_refined_and_frozen(source_file, 
     stage = next(lay for lay in model.layers if isinstance(lay, IntegratorStage))
     old = next(lay for lay in source.layers if isinstance(lay, IntegratorStage))
     assert stage.num_steps == 2 * old.num_steps and stage.h == old.h / 2
-    assert not model.get_layer("stem_conv").trainable and stage.trainable
-    assert model.layers[-1].name == "finetune_predictions"
-    np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0],
+    # The layers outside the stages are cut into segments the adjoint recomputes (resnet8
+    # has one stage: the shape-changing blocks of stages 2 and 3 and the head follow it).
+    assert {(lay.name, lay.gradient) for lay in recomputable_layers(model)} == {
+        ("stem", "adjoint"), ("head", "adjoint"), ("stage2_transition", "adjoint"),
+        ("stage3_transition", "adjoint")}
+    assert not _layer(model, "stem_conv").trainable and stage.trainable
+    assert _layer(model, "head").body.layers[-1].name == "finetune_predictions"
+    np.testing.assert_array_equal(_layer(model, "stem_conv").get_weights()[0],
                                   source.get_layer("stem_conv").get_weights()[0])
     report = result.config["gradient_guard"][0]
     assert report["action"] in ("none", "fallback") and report["max_error"] > 0
@@ -76,9 +87,11 @@ def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_
     x, _ = next(iter(pipeline.test_ds))
     assert x.shape[1:] == (32, 32, 3) and -1.0 <= float(np.min(x)) < float(np.max(x)) <= 1.0
     model = pipeline.build_model(pipeline.info)
-    features = keras.Model(model.inputs, model.get_layer("finetune_predictions").input)
-    np.testing.assert_allclose(features(x, training=False), original(x, training=False),
-                               atol=1e-5)
+    head = model.get_layer("head")  # the segment after the last stage, the new head in it
+    before_head = keras.Model(model.inputs, head.input)
+    in_head = keras.Model(head.body.inputs, head.body.get_layer("finetune_predictions").input)
+    np.testing.assert_allclose(in_head(before_head(x, training=False), training=False),
+                               original(x, training=False), atol=1e-5)
     assert model.output_shape == (None, 10)
     assert {s.gradient for s in model.layers if isinstance(s, IntegratorStage)} == {"adjoint"}
     assert not model.get_layer("conv2_stage").trainable
@@ -311,3 +324,29 @@ def test_refine_auto_needs_the_adjoint(source_file, tmp_path):
         finetune(source_file, "digits", refine="auto", gradient="checkpoint", epochs=1,
                  logdir=logdir, verbose=0, diagnostics=False)
     assert not os.path.exists(logdir)
+
+
+def test_kode_finetune_refine_auto_from_a_keras_applications_resnet(tmp_path, capsys):
+    """`kode finetune ResNet50V2 --refine auto --gradient adjoint` end to end at 32×32: the
+    search runs on the ported model (random weights: a tolerance every m passes, so m = 1),
+    the stem, shape-changing segments and head recompute in the backward (the guard says so)
+    and the trained model keeps them."""
+    keras.utils.set_random_seed(0)
+    original = keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",
+                                             input_shape=(32, 32, 3))
+    weights = os.path.join(tmp_path, "resnet50v2_notop.weights.h5")
+    original.save_weights(weights)
+    logdir = os.path.join(tmp_path, "run")
+    code = main(["finetune", "ResNet50V2", "--weights", weights, "--input-size", "32",
+                 "--refine", "auto", "--guard-tolerance", "1e6", "--gradient", "adjoint",
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8",
+                 "--freeze", "3", "--no-diagnostics", "--logdir", logdir])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "refine auto: chose m = 1" in out
+    assert ("outside the stages: 5 of 5 layers (stem, transitions, head) recomputed in the "
+            "backward (stem, transition1, transition2, transition3, head)") in out
+    trained = keras.saving.load_model(os.path.join(logdir, "model.keras"))
+    assert {(layer.name, layer.gradient) for layer in recomputable_layers(trained)} == {
+        (name, "adjoint") for name in ("stem", "transition1", "transition2", "transition3",
+                                       "head")}

@@ -254,3 +254,25 @@ def test_the_custom_loop_takes_steps_per_epoch_from_the_stream_of_passes():
     history = fit_distributed(model, batches(), epochs=3, strategy=strategy, initial_epoch=1,
                               steps_per_epoch=4)
     assert int(model.optimizer.iterations) == 8 and len(history["loss"]) == 2
+
+
+@pytest.mark.parametrize("argv, modes", [
+    ([], {"adjoint"}),
+    (["--no-recompute"], {"backprop"}),
+])
+def test_no_recompute_leaves_the_transitions_backpropagating(argv, modes, tmp_path):
+    """`kode train … --gradient adjoint [--no-recompute]`: the setting reaches the model the
+    pipeline builds (the stages stay adjoint) and the resume fingerprint."""
+    from kode.cli import build_parser, train_settings
+    from kode.data.datasets import dataset_info
+    from kode.layers import integrator_stages, recomputable_layers
+
+    args = build_parser().parse_args(["train", "revheun_resnet20", "--gradient", "adjoint",
+                                      "--logdir", str(tmp_path), *argv])
+    pipeline = TrainingPipeline(train_settings(args))
+    pipeline.settings = settings = pipeline.requested.resolve()
+    assert settings.recompute == (not argv)
+    assert ("recompute" in settings.fingerprint()) == bool(argv)
+    model = pipeline.build_model(dataset_info("digits"))
+    assert {layer.gradient for layer in recomputable_layers(model)} == modes
+    assert {stage.gradient for stage in integrator_stages(model)} == {"adjoint"}
