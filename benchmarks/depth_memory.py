@@ -96,13 +96,14 @@ def variant_config(name: str) -> dict:
     return {"mode": mode, "recompute": recompute is not False}
 
 
-def configs(depths=DEPTHS, batches=BATCHES, steps: int = 2) -> list[dict]:
+def configs(depths=DEPTHS, batches=BATCHES, steps: int = 2,
+            variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     """One worker configuration per (depth, batch, variant); the variants' order rotates from
     one (depth, batch) to the next so that none always runs first or last."""
     out = []
     for k, (depth, batch) in enumerate((d, b) for d in depths for b in batches):
-        shift = k % len(VARIANTS)
-        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+        shift = k % len(variants)
+        for name in variants[shift:] + variants[:shift]:
             out.append({"sweep": SWEEP, "kind": "zoo", "model": f"resnet{depth}",
                         **variant_config(name), "batch": batch, "steps": steps,
                         "warmup": 0, "inter_op_threads": INTER_OP_THREADS, "rep": 0})

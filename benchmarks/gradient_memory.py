@@ -1282,7 +1282,7 @@ def run_all(args) -> None:
     if not args.merge and "depth" in args.sweeps:
         depth_cfgs = depth_memory.configs(
             args.depths or (depth_memory.QUICK_DEPTHS if quick else depth_memory.DEPTHS),
-            args.depth_batches)
+            args.depth_batches, variants=tuple(args.depth_variants))
         for line in depth_memory.estimate(depth_cfgs, args.mem_cap_gb):
             print(line, flush=True)
         configs += depth_cfgs
@@ -1344,6 +1344,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sweeps", nargs="+", default=sweeps, choices=sweeps)
     parser.add_argument("--depths", type=int, nargs="+", choices=depth_memory.DEPTHS,
                         help="override the depth sweep's zoo depths (resnet<d>)")
+    parser.add_argument("--depth-variants", nargs="+", choices=depth_memory.VARIANTS,
+                        default=list(depth_memory.VARIANTS), metavar="VARIANT",
+                        help="the depth sweep's variants (default: all; a slow depth can run "
+                        "with fewer and the results be merged with --merge)")
     parser.add_argument("--depth-batches", type=int, nargs=2, default=depth_memory.BATCHES,
                         metavar=("SMALL", "LARGE"),
                         help="the depth sweep's two batches (activation memory = LARGE − SMALL)")
