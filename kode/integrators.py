@@ -15,7 +15,8 @@ already bound), so integrators never see layers. ``params`` holds the integrator
 trainable variables, created by ``create_variables`` through the stage layer (only LM has any).
 
 (A little over 450 lines: nine schemes, each a short class; one module keeps them side by
-side, as the table of schemes in docs/reference.md §2.)
+side, as the table of schemes in docs/reference.md §2. LM's k_n bookkeeping outside the step
+lives with its users: loading old files in the stage, per-step labels in kode.tools.stages.)
 """
 
 from __future__ import annotations
@@ -219,9 +220,6 @@ class LinearMultistep(Integrator):
 
     def init_state(self, x, history, fns, h):
         return (x, None if history is None else x - history)
-
-    def output(self, state):
-        return state[0]
 
     def step(self, n, state, fns, h, params):
         u, d = state
