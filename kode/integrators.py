@@ -15,7 +15,8 @@ already bound), so integrators never see layers. ``params`` holds the integrator
 trainable variables, created by ``create_variables`` through the stage layer (only LM has any).
 
 (A little over 450 lines: nine schemes, each a short class; one module keeps them side by
-side, as the table of schemes in docs/reference.md §2.)
+side, as the table of schemes in docs/reference.md §2. LM's k_n bookkeeping outside the step
+lives with its users: loading old files in the stage, per-step labels in kode.tools.stages.)
 """
 
 from __future__ import annotations
@@ -177,6 +178,14 @@ class LinearMultistep(Integrator):
     u_{n+1} = (1 − k_n) u_n + k_n u_{n−1} + h f_n(u_n), one trainable scalar k_n per step,
     k_n ~ U(−0.1, 0) at init. Without a history (the network's first stage) step 0 is Euler
     and carries no k. Stable (root condition) for −1 < k_n ≤ 1.
+
+    Computed on the state (u_n, d_n), d_n = u_n − u_{n−1} (d_0 = u_0 − P(u) after a
+    transition): t = h f_n(u_n) − k_n d_n; u_{n+1} = u_n + t; d_{n+1} = t. The same map up to
+    rounding, in three elementwise passes instead of four, and u_n feeds two ops (f_n and the
+    sum), as in a ResNet, not four: its gradient is one two-term sum per step.
+
+    A stage's k_n live in one variable ``lm_k`` of shape (K,), K the steps that carry one
+    (entry i is step n = N − K + i): the optimizer updates one variable per stage, not K.
     """
 
     name = "lm"
@@ -194,38 +203,35 @@ class LinearMultistep(Integrator):
         self.k_init_range = (low, high)
 
     def create_variables(self, layer, num_steps, has_history):
-        first = 0 if has_history else 1
-        low, high = self.k_init_range
-        return [
-            layer.add_weight(
-                name=f"lm_k_{n}",
-                shape=(),
-                initializer=keras.initializers.RandomUniform(low, high),
-                trainable=True,
-                # Read in its own dtype, never autocast: the forward runs inside the layer's
-                # autocast scope, the checkpoint's recomputation outside it, and both must
-                # see the same k (the stream is float32 under mixed precision).
-                autocast=False,
-            )
-            for n in range(first, num_steps)
-        ]
+        num_k = num_steps - (0 if has_history else 1)
+        if num_k < 1:
+            return []
+        # K scalar initializers drawn in order: the same seeds, hence the same k_n, as the
+        # K scalar variables ``lm_k_<n>`` of earlier versions under the same Keras seed.
+        draws = [keras.initializers.RandomUniform(*self.k_init_range) for _ in range(num_k)]
+        return [layer.add_weight(
+            name="lm_k", shape=(num_k,),
+            initializer=lambda shape, dtype=None: keras.ops.stack([d((), dtype) for d in draws]),
+            trainable=True,
+            # Read in its own dtype, never autocast: the forward runs inside the layer's
+            # autocast scope, the checkpoint's recomputation outside it, and both must see
+            # the same k (the stream is float32 under mixed precision).
+            autocast=False)]
 
     def init_state(self, x, history, fns, h):
-        return (x, history)
-
-    def output(self, state):
-        return state[0]
+        return (x, None if history is None else x - history)
 
     def step(self, n, state, fns, h, params):
-        u, u_prev = state
-        if u_prev is None:
-            return (u + scale(h, fns[n](u)), u)
-        # k_n: a float32 variable under mixed precision, as the stream; cast for a plain policy.
-        k = keras.ops.cast(params[n - (len(fns) - len(params))], u.dtype)
-        # (1 − k) u + k u_prev written as u + k (u_prev − u): the same value up to rounding,
-        # and ∂L/∂k = Σ g·(u_prev − u) is one product and one reduction over the state instead
-        # of two of each (docs/performance.md).
-        return (u + k * (u_prev - u) + scale(h, fns[n](u)), u)
+        u, d = state
+        t = scale(h, fns[n](u))
+        if d is not None:
+            (ks,) = params
+            # k_n: a float32 variable under mixed precision, as the stream; cast for a plain
+            # policy. t = h f + (−k) d, not h f − k d: the gradient of a difference negates a
+            # full tensor, −k negates a scalar.
+            k = keras.ops.cast(ks[n - (len(fns) - ks.shape[0])], u.dtype)
+            t = t + (-k) * d
+        return (u + t, t)
 
     def get_config(self):
         return {"k_init_range": list(self.k_init_range)}

@@ -187,16 +187,12 @@ def stability_sweep(ks: Sequence[float] = STABILITY_KS,
 
 
 def lm_k_values(model) -> tuple[list[str], list[float]]:
-    """Labels ("stage2/lm_k_0") and values of every LM k_n of a model, in network order."""
-    from kode.layers.stage import IntegratorStage
+    """Labels ("stage2/lm_k_0": step 0 of stage2) and values of every LM k_n of a model, in
+    network order (:func:`kode.tools.diagnostics.lm_k_values`)."""
+    from kode.tools.diagnostics import lm_k_values as labelled
 
-    labels, values = [], []
-    for layer in model._flatten_layers():
-        if isinstance(layer, IntegratorStage):
-            for v in layer.integrator_variables:
-                labels.append(f"{layer.name}/{v.name}")
-                values.append(float(np.asarray(v.numpy())))
-    return labels, values
+    pairs = labelled(model)
+    return [label for label, _ in pairs], [value for _, value in pairs]
 
 
 DECAY_LM_K = False  # kode's default: weight decay pulls k towards 0, i.e. towards a ResNet

@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 from keras import layers
 
 from kode.compat import all_layers
@@ -133,6 +134,19 @@ class IntegratorStage(TrackedChildren, layers.Layer):
         self.integrator_variables = self.integrator.create_variables(
             self, self.num_steps, has_history
         )
+
+    def load_own_variables(self, store):
+        """Keras' loading, plus the layout of ``.keras`` files written before LM's k_n became
+        one vector per stage: K scalar variables ``lm_k_<n>`` (entries "0"…"K−1", in step
+        order) are stacked into the stage's (K,) vector, so those files keep their k_n and
+        predictions. Any other mismatch is left to Keras' own error."""
+        own = self._trainable_variables + self._non_trainable_variables
+        keys = list(store.keys())
+        if len(own) == 1 and len(own[0].shape) == 1 and len(keys) == own[0].shape[0]:
+            values = [np.asarray(store[str(i)]) for i in range(len(keys))]
+            if all(v.shape == () for v in values):
+                store = {"0": np.stack(values)}
+        super().load_own_variables(store)
 
     @property
     def stream_dtype(self) -> str:

@@ -5,8 +5,9 @@
 - ``train/loss``, ``train/accuracy`` (and ``val/…``), ``train/learning_rate``,
   ``train/images_per_second`` (training examples / wall time of the epoch's training steps,
   validation excluded);
-- ``lm_k/<variable path>`` for every LM step's k_n (scalar) and the histograms ``lm_k/all``
-  and ``lm_k/<stage>``; k_n outside (−1, 1] breaks the LM step's root condition;
+- ``lm_k/<stage>/lm_k_<n>`` for every LM step n's k_n (scalar; the stage's (K,) variable
+  ``lm_k`` holds them, see :func:`kode.tools.stages.lm_k_steps`) and the histograms
+  ``lm_k/all`` and ``lm_k/<stage>``; k_n outside (−1, 1] breaks the LM step's root condition;
 - ``residual/<stage>/step_<n>`` = mean over a fixed batch of ‖x_{n+1} − x_n‖₂ / h, and the
   histogram ``residual/<stage>`` over n: the size of the learned vector field along depth.
   An ODE-like stage (Sander et al.) has a field that varies smoothly and stays bounded as
@@ -30,12 +31,15 @@ import numpy as np
 import tensorflow as tf
 
 from kode.compat import autocast_scope
-from kode.tools.stages import integrator_stages, stage_inputs
+from kode.tools.stages import integrator_stages, lm_k_steps, stage_inputs
 
 
-def lm_k_variables(model: keras.Model) -> list:
-    """LM's k_n: the variables with ``lm_k`` in their path."""
-    return [v for v in model.variables if "lm_k" in v.path]
+def lm_k_values(model: keras.Model) -> list[tuple[str, float]]:
+    """LM's k_n, one ``(label, value)`` per LM step (:func:`kode.tools.stages.lm_k_steps`:
+    ``stage1/lm_k_1`` is step 1 of stage1, entry 0 of its (K,) variable ``stage1/lm_k``)."""
+    steps = lm_k_steps(model)
+    vectors = {id(v): keras.ops.convert_to_numpy(v) for _, v, _, _ in steps}
+    return [(label, float(vectors[id(v)][i])) for label, v, i, _ in steps]
 
 
 def residual_sizes(model: keras.Model, x) -> dict[str, np.ndarray]:
@@ -149,15 +153,14 @@ class Diagnostics(keras.callbacks.Callback):
         self._writer.flush()
 
     def _write_lm_k(self) -> None:
-        ks = lm_k_variables(self.model)
+        ks = lm_k_values(self.model)
         if not ks:
             return
-        values = [float(keras.ops.convert_to_numpy(v)) for v in ks]
         by_stage: dict[str, list[float]] = {}
-        for v, value in zip(ks, values, strict=True):
-            tf.summary.scalar(f"lm_k/{v.path}", value)
-            by_stage.setdefault(v.path.split("/")[0], []).append(value)
-        tf.summary.histogram("lm_k/all", np.asarray(values))
+        for label, value in ks:
+            tf.summary.scalar(f"lm_k/{label}", value)
+            by_stage.setdefault(label.split("/")[0], []).append(value)
+        tf.summary.histogram("lm_k/all", np.asarray([value for _, value in ks]))
         for stage, stage_values in by_stage.items():
             tf.summary.histogram(f"lm_k/{stage}", np.asarray(stage_values))
 

@@ -1,5 +1,5 @@
-"""A model's integrator stages and what they receive: what the guard, the diagnostics and
-refinement look at."""
+"""A model's integrator stages, what they receive and LM's k_n per step: what the guard, the
+diagnostics and refinement look at."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import keras
 
 from kode.layers.stage import IntegratorStage, integrator_stages
 
-__all__ = ["integrator_stages", "stage_inputs"]
+__all__ = ["integrator_stages", "lm_k_steps", "stage_inputs"]
 
 
 def stage_inputs(model: keras.Model, x, training: bool = False,
@@ -22,3 +22,23 @@ def stage_inputs(model: keras.Model, x, training: bool = False,
         received = [received]
     return [tuple(inputs) if isinstance(inputs, list | tuple) else (inputs, None)
             for inputs in received]
+
+
+def lm_k_steps(model: keras.layers.Layer) -> list[tuple[str, keras.Variable, int, int]]:
+    """Every LM k_n of ``model``'s stages, in network order, as ``(label, variable, index,
+    step)``: k_n is ``variable[index]`` and belongs to step ``n = step`` of its stage.
+
+    A stage keeps its K k_n in one (K,) variable ``<stage>/lm_k`` whose entry i is step
+    n = N − K + i (N the stage's steps: the network's first stage starts with an Euler step
+    without k). ``label`` is ``<variable path>_<n>``, e.g. ``stage1/lm_k_1``: the path the
+    per-step scalar variables of earlier versions had, so TensorBoard tags and figure labels
+    stay the same.
+    """
+    found = []
+    for stage in integrator_stages(model):
+        for v in stage.integrator_variables:
+            if "lm_k" not in v.path:
+                continue
+            first = stage.num_steps - v.shape[0]
+            found += [(f"{v.path}_{first + i}", v, i, first + i) for i in range(v.shape[0])]
+    return found

@@ -127,11 +127,15 @@ def test_report_renders_the_numbers_and_figures(tmp_path):
 def test_lm_k_values_reads_every_lm_step_of_a_zoo_model():
     import zoo
 
-    lm_model = zoo.create_model("lm_resnet20", depth=14, input_shape=(8, 8, 1), classes=10)
+    lm_model = zoo.create_model("lm_resnet20", depth=20, input_shape=(8, 8, 1), classes=10)
     labels, values = lm.lm_k_values(lm_model)
-    # 2 blocks per stage: stage 1's first step is Euler, stages 2–3 start with a transition.
-    assert labels == ["stage1/lm_k_1", "stage2/lm_k_0", "stage3/lm_k_0"]
+    # 3 blocks per stage: stage 1's first step is Euler, stages 2–3 start with a transition.
+    assert labels == ["stage1/lm_k_1", "stage1/lm_k_2", "stage2/lm_k_0", "stage2/lm_k_1",
+                      "stage3/lm_k_0", "stage3/lm_k_1"]
     assert all(lm.K_INIT_RANGE[0] <= k <= lm.K_INIT_RANGE[1] for k in values)
+    stored = [lm_model.get_layer(s).integrator_variables[0].numpy() for s in ("stage1",
+                                                                           "stage2", "stage3")]
+    assert values == [float(k) for k in np.concatenate(stored)]  # entry i is step N − K + i
     plain = zoo.create_model("resnet20", depth=14, input_shape=(8, 8, 1), classes=10)
     assert lm.lm_k_values(plain) == ([], [])
 

@@ -114,6 +114,11 @@ def test_profiler_op_categories():
         "batchnorm"
     assert cat("m/stage1_1/add", "AddV2") == "other"
     assert cat("SGD/AssignSubVariableOp", "AssignSubVariableOp") == "optimizer"
+    # A forward sum that grappler turned into an accumulator is the model's, not the SGD's.
+    rewrite = "m/stage1_1/ArithmeticOptimizer/AddOpsRewrite_add_2/tmp_var"
+    assert cat(f"{rewrite}_accum_0", "AssignAdd") == "other"
+    assert cat(f"{rewrite}_initializer", "Assign") == "other"
+    assert cat("m/bn1_1/AssignMovingAvg", "AssignSubVariableOp") == "batchnorm"
 
 
 def test_paired_statistics_and_verdicts():

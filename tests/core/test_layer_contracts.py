@@ -11,6 +11,7 @@ Each layer's own cases run beside it (``kode/layers/*_test.py``, :mod:`kode.test
 
 import os
 import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -33,6 +34,55 @@ def test_keras_file_written_before_issue14_still_loads_exactly():
         np.testing.assert_array_equal(np.asarray(w), saved[f"w{i}"], err_msg=w.path)
     assert sum("lm_k" in w.path for w in model.weights) == 3
     np.testing.assert_allclose(model.predict(saved["x"], verbose=0), saved["probs"], atol=1e-6)
+
+
+def test_keras_file_with_one_scalar_per_lm_step_loads_its_k_n_and_predictions():
+    # Written by 17a904c (tests/fixtures/make_before_lm_k_vector.py), when each LM step's k_n
+    # was a scalar variable lm_k_<n>: an LM-ResNet20 after one SGD step, two k_n per stage.
+    from kode.tools.diagnostics import lm_k_values
+
+    path = os.path.join(FIXTURES, "lm_resnet20_before_lm_k_vector.keras")
+    model = keras.saving.load_model(path)
+    saved = np.load(os.path.join(FIXTURES, "lm_resnet20_before_lm_k_vector.npz"))
+    ks = [v for v in model.weights if "lm_k" in v.path]
+    assert [(v.path, v.shape) for v in ks] == [(f"stage{i}/lm_k", (2,)) for i in (1, 2, 3)]
+    # The old scalars, in step order, are the entries of the new vectors: same labels, values.
+    assert lm_k_values(model) == [(str(p), float(k)) for p, k in
+                                  zip(saved["k_paths"], saved["k_values"], strict=True)]
+    assert len(set(saved["k_values"].tolist())) == 6  # a mix-up of entries would show
+    # Same predictions: the new (u, d) arithmetic differs from the old one by rounding only.
+    np.testing.assert_allclose(model.predict(saved["x"], verbose=0), saved["probs"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_keras_file_round_trips_the_k_vector_and_refuses_a_wrong_count(tmp_path):
+    import h5py
+
+    import zoo
+
+    model = zoo.create_model("lm_resnet20", depth=20, input_shape=(8, 8, 3),
+                             width_multiplier=0.25)
+    for v in model.weights:
+        if "lm_k" in v.path:
+            v.assign(np.linspace(-0.5, 0.5, v.shape[0]))
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype("float32")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    # Three scalars where the first stage holds two k_n: Keras' count error, not a silent load.
+    with zipfile.ZipFile(tmp_path / "m.keras") as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    weights = tmp_path / "model.weights.h5"
+    with h5py.File(weights, "r+") as f:
+        group = f["layers/integrator_stage/vars"]  # Keras names the group by class
+        assert group["0"].shape == (2,)
+        del group["0"]
+        for i in range(3):
+            group[str(i)] = np.float32(-0.01 * i)
+    with pytest.raises(ValueError, match="expected 1 variables"):
+        loaded.load_weights(weights)
 
 
 def test_checkpoint_round_trip_detects_a_layer_list_tensorflow_does_not_see():

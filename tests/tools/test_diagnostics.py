@@ -41,10 +41,15 @@ def test_scalars_lm_k_and_residual_sizes_are_written(lm_run):
     np.testing.assert_allclose(float(events["train/loss"][-1]), lm_run.history["loss"][-1],
                                rtol=1e-6)
     assert all(float(v) > 0 for v in events["train/images_per_second"])
-    ks = [v for v in lm_run.model.variables if "lm_k" in v.path]
-    assert len(ks) == 3
-    for k in ks:  # the scalar of the last epoch is the trained k_n
-        assert float(events[f"lm_k/{k.path}"][-1]) == pytest.approx(float(k.numpy()), abs=1e-7)
+    # One scalar per LM step, tagged as when each k_n was its own variable: stage1's step 1
+    # (its step 0 is Euler), step 0 of stages 2 and 3 (after the transitions).
+    tags = sorted(t for t in events if t.startswith("lm_k/") and t.count("/") == 2)
+    assert tags == ["lm_k/stage1/lm_k_1", "lm_k/stage2/lm_k_0", "lm_k/stage3/lm_k_0"]
+    for stage in ("stage1", "stage2", "stage3"):  # the scalar of the last epoch: trained k_n
+        (k,) = lm_run.model.get_layer(stage).integrator_variables
+        (tag,) = [t for t in tags if t.startswith(f"lm_k/{stage}/")]
+        assert float(events[tag][-1]) == pytest.approx(float(k.numpy()[0]), abs=1e-7)
+        assert f"lm_k/{stage}" in events
     assert "lm_k/all" in events and events["lm_k/all"][-1].shape[-1] == 3  # histogram buckets
     for stage in ("stage1", "stage2", "stage3"):
         steps = [t for t in events if t.startswith(f"residual/{stage}/step_")]
@@ -80,3 +85,18 @@ def test_residual_size_is_the_mean_norm_of_the_step_over_h():
         expected.append(np.linalg.norm(step, axis=1).mean())
         state = state + 0.5 * step
     np.testing.assert_allclose(sizes, expected, rtol=1e-5)
+
+
+def test_lm_k_values_name_every_step_of_the_stage_vectors():
+    # depth 20: three blocks per stage, so each stage's (K,) lm_k holds two k_n.
+    import zoo
+    from kode.tools.diagnostics import lm_k_values
+
+    model = zoo.create_model("lm_resnet20", depth=20, input_shape=(8, 8, 1), classes=10)
+    for i, stage in enumerate(("stage1", "stage2", "stage3")):
+        model.get_layer(stage).integrator_variables[0].assign([0.1 * i, 0.1 * i + 0.05])
+    labels, values = zip(*lm_k_values(model), strict=True)
+    assert labels == ("stage1/lm_k_1", "stage1/lm_k_2", "stage2/lm_k_0", "stage2/lm_k_1",
+                      "stage3/lm_k_0", "stage3/lm_k_1")
+    np.testing.assert_allclose(values, [0.0, 0.05, 0.1, 0.15, 0.2, 0.25], rtol=1e-6)
+    assert lm_k_values(zoo.create_model("resnet20", depth=20, input_shape=(8, 8, 1))) == []

@@ -276,3 +276,25 @@ def test_no_recompute_leaves_the_transitions_backpropagating(argv, modes, tmp_pa
     model = pipeline.build_model(dataset_info("digits"))
     assert {layer.gradient for layer in recomputable_layers(model)} == modes
     assert {stage.gradient for stage in integrator_stages(model)} == {"adjoint"}
+
+
+@pytest.mark.parametrize("decay_lm_k", [False, True])
+def test_weight_decay_skips_lm_k_unless_asked(decay_lm_k):
+    # Zero gradients, no momentum: a step moves a variable only by decoupled weight decay,
+    # v ← v − lr·wd·v. The stage's (K,) k vector is spared by default (decay_lm_k=False), as
+    # the per-step scalars were; the convolution kernels always decay.
+    import zoo
+    from kode.training.pipeline import make_optimizer
+
+    model = zoo.create_model("lm_resnet20", depth=20, input_shape=(8, 8, 1), classes=10)
+    optimizer = make_optimizer(0.5, 0.0, 0.1, decay_lm_k=decay_lm_k)
+    variables = model.trainable_variables
+    before = {v.path: v.numpy().copy() for v in variables}
+    optimizer.apply_gradients([(np.zeros(v.shape, "float32"), v) for v in variables])
+    ks = [v for v in variables if "lm_k" in v.path]
+    assert [v.shape for v in ks] == [(2,)] * 3
+    for v in ks:
+        want = before[v.path] * (1 - 0.5 * 0.1) if decay_lm_k else before[v.path]
+        np.testing.assert_allclose(v.numpy(), want, rtol=1e-6, err_msg=v.path)
+    kernel = next(v for v in variables if "kernel" in v.path)
+    np.testing.assert_allclose(kernel.numpy(), before[kernel.path] * 0.95, rtol=1e-6)

@@ -33,7 +33,7 @@ def test_search_space_reaches_the_builder():
     hp.Fixed("step_size", "ode")
     hp.Fixed("width_multiplier", 0.5)
     model = _hypermodel("lm_resnet").build(hp)
-    ks = [float(v.numpy()) for v in model.variables if "lm_k" in v.path]
+    ks = np.concatenate([v.numpy() for v in model.variables if "lm_k" in v.path])
     assert len(ks) == 3 and all(0.0 <= k <= 0.5 for k in ks)  # k_init_range (0, 0.5)
     assert any(type(la).__name__ == "StochasticDepth" for la in model._flatten_layers())
     stages = [la for la in model._flatten_layers() if hasattr(la, "dynamics")]

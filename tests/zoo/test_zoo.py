@@ -18,7 +18,8 @@ def _trainable(model):
 
 
 def _num_k(model):
-    return sum(1 for v in model.trainable_weights if "lm_k" in v.path)
+    # One (K,) vector lm_k per LM stage: K entries, one per LM step.
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights if "lm_k" in v.path)
 
 
 @pytest.mark.parametrize("depth", sorted(LM_RESNET_PARAMS))
