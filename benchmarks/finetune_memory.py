@@ -366,9 +366,9 @@ def main(argv=None) -> None:
     todo = [] if args.merge else pending(configs(args), results)
     # Before any work: the highest load at start of the kept results and, if something is
     # measured now, of now.
-    loads = [r["load_at_start"] for r in results if "load_at_start" in r]
+    kept = run_record.merged_start_load(results)
     record = run_record.start_record(command, args.allow_load, load=max(
-        loads + ([_load()] if todo else []), default=None))
+        ([kept] if kept is not None else []) + ([_load()] if todo else []), default=None))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     for i, cfg in enumerate(todo):

@@ -1252,8 +1252,7 @@ def run_all(args) -> None:
         command = None
     record = run_record.start_record(
         command or "python -m benchmarks.gradient_memory " + shlex.join(sys.argv[1:]),
-        args.allow_load, load=max((r["load_at_start"] for r in results
-                                   if "load_at_start" in r), default=None))
+        args.allow_load, load=run_record.merged_start_load(results))
     quick = args.quick
     ns = args.ns or ([4, 8, 32, 128] if quick else [4, 8, 16, 32, 64, 128, 256])
     configs: list[dict] = []

@@ -115,6 +115,17 @@ def start_record(command: str, allow_load: bool, *, load: float | None = None,
         allow_load=allow_load)
 
 
+def merged_start_load(results: list[dict]) -> float | None:
+    """The highest load at the start of the runs whose per-process ``results`` are merged: a
+    run's load at start is its first process's (``load_at_start``); later processes start on
+    a machine the run itself loads, so their loads say nothing about other jobs."""
+    first: dict = {}
+    for r in results:
+        if "load_at_start" in r:
+            first.setdefault(r.get("command"), r["load_at_start"])
+    return max(first.values(), default=None)
+
+
 def finish_record(record: RunRecord, load: float | None = None) -> RunRecord:
     """Set the load after the run (default: ``os.getloadavg()[0]`` now); returns ``record``."""
     record.load_after = os.getloadavg()[0] if load is None else float(load)

@@ -161,3 +161,14 @@ def test_main_rewrites_only_the_marked_block(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and readme_results.BEGIN in err
     assert readme.read_text() == "# kode\nno markers\n"
+
+
+def test_a_merged_pages_load_is_the_highest_load_at_the_start_of_its_runs():
+    from benchmarks.record import merged_start_load
+
+    results = [{"command": "a", "load_at_start": 0.8}, {"command": "a", "load_at_start": 1.9},
+               {"command": "b", "load_at_start": 0.6}, {"command": "b", "load_at_start": 1.7},
+               {"command": "b"}]
+    assert merged_start_load(results) == 0.8
+    assert merged_start_load([{"command": "c", "load_at_start": 3.0}, *results]) == 3.0
+    assert merged_start_load([{"command": "a"}]) is None
