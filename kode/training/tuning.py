@@ -164,6 +164,7 @@ def tune(
     guard_tolerance: float = 0.05,
     guard_every: int | None = None,
     on_inaccurate: str = "stop",
+    recompute: bool = True,
 ) -> TuneResult:
     """Search the zoo's hyper-parameters for ``family`` on ``dataset``; export the best model.
 
@@ -172,7 +173,7 @@ def tune(
     (:class:`TrialPipeline`) in KerasTuner's trial folder ``<directory>/search/trial_<id>``:
     ``strategy``/``devices``/``connect_timeout``/``tpu``, ``precision``, ``sync_batchnorm``,
     ``deterministic``, ``diagnostics`` and the adjoint's guard (``guard_tolerance``,
-    ``guard_every``, ``on_inaccurate``) mean what they mean for :func:`kode.train`
+    ``guard_every``, ``on_inaccurate``) and ``recompute`` mean what they mean for :func:`kode.train`
     ("multiworker" is refused: KerasTuner's search runs in one process).
 
     An existing search in ``directory`` is resumed unless ``overwrite``: finished trials are
@@ -202,7 +203,7 @@ def tune(
         strategy=strategy, devices=devices, connect_timeout=connect_timeout, tpu=tpu,
         precision=precision, sync_batchnorm=sync_batchnorm, deterministic=deterministic,
         diagnostics=diagnostics, guard_tolerance=guard_tolerance, guard_every=guard_every,
-        on_inaccurate=on_inaccurate,
+        on_inaccurate=on_inaccurate, recompute=recompute,
     ).resolve()  # every bad value fails here, before anything is written
     if export_dir is not None:
         from kode.serving.publish import check_export_dir

@@ -14,6 +14,7 @@ from kode.cli import main
 from kode.compat import all_layers
 from kode.errors import KodeError
 from kode.layers.stage import IntegratorStage, recomputable_layers
+from kode.tools.port import _Graph
 from kode.training.finetune import FinetunePipeline, FinetuneSettings, finetune, freeze_layers
 
 
@@ -89,7 +90,9 @@ def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_
     model = pipeline.build_model(pipeline.info)
     head = model.get_layer("head")  # the segment after the last stage, the new head in it
     before_head = keras.Model(model.inputs, head.input)
-    in_head = keras.Model(head.body.inputs, head.body.get_layer("finetune_predictions").input)
+    # The body's own node of its last layer: the layer also belongs to the uncut model.
+    _, last = _Graph(head.body).nodes[-1]
+    in_head = keras.Model(head.body.inputs, last.input_tensors[0])
     np.testing.assert_allclose(in_head(before_head(x, training=False), training=False),
                                original(x, training=False), atol=1e-5)
     assert model.output_shape == (None, 10)
