@@ -177,12 +177,18 @@ def evaluate(fn: Callable, x):
     return fn(x) if evaluations is None else evaluations.evaluate(fn, x)
 
 
-def check_gradient_mode(mode: str, integrator, num_steps: int | None = None) -> str:
-    """Validate ``mode`` for ``integrator`` (and a stage of ``num_steps`` steps)."""
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`GRADIENT_MODES`, else a KodeError naming the choices."""
     if mode not in GRADIENT_MODES:
         raise KodeError(
             f"unknown gradient mode '{mode}'; choose one of {', '.join(GRADIENT_MODES)}"
         )
+    return mode
+
+
+def check_gradient_mode(mode: str, integrator, num_steps: int | None = None) -> str:
+    """Validate ``mode`` for ``integrator`` (and a stage of ``num_steps`` steps)."""
+    check_mode(mode)
     if mode == ADJOINT and not integrator.reversible:
         raise KodeError(
             f"gradient='adjoint' needs a reversible integrator; '{integrator.name}' "

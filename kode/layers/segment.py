@@ -15,8 +15,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from kode.errors import KodeError
-from kode.gradients import BACKPROP, GRADIENT_MODES, recompute
+from kode.gradients import BACKPROP, check_mode, recompute
 from kode.layers.tracking import TrackedChildren
 
 _PACKAGE = "kode"
@@ -26,14 +25,6 @@ def random_state_variables(layer: keras.layers.Layer) -> list:
     """The non-trainable integer variables of ``layer``: its random generators' states, which a
     recomputation replays so that dropout and stochastic depth draw the same as the forward."""
     return [v for v in layer.non_trainable_variables if "int" in str(v.dtype)]
-
-
-def check_mode(mode: str) -> str:
-    """``mode`` if it is a gradient mode, else a KodeError naming the choices."""
-    if mode not in GRADIENT_MODES:
-        raise KodeError(
-            f"unknown gradient mode '{mode}'; choose one of {', '.join(GRADIENT_MODES)}")
-    return mode
 
 
 class Recomputable:

@@ -16,9 +16,16 @@ from keras import layers
 
 from kode.compat import all_layers
 from kode.errors import KodeError
-from kode.gradients import BACKPROP, Dynamics, check_gradient_mode, evaluate, integrate
+from kode.gradients import (
+    BACKPROP,
+    Dynamics,
+    check_gradient_mode,
+    check_mode,
+    evaluate,
+    integrate,
+)
 from kode.integrators import EXACT, Integrator, get_integrator, serialize_integrator
-from kode.layers.segment import Recomputable, check_mode, random_state_variables
+from kode.layers.segment import Recomputable, random_state_variables
 from kode.layers.tracking import TrackedChildren
 
 _PACKAGE = "kode"

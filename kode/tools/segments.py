@@ -60,13 +60,13 @@ def _segments(model: keras.Model) -> tuple[list, list[_Segment]] | None:
     return items, segments
 
 
-def _exits(segment: _Segment, model: keras.Model, items: list) -> list:
-    """The tensors of ``segment`` read outside it (by a stage or as a model output)."""
+def _read_outside(model: keras.Model, items: list) -> set[int]:
+    """Ids of the tensors read by a stage or given out as a model output."""
     needed = {id(t) for t in model.outputs}
     for item in items:
         if item[0] == "stage":
             needed |= {id(t) for t in item[2].input_tensors}
-    return [t for key, t in segment.produced.items() if key in needed]
+    return needed
 
 
 def _name(segment: _Segment, index: int, last: bool, model: keras.Model, taken: set) -> str:
@@ -89,6 +89,7 @@ def cut_at_stages(model: keras.Model, gradient: str = "backprop") -> keras.Model
         return model
     items, segments = found
     taken = {layer.name for layer in model.layers}
+    needed = _read_outside(model, items)
     tensors = {id(t): t for t in model.inputs}
     for k, item in enumerate(items):
         if item[0] == "stage":
@@ -98,7 +99,7 @@ def cut_at_stages(model: keras.Model, gradient: str = "backprop") -> keras.Model
             tensors[id(node.output_tensors[0])] = outputs
             continue
         segment = item[1]
-        exits = _exits(segment, model, items)
+        exits = [t for key, t in segment.produced.items() if key in needed]
         body = keras.Model(segment.entry, exits[0] if len(exits) == 1 else exits,
                            name=f"{model.name}_{segment.nodes[0].operation.name}_segment")
         last = not any(i[0] == "stage" for i in items[k + 1:])
