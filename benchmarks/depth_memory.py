@@ -50,11 +50,14 @@ VARIANTS = ("backprop", "checkpoint", "adjoint", STAGES_ONLY)
 RECOMPUTING = ("checkpoint", "adjoint")
 SLOPE_TARGET = 0.05
 RATIO_DEPTH, RATIO_TARGET = 110, 0.03
-#: One op at a time: two convolution filter gradients overlapping on two inter-op threads add
-#: one scratch buffer (≈ 120 MiB at batch 72 on a 32×32×16 state) to the peak at random, and a
-#: deeper network has more chances of an overlap: that alone would tilt a slope whose target
-#: is 0.05 (gradient_memory.METHOD, tests/benchmarks/test_gradient_memory.py).
-INTER_OP_THREADS = 1
+#: TensorFlow's default inter-op scheduling (0), what a user's training runs. One op at a time
+#: (1) avoids a random overlap of two convolution filter gradients' scratch buffers (≈ 120 MiB
+#: at batch 72 on a 32×32×16 state), but TensorFlow's executor, when it has one thread, follows
+#: one chain of ready ops and leaves the others queued: the adjoint's rebuilt activations then
+#: wait for their queued consumers and pile up with depth (a stage of 320 Euler steps, 16×16×16
+#: at batch 64: 145–278 MiB with one thread against 9 MiB with the default, 2026-12-02).
+#: Each process reports its steps' allocator peaks one by one, so an overlap shows.
+INTER_OP_THREADS = 0
 
 # Cost model of one worker process, for the printed estimate only. Measured on this machine
 # (2 cores) on 2026-12-02, adjoint at batch 8, one op at a time: resnet110 (54 blocks) 21 s per
@@ -97,7 +100,8 @@ def variant_config(name: str) -> dict:
 
 
 def configs(depths=DEPTHS, batches=BATCHES, steps: int = 2,
-            variants: tuple[str, ...] = VARIANTS) -> list[dict]:
+            variants: tuple[str, ...] = VARIANTS,
+            inter_op_threads: int = INTER_OP_THREADS) -> list[dict]:
     """One worker configuration per (depth, batch, variant); the variants' order rotates from
     one (depth, batch) to the next so that none always runs first or last."""
     out = []
@@ -106,7 +110,7 @@ def configs(depths=DEPTHS, batches=BATCHES, steps: int = 2,
         for name in variants[shift:] + variants[:shift]:
             out.append({"sweep": SWEEP, "kind": "zoo", "model": f"resnet{depth}",
                         **variant_config(name), "batch": batch, "steps": steps,
-                        "warmup": 0, "inter_op_threads": INTER_OP_THREADS, "rep": 0})
+                        "warmup": 0, "inter_op_threads": inter_op_threads, "rep": 0})
     return out
 
 
@@ -189,8 +193,27 @@ def activation(table: dict) -> dict[tuple[str, int], dict]:
         out[name, depth] = {
             "rss": b["increment_mb"] - a["increment_mb"],
             "alloc": b["allocator_increment_mb"] - a["allocator_increment_mb"],
-            "low_batch": low, "high_batch": high, "num_steps": b["num_steps"]}
+            "low_batch": low, "high_batch": high, "num_steps": b["num_steps"],
+            "inter_op_threads": b.get("inter_op_threads", 0),
+            "step_spread": max(_spread(a), _spread(b))}
     return out
+
+
+def _spread(row: dict) -> float:
+    """Largest − smallest allocator peak over a process's steps (MiB; 0 with one step)."""
+    peaks = row.get("step_allocator_increments_mb") or [0.0]
+    return max(peaks) - min(peaks)
+
+
+def scheduling(act: dict) -> str:
+    """How the rows' ops were scheduled, in words, and the largest step-to-step spread."""
+    threads = {r.get("inter_op_threads", 0) for r in act.values() if _ok(r)}
+    spread = max((r.get("step_spread", 0.0) for r in act.values() if _ok(r)), default=0.0)
+    how = ("TensorFlow's default inter-op scheduling (what a user's training runs)"
+           if threads == {0} else "ops one at a time (`inter_op_threads` 1)" if threads == {1}
+           else f"inter-op threads {sorted(threads)}")
+    return (f"{how}; the largest difference between two steps' allocator peaks in one "
+            f"process: {spread:.1f} MiB")
 
 
 def slope(depths, values) -> float:
@@ -344,9 +367,10 @@ def section(table: dict, image: str = "gradients_depth.png") -> list[str]:
         "and the head backpropagate in every mode); "
         f"`{STAGES_ONLY}` is the adjoint with `recompute=False` (the transitions "
         "backpropagate too). One process per (depth, "
-        f"mode, batch), ops one at a time (`inter_op_threads` {INTER_OP_THREADS}: an overlap "
-        "of two convolution scratch buffers would add ~120 MiB at random, and more often in a "
-        "deeper network), no untimed step, 2 timed steps. **Activation memory = increment at "
+        f"mode, batch), {scheduling(act)} (an overlap of two convolution filter gradients' "
+        "scratch buffers would add ~120 MiB to one step at random; with one inter-op thread "
+        "TensorFlow's executor queues the adjoint's side work and its memory grows with depth "
+        "instead), no untimed step, 2 timed steps. **Activation memory = increment at "
         f"batch {high} − increment at batch {low}** (RSS MB; allocator MiB in parentheses): "
         "the memory of the extra examples, without what does not scale with the batch (the "
         "unrolled graph's host bookkeeping grows with depth in every mode).",

@@ -262,7 +262,7 @@ def run_worker(cfg: dict) -> dict:
     alloc_baseline = _allocator_stats()["current"]
     _reset_peak_rss()
     _reset_allocator_peak()
-    times, losses = [], []
+    times, losses, step_peaks = [], [], []
     warmup = cfg.get("warmup", 1)
     for i in range(warmup + cfg.get("steps", 5)):
         t = time.perf_counter()
@@ -270,8 +270,12 @@ def run_worker(cfg: dict) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t)
         losses.append(loss)
+        # Each step's own allocator peak (the pool keeps RSS at the first step's peak, so
+        # only the allocator shows a later step's): a schedule-dependent overlap shows.
+        step_peaks.append(_allocator_stats()["peak"])
+        _reset_allocator_peak()
     peak = _status_kib("VmHWM")
-    alloc_peak = _allocator_stats()["peak"]
+    alloc_peak = max(step_peaks)
     forward_s = None
     if cfg.get("time_forward"):  # cost of one forward in training mode (for the cost model)
         forward = tf.function(lambda x: model(x, training=True), jit_compile=jit)
@@ -292,6 +296,7 @@ def run_worker(cfg: dict) -> dict:
         "peak_mb": peak / 1024,
         "increment_mb": (peak - baseline) / 1024,
         "allocator_increment_mb": (alloc_peak - alloc_baseline) / 2**20,
+        "step_allocator_increments_mb": [(p - alloc_baseline) / 2**20 for p in step_peaks],
         "step_times_s": times,
         "step_s": statistics.median(times),
         "forward_s": forward_s,
@@ -462,6 +467,9 @@ def aggregate(results: list[dict]) -> dict:
             "timed_steps": ok[0]["steps"],
             "finite": all(r["finite"] for r in ok),
             "runs": len(ok),
+            "inter_op_threads": ok[0].get("inter_op_threads", 0),
+            "step_allocator_increments_mb": [
+                v for r in ok for v in r.get("step_allocator_increments_mb", [])],
         }
     return table
 
@@ -1281,7 +1289,8 @@ def run_all(args) -> None:
     if not args.merge and "depth" in args.sweeps:
         depth_cfgs = depth_memory.configs(
             args.depths or (depth_memory.QUICK_DEPTHS if quick else depth_memory.DEPTHS),
-            args.depth_batches, variants=tuple(args.depth_variants))
+            args.depth_batches, variants=tuple(args.depth_variants),
+            inter_op_threads=args.depth_inter_op_threads)
         for line in depth_memory.estimate(depth_cfgs, args.mem_cap_gb):
             print(line, flush=True)
         configs += depth_cfgs
@@ -1350,6 +1359,10 @@ def main(argv=None) -> None:
     parser.add_argument("--depth-batches", type=int, nargs=2, default=depth_memory.BATCHES,
                         metavar=("SMALL", "LARGE"),
                         help="the depth sweep's two batches (activation memory = LARGE − SMALL)")
+    parser.add_argument("--depth-inter-op-threads", type=int,
+                        default=depth_memory.INTER_OP_THREADS, metavar="K",
+                        help="the depth sweep's TensorFlow inter-op threads (0: TensorFlow's "
+                        "default, as a user's training; 1: one op at a time)")
     parser.add_argument("--ns", type=int, nargs="+", help="override the stage sweep's N")
     parser.add_argument("--timing-ns", type=int, nargs="+", help="override the timing sweep's N")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the timing sweep")

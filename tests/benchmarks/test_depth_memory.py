@@ -28,7 +28,8 @@ def test_configs_one_process_per_depth_batch_and_variant():
     assert by_variant["checkpoint"]["recompute"] is True
     assert by_variant[dm.STAGES_ONLY] == {**by_variant[dm.STAGES_ONLY], "mode": "adjoint",
                                           "recompute": False}
-    assert all(c["inter_op_threads"] == 1 and c["kind"] == "zoo" for c in cfgs)
+    assert all(c["inter_op_threads"] == 0 and c["kind"] == "zoo" for c in cfgs)
+    assert {c["inter_op_threads"] for c in dm.configs((20,), inter_op_threads=1)} == {1}
     # the order rotates, so no variant always runs first
     firsts = {dm.variant(cfgs[i]) for i in range(0, len(cfgs), len(dm.VARIANTS))}
     assert len(firsts) > 1
@@ -138,6 +139,18 @@ def test_a_failed_process_drops_its_depth_and_says_why():
     assert act["backprop", 1202]["error"] == "batch 72: RSS > 16 GB cap"
     assert dm.slopes(act)["backprop"]["depths"] == [20, 32, 56, 110]
     assert "failed: batch 72: RSS > 16 GB cap" in "\n".join(dm.section(table))
+
+
+def test_section_names_the_scheduling_and_the_largest_step_to_step_spread():
+    rows = synthetic(lambda d: 1.0, lambda d: 1.2)
+    rows[3]["step_allocator_increments_mb"] = [30.0, 150.5]  # one step overlapped
+    text = "\n".join(dm.section(gm.aggregate(rows)))
+    assert "TensorFlow's default inter-op scheduling" in text
+    assert "allocator peaks in one process: 120.5 MiB" in text
+    for r in rows:
+        r["inter_op_threads"] = 1
+    assert "ops one at a time (`inter_op_threads` 1)" in "\n".join(
+        dm.section(gm.aggregate(rows)))
 
 
 def test_slope_needs_two_positive_values():
