@@ -301,7 +301,34 @@ def targets(table: dict) -> list[str]:
             f"{b['alloc']:.0f} MiB = {r['alloc']:.3f}×) — {_verdict_text(verdict)}"
             + (f"; with recomputation off ({STAGES_ONLY}) {stages['rss']:.3f}× (allocator "
                f"{stages['alloc']:.3f}×)" if stages else "") + ".")
+        crossing = ratio_depth(act)
+        flat = "adjoint" in s and run_record.agreeing_verdict(
+            (s["adjoint"]["rss"], s["adjoint"]["alloc"]), SLOPE_TARGET) == "met"
+        if crossing is not None and flat:
+            out.append(f"  What the adjoint keeps does not grow with depth (a constant, "
+                       f"{crossing['constant']:.0f} MB on average over the depths) while "
+                       f"backprop's grows by {crossing['per_block']:.1f} MB per block, so the "
+                       f"ratio falls like 1/depth: ≤ {RATIO_TARGET:g}× from about depth "
+                       f"{crossing['depth']:.0f} on (RSS; from the measured means, not a "
+                       "measurement at that depth).")
     return out
+
+
+def ratio_depth(act: dict, target: float = RATIO_TARGET) -> dict | None:
+    """Where the adjoint/backprop ratio reaches ``target``, from the measurements: the
+    adjoint's mean activation memory over the depths (RSS, MB) over backprop's mean per block
+    (least squares through the origin), depth 2·blocks + 2. None without both variants."""
+    depths = sorted(d for (v, d), r in act.items() if v == "adjoint" and _ok(r))
+    pairs = [(blocks(d), act["backprop", d]["rss"]) for d in depths
+             if _ok(act.get(("backprop", d)))]
+    if not depths or not pairs:
+        return None
+    constant = float(np.mean([act["adjoint", d]["rss"] for d in depths]))
+    per_block = sum(n * m for n, m in pairs) / sum(n * n for n, _ in pairs)
+    if per_block <= 0:
+        return None
+    return {"constant": constant, "per_block": per_block,
+            "depth": 2 * constant / (target * per_block) + 2}
 
 
 def claims(table: dict, page: str) -> list[dict]:

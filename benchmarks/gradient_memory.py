@@ -989,7 +989,7 @@ def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
         *_timing_table(table),
         *_xla_table(table),
         *_zoo_table(table),
-        *depth_memory.section(table),
+        *(depth_memory.section(table) or RELATED),
         "## Targets",
         "",
         *targets(table),
@@ -1001,6 +1001,19 @@ def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
     ]
     return run_record.write_page(out / "gradients.md", lines)
 
+
+# A page without the depth sweep points to the pages that measure what it leaves out.
+RELATED = [
+    "## Whole networks, and the adjoint's error by precision",
+    "",
+    "- [gradients_depth.md](gradients_depth.md): the zoo's CIFAR ResNets from resnet20 to "
+    "resnet1202, activation memory against depth per gradient mode, with the layers outside "
+    "the stages recomputed in the backward (`--sweeps depth`, its own run record).",
+    "- [adjoint_precision.md](adjoint_precision.md): the Euler and Heun adjoints' gradient "
+    "error against N in float64, float32 and mixed_bfloat16 "
+    "(`python -m benchmarks.adjoint_precision`).",
+    "",
+]
 
 # Measured once (not by this benchmark); kept when the document is regenerated.
 GUARD_SECTION = [

@@ -100,11 +100,16 @@ def report(result: dict) -> list[str]:
         if "error" in p:
             continue
         t = p["step_s"]
+        # An exact reversal's evaluation is reused by the product: one forward per step.
+        forwards = 1 if p["integrator"] in gm.REUSING else 2
+        how = ("one reverse step whose evaluation the product reuses" if forwards == 1 else
+               "one reverse step plus one recomputation")
         lines.append(f"- {p['integrator']}, N = {p['n']}, steps alternated in one process: "
                      f"adjoint {t['adjoint']:.3f} s vs backprop {t['backprop']:.3f} s per step "
                      f"= {p['ratio']['adjoint']:.2f}×; a forward pass takes {t['fwd']:.3f} s, so "
-                     "one reverse step plus one recomputation per step predicts "
-                     f"1 + 2·forward/backprop = {1 + 2 * t['fwd'] / t['backprop']:.2f}×.")
+                     f"{how} per step predicts 1 + {forwards if forwards > 1 else ''}"
+                     f"{'·' if forwards > 1 else ''}forward/backprop = "
+                     f"{1 + forwards * t['fwd'] / t['backprop']:.2f}×.")
     flat = [i for i in sweep["integrators"] if abs(_growth(rows, i, "adjoint")) < 0.1
             and _growth(rows, i, "backprop") > 0.8]
     verdict = ("agrees" if len(flat) == len(sweep["integrators"]) else "does NOT agree")
@@ -121,8 +126,9 @@ def report(result: dict) -> list[str]:
             f"{(p['step_s']['adjoint'] - p['step_s']['backprop']) / p['step_s']['fwd']:.1f}"
             f" forwards ({p['integrator']}, N = {p['n']})"
             for p in result["paired"] if "error" not in p) if result["paired"] else "")
-        + ("; for reversible Heun the two evaluations are of the same f_n at the same z_n and "
-           "could be fused, which kode's generic adjoint loop does not do yet (gradients.md)"
+        + ("; reversible Heun's reverse step evaluates the same f_n at the same z_n as the "
+           "product needs, and the adjoint differentiates that evaluation instead of "
+           "recomputing it: about one extra forward per step"
            if "reversible_heun" in sweep["integrators"] else "") + ".",
     ]
     return lines

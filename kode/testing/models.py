@@ -335,3 +335,17 @@ def smooth_dense_stage(num_functions: int, integrator: str, dtype: str = "float6
                                       kernel_initializer=keras.initializers.Constant(w),
                                       bias_initializer=keras.initializers.Constant(0.1 * t)))
     return IntegratorStage(fns, integrator, step_size="ode", dtype=dtype)
+
+
+def smooth_dense_classifier(num_functions: int, integrator: str, dtype: str = "float64",
+                            width: int = 8, seed: int = 0, classes: int = 3):
+    """Input (width,) → :func:`smooth_dense_stage` → a softmax Dense head whose weights are
+    drawn after the stage's with ``seed``: the same weights in every ``dtype`` or policy."""
+    rng = np.random.default_rng(seed)
+    rng.standard_normal((3, width, width))  # the stage's draws: the head's come after them
+    inputs = keras.Input((width,))
+    x = smooth_dense_stage(num_functions, integrator, dtype, width, seed)(inputs)
+    head = keras.layers.Dense(classes, activation="softmax", dtype=dtype,
+                              kernel_initializer=keras.initializers.Constant(
+                                  rng.standard_normal((width, classes))))
+    return keras.Model(inputs, head(x))

@@ -109,6 +109,17 @@ def test_flat_adjoint_meets_both_targets():
     record.check_claims(list(claims.values()))
 
 
+def test_a_flat_adjoint_says_from_which_depth_the_ratio_target_holds():
+    table = gm.aggregate(synthetic(lambda d: 1.0, lambda d: 1.2))
+    crossing = dm.ratio_depth(dm.activation(table))
+    # backprop: 1 MB per block, adjoint: 1 MB → 1 / blocks ≤ 0.03 from 33.3 blocks on
+    assert crossing["per_block"] == pytest.approx(1.0)
+    assert crossing["depth"] == pytest.approx(2 / 0.03 + 2)
+    assert "≤ 0.03× from about depth 69 on" in "\n".join(dm.targets(table))
+    growing = gm.aggregate(synthetic(lambda d: 0.5 * d, lambda d: 0.5 * d))
+    assert "from about depth" not in "\n".join(dm.targets(growing))
+
+
 def test_growing_adjoint_misses_both_targets():
     # ∝ depth^0.3 and 10% of backprop: the slope and the ratio are both out
     table = gm.aggregate(synthetic(lambda d: 2.0 * d**0.3, lambda d: 2.1 * d**0.3))

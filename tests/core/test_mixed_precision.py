@@ -19,7 +19,7 @@ import tensorflow as tf
 
 import zoo
 from kode import IntegratorStage
-from kode.testing.models import reduced_overrides, smooth_dense_stage
+from kode.testing.models import reduced_overrides, smooth_dense_classifier
 from kode.tools.guard import check_gradients
 from zoo.registry import family_integrator
 
@@ -78,18 +78,6 @@ def test_checkpoint_matches_backprop_under_mixed_bfloat16(name):
     assert report.max_error <= 1e-5 and report.model_error <= 1e-5, report.format()
 
 
-def _smooth_dense_model(num_functions, integrator, dtype, width=8, seed=0):
-    """f_n(x) = tanh(x W(t_n) + b(t_n)), weights smooth in t, h = 1/N, a softmax head."""
-    rng = np.random.default_rng(seed)
-    rng.standard_normal((3, width, width))  # the stage's draws: the head's come after them
-    inputs = keras.Input((width,))
-    x = smooth_dense_stage(num_functions, integrator, dtype, width, seed)(inputs)
-    head = keras.layers.Dense(3, activation="softmax", dtype=dtype,
-                              kernel_initializer=keras.initializers.Constant(
-                                  rng.standard_normal((width, 3))))
-    return keras.Model(inputs, head(x))
-
-
 def _backprop_gradients(model, x, y):
     with tf.GradientTape() as tape:
         loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
@@ -118,7 +106,7 @@ def test_inexact_adjoint_error_curve_under_mixed_bfloat16_follows_float32(integr
     rows = []
     for n in (4, 8, 16, 32):
         functions = n if integrator == "euler" else n + 1
-        models = {dtype: _smooth_dense_model(functions, integrator, dtype)
+        models = {dtype: smooth_dense_classifier(functions, integrator, dtype)
                   for dtype in ("float32", "mixed_bfloat16")}
         f32, bf16 = (check_gradients(m, x, y).max_error for m in models.values())
         floor = _relative(_backprop_gradients(models["mixed_bfloat16"], x, y),

@@ -1,0 +1,78 @@
+"""benchmarks/adjoint_precision.py: the verdicts on synthetic rows built to meet and to miss
+(at every N and at the N bfloat16 can resolve), the order fit, the page; one real
+measurement at a small N."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks import adjoint_precision as ap
+from benchmarks import record
+
+
+def _rows(integrator, bf16_of, floor=1e-3):
+    """float32 error 1/N^order, float64 the same, bfloat16 ``bf16_of(n, float32)``."""
+    rows = []
+    for n in ap.NS:
+        f32 = 1.0 / n ** ap.ORDERS[integrator]
+        rows.append({"integrator": integrator, "n": n, "float64": f32, "float32": f32,
+                     "mixed_bfloat16": bf16_of(n, f32), "bfloat16_floor": floor})
+    return rows
+
+
+def _claims(rows):
+    return {c["id"]: c for c in ap.claims(rows)}
+
+
+def test_a_bfloat16_curve_on_the_float32_one_meets_both_targets_and_the_order_is_fitted():
+    claims = _claims(_rows("heun", lambda n, f32: 1.5 * f32, floor=1e-6))
+    assert claims["adjoint-precision.heun.all-n"]["verdict"] == "met"
+    assert claims["adjoint-precision.heun.resolvable-n"]["verdict"] == "met"
+    assert claims["adjoint-precision.heun.all-n"]["value"] == pytest.approx(1.5)
+    assert claims["adjoint-precision.heun.float32-order"]["value"] == pytest.approx(-2.0)
+    record.check_claims(list(claims.values()))
+
+
+def test_a_curve_flattened_by_the_bfloat16_floor_misses_at_every_n_but_not_where_resolvable():
+    floor = 2e-3  # float32 Heun error 1/N²: above 2 × floor for N = 4, 8 only
+    claims = _claims(_rows("heun", lambda n, f32: max(f32, floor), floor=floor))
+    every = claims["adjoint-precision.heun.all-n"]
+    assert every["verdict"] == "missed"
+    assert every["high"] == pytest.approx(floor * 64**2)  # at N = 64
+    resolvable = claims["adjoint-precision.heun.resolvable-n"]
+    assert resolvable["verdict"] == "met" and "(4, 8)" in resolvable["claim"]
+
+
+def test_a_bfloat16_curve_far_above_float32_where_resolvable_misses():
+    claims = _claims(_rows("euler", lambda n, f32: 5 * f32, floor=1e-5))
+    assert claims["adjoint-precision.euler.resolvable-n"]["verdict"] == "missed"
+    assert claims["adjoint-precision.euler.resolvable-n"]["value"] == pytest.approx(5.0)
+
+
+def test_no_resolvable_n_is_not_measured():
+    claims = _claims(_rows("euler", lambda n, f32: f32, floor=1.0))
+    c = claims["adjoint-precision.euler.resolvable-n"]
+    assert c["verdict"] == "not measured" and c["value"] is None and "none" in c["claim"]
+
+
+def test_page_has_the_table_the_figure_and_every_verdict():
+    rows = _rows("euler", lambda n, f32: f32) + _rows("heun", lambda n, f32: 3 * f32, 1e-9)
+    rec = record.RunRecord(command="python -m benchmarks.adjoint_precision", date="d",
+                           machine="m", cores=2, load_before=0.1, allow_load=False)
+    text = "\n".join(ap.page(rec, rows, "adjoint_precision.png"))
+    assert "| heun | 64 |" in text
+    assert "![adjoint error by precision](adjoint_precision.png)" in text
+    assert text.count("**met**") == 2 and text.count("**missed**") == 2
+
+
+def test_one_real_measurement_orders_the_precisions():
+    """Euler, N = 4: every precision's adjoint error is that of the scheme (the same to a few
+    percent in float64 and float32), and bfloat16's own gradient error is far above float32
+    rounding."""
+    row = ap.measure("euler", 4)
+    assert 1e-3 < row["float64"] < 1.0
+    assert math.isclose(row["float32"], row["float64"], rel_tol=0.05)
+    assert 1e-5 < row["bfloat16_floor"] < 0.1
+    assert row["mixed_bfloat16"] > 0
