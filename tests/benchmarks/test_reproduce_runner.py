@@ -107,6 +107,26 @@ def test_memory_section_verdict_follows_the_measured_growth(adjoint_grows):
         assert "measurement agrees" in text and "N^0.00 with the adjoint" in text
 
 
+def test_memory_section_predicts_one_forward_per_step_where_the_evaluation_is_reused():
+    rows = [_worker_row(i, n, mode, 10.0) for i in ("euler", "reversible_heun")
+            for n in (8, 64) for mode in ("backprop", "adjoint")]
+    table = gm.aggregate(rows)
+    paired = [{"integrator": i, "n": 32, "step_s": {"backprop": 1.0, "adjoint": 1.5, "fwd": 0.25},
+               "ratio": {"adjoint": 1.5}} for i in ("euler", "reversible_heun")]
+    result = {"sweep": memory_time.QUICK, "batch": 32, "paired": paired, "figures": ["m", "t"],
+              "stage": [{"integrator": k[1], "n": k[2], "mode": k[3], **v}
+                        for k, v in table.items()]}
+    text = "\n".join(memory_time.report(result))
+    assert ("- euler, N = 32, steps alternated in one process: adjoint 1.500 s vs backprop "
+            "1.000 s per step = 1.50×; a forward pass takes 0.250 s, so one reverse step plus "
+            "one recomputation per step predicts 1 + 2·forward/backprop = 1.50×.") in text
+    assert ("reversible_heun, N = 32, steps alternated in one process: adjoint 1.500 s vs "
+            "backprop 1.000 s per step = 1.50×; a forward pass takes 0.250 s, so one reverse "
+            "step whose evaluation the product reuses per step predicts 1 + forward/backprop "
+            "= 1.25×.") in text
+    assert "does not do yet" not in text and "about one extra forward per step" in text
+
+
 def test_runner_module_and_cli_share_one_parser():
     parser = runner.build_parser()
     args = parser.parse_args(["--quick", "--only", "lm_resnet"])
