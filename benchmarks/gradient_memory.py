@@ -965,8 +965,9 @@ def _cost_model_section(table: dict) -> list[str]:
     ]
 
 
-def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
-    """``out/gradients.md``: every number comes from ``table``; ``record``'s header first."""
+def write_doc(table: dict, meta: dict, out: Path, record=None,
+              name: str = "gradients.md") -> Path:
+    """``out/<name>``: every number comes from ``table``; ``record``'s header first."""
     lines = [
         *([*run_record.page_header(record), ""] if record else []),
         *DOC_HEAD,
@@ -997,9 +998,9 @@ def write_doc(table: dict, meta: dict, out: Path, record=None) -> Path:
         *_cost_model_section(table),
         *notes(table),
         "",
-        *GUARD_SECTION,
+        *(GUARD_SECTION if name == "gradients.md" else []),
     ]
-    return run_record.write_page(out / "gradients.md", lines)
+    return run_record.write_page(out / name, lines)
 
 
 # A page without the depth sweep points to the pages that measure what it leaves out.
@@ -1350,8 +1351,9 @@ def run_all(args) -> None:
     }
     plot(table, out)
     run_record.finish_record(record)
-    path = write_doc(table, meta, out, record)
-    run_record.write_record(path, record, results, claims(table))
+    path = write_doc(table, meta, out, record, args.page)
+    run_record.write_record(path, record, results,
+                            claims(table, page=run_record.page_of(path)))
     print(f"wrote {path} and its .json", flush=True)
 
 
@@ -1360,7 +1362,10 @@ def main(argv=None) -> None:
         description="Peak training memory and step time of the gradient modes.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="smaller sweep (≈ 20 min on 2 cores)")
-    parser.add_argument("--out", default="docs", help="directory for gradients.md and plots")
+    parser.add_argument("--out", default="docs", help="directory for the page and plots")
+    parser.add_argument("--page", default="gradients.md",
+                        help="the page's file name (the depth sweep alone: gradients_depth.md; "
+                        "its claims name this page)")
     sweeps = ["stage", "timing", "overhead", "xla", "zoo", "zoo-timing", "depth"]
     parser.add_argument("--sweeps", nargs="+", default=sweeps, choices=sweeps)
     parser.add_argument("--depths", type=int, nargs="+", choices=depth_memory.DEPTHS,

@@ -208,6 +208,32 @@ def test_page_has_the_depth_section_targets_and_plot(tmp_path):
     assert "## Findings" not in text and "Cost model" not in text and "nan" not in text
     assert gm.plot(table, tmp_path) == ["gradients_depth.png"]
     assert (tmp_path / "gradients_depth.png").stat().st_size > 1000
+    assert "## Whole networks" not in text  # the depth sweep is here: no pointer to it
+
+
+def test_depth_sweep_alone_writes_its_own_page_and_claims_name_it(tmp_path, monkeypatch):
+    """``--merge A.json --page gradients_depth.md``: the page under that name, without the
+    stage pages' guard section, its claims naming it; the full page has the guard section
+    and, without depth results, points to the depth page."""
+    import json
+
+    rows = synthetic(lambda d: 1.0, lambda d: 1.2)
+    for r in rows:
+        r["command"] = "python -m benchmarks.gradient_memory --sweeps depth"
+        r["load_at_start"] = 0.2
+    merged = tmp_path / "depth.json"
+    merged.write_text(json.dumps(rows))
+    monkeypatch.setattr(gm, "plot", lambda table, out, **kw: [])
+    gm.main(["--merge", str(merged), "--out", str(tmp_path), "--page", "gradients_depth.md"])
+    text = (tmp_path / "gradients_depth.md").read_text()
+    assert "## Sweep 3" in text and "## The gradient guard's error" not in text
+    claims = json.loads((tmp_path / "gradients_depth.json").read_text())["claims"]
+    assert claims and {c["page"] for c in claims} == {"docs/gradients_depth.md"}
+    assert not (tmp_path / "gradients.md").exists()
+    meta = {"machine": "test", "commands": [], "wall_s": 0, "notes": []}
+    full = gm.write_doc({}, meta, tmp_path).read_text()
+    assert "## The gradient guard's error" in full
+    assert "[gradients_depth.md](gradients_depth.md)" in full
 
 
 class _Model:
