@@ -13,6 +13,11 @@ counterpart than that, so where the float32 curve falls below it, the bfloat16 c
 Target (the bfloat16 curve follows float32's): 0.5 ≤ error(bfloat16) / error(float32) ≤ 2 at
 every N ≤ 64, decided twice: at every N, and at the N where the float32 error is above twice
 bfloat16's own gradient error (what a bfloat16 adjoint can resolve).
+
+Second part, the exact reversals at full size: the zoo's reversible-Heun, momentum and RevNet
+ResNets (56/38 and 110 layers, 32×32×3, batch 8, same seed in both precisions), the guard's
+error in float32 and under mixed_bfloat16 (whose residual stream stays float32); target under
+mixed_bfloat16: ≤ 1e-3.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ PRECISIONS = ("float64", "float32", "mixed_bfloat16")
 WIDTH, BATCH, CLASSES = 8, 64, 3
 FACTOR = 2.0  # the bfloat16 curve within this factor of the float32 one
 ORDERS = {"euler": 1, "heun": 2}
+EXACT_MODELS = ("revheun_resnet56", "momentum_resnet56", "revnet38",
+                "revheun_resnet110", "momentum_resnet110", "revnet110")
+EXACT_PRECISIONS = ("float32", "mixed_bfloat16")
+EXACT_TARGET = 1e-3
+EXACT_BATCH, EXACT_SIZE = 8, 32
 
 
 def _backprop_gradients(model, x, y) -> list:
@@ -71,6 +81,71 @@ def measure(integrator: str, n: int, seed: int = 0) -> dict:
     row["bfloat16_floor"] = _relative(_backprop_gradients(models["mixed_bfloat16"], x, y),
                                       _backprop_gradients(models["float32"], x, y))
     return row
+
+
+def measure_exact(name: str, seed: int = 1) -> dict:
+    """The guard's report on zoo model ``name`` (full depth, 32×32×3, 10 classes) in float32
+    and under mixed_bfloat16: the same seed, hence the same weights, and the same batch."""
+    import keras
+
+    import zoo
+    from kode.tools.guard import check_gradients
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((EXACT_BATCH, EXACT_SIZE, EXACT_SIZE, 3)).astype("float32")
+    y = np.arange(EXACT_BATCH) % 10
+    row = {"model": name}
+    previous = keras.mixed_precision.global_policy()
+    try:
+        for precision in EXACT_PRECISIONS:
+            keras.mixed_precision.set_global_policy(precision)
+            keras.utils.set_random_seed(seed)
+            model = zoo.create_model(name, input_shape=x.shape[1:], classes=10)
+            report = check_gradients(model, x, y)
+            row[precision] = {
+                "max_error": report.max_error, "model_error": report.model_error,
+                "reconstruction": max(s.reconstruction_error for s in report.stages),
+                "stages": len(report.stages)}
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    return row
+
+
+def exact_claims(rows: list[dict]) -> list[dict]:
+    """Per model: the largest stage error under mixed_bfloat16 against :data:`EXACT_TARGET`."""
+    page = run_record.page_of(PAGE)
+    out = []
+    for r in rows:
+        value = r["mixed_bfloat16"]["max_error"]
+        out.append(run_record.claim(
+            f"adjoint-precision.{r['model']}.mixed-bfloat16",
+            f"{r['model']} (32×32×3, batch {EXACT_BATCH}) under mixed_bfloat16: adjoint vs "
+            "backprop relative gradient error, largest over its stages",
+            value, unit="", target=f"≤ {EXACT_TARGET:g}", page=page,
+            verdict="met" if value <= EXACT_TARGET else "missed"))
+    return out
+
+
+def exact_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Exact reversals at full size", "",
+             f"`zoo.create_model(name)` at 32×32×3 and 10 classes, batch {EXACT_BATCH} of "
+             "standard-normal images, the same seed (so the same weights) in both precisions; "
+             "the guard's error (largest over the stages, and of the whole model's gradient) "
+             "and the reconstruction error max |x_0 − x̂_0| / max |x_0| after N steps forward "
+             "and N reverse steps.", "",
+             "| model | stages | float32 error | mixed_bfloat16 error | mixed_bfloat16 "
+             "whole-model error | mixed_bfloat16 reconstruction |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        f32, bf16 = r["float32"], r["mixed_bfloat16"]
+        lines.append(f"| `{r['model']}` | {bf16['stages']} | {f32['max_error']:.1e} | "
+                     f"{bf16['max_error']:.1e} | {bf16['model_error']:.1e} | "
+                     f"{bf16['reconstruction']:.1e} |")
+    lines += [""] + [f"- {c['claim']}: {c['value']:.2g}; target {c['target']}: "
+                     f"**{c['verdict']}**" for c in exact_claims(rows)] + [""]
+    return lines
 
 
 def order(rows: list[dict], precision: str) -> float:
@@ -152,7 +227,8 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def page(record: run_record.RunRecord, rows: list[dict], image: str) -> list[str]:
+def page(record: run_record.RunRecord, rows: list[dict], image: str,
+         exact: list[dict] = ()) -> list[str]:
     lines = ["# Adjoint gradient error in float64, float32 and mixed_bfloat16", "",
              *run_record.page_header(record), "",
              "One `IntegratorStage` of N residual functions f_n(x) = tanh(x W(t_n) + b(t_n)) "
@@ -177,13 +253,16 @@ def page(record: run_record.RunRecord, rows: list[dict], image: str) -> list[str
         lines.append(f"- {c['claim']}: {value}{low}; target {c['target']}: **{c['verdict']}**")
     lines += ["", "Where the float32 error falls below bfloat16's own gradient error, an adjoint "
               "computed with bfloat16 residual functions cannot follow it: its error there is "
-              "that of bfloat16 itself, which backprop under mixed_bfloat16 has too."]
+              "that of bfloat16 itself, which backprop under mixed_bfloat16 has too.", "",
+              *exact_section(list(exact))]
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", type=int, nargs="+", default=list(NS))
+    parser.add_argument("--exact-models", nargs="*", default=list(EXACT_MODELS),
+                        help="zoo models of the full-size part (none: skip it)")
     parser.add_argument("--out", default="docs", help="directory for the page, .json, .png")
     run_record.add_allow_load(parser)
     args = parser.parse_args(argv)
@@ -198,12 +277,18 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{integrator} N={n}: " + ", ".join(
                 f"{k} {r[k]:.2e}" for k in (*PRECISIONS, "bfloat16_floor")), flush=True)
+    exact = []
+    for name in args.exact_models:
+        exact.append(measure_exact(name))
+        print(f"{name}: " + ", ".join(f"{p} {exact[-1][p]['max_error']:.2e}"
+                                      for p in EXACT_PRECISIONS), flush=True)
     run_record.finish_record(record)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image = plot(rows, out / "adjoint_precision.png")
-    run_record.write_page(out / PAGE, page(record, rows, image.name))
-    run_record.write_record(out / PAGE, record, rows, claims(rows))
+    run_record.write_page(out / PAGE, page(record, rows, image.name, exact))
+    run_record.write_record(out / PAGE, record, {"curves": rows, "exact": exact},
+                            claims(rows) + exact_claims(exact))
     print(f"wrote {out / PAGE}")
     return 0
 

@@ -76,3 +76,30 @@ def test_one_real_measurement_orders_the_precisions():
     assert math.isclose(row["float32"], row["float64"], rel_tol=0.05)
     assert 1e-5 < row["bfloat16_floor"] < 0.1
     assert row["mixed_bfloat16"] > 0
+
+
+def _exact_row(name, bf16_error):
+    report = {"max_error": bf16_error, "model_error": bf16_error / 2,
+              "reconstruction": 1e-7, "stages": 3}
+    return {"model": name, "float32": {**report, "max_error": 1e-6},
+            "mixed_bfloat16": report}
+
+
+def test_exact_families_are_held_to_1e_3_under_mixed_bfloat16():
+    rows = [_exact_row("revheun_resnet56", 4e-4), _exact_row("revnet110", 2e-3)]
+    claims = {c["id"]: c for c in ap.exact_claims(rows)}
+    assert claims["adjoint-precision.revheun_resnet56.mixed-bfloat16"]["verdict"] == "met"
+    assert claims["adjoint-precision.revnet110.mixed-bfloat16"]["verdict"] == "missed"
+    record.check_claims(list(claims.values()))
+    text = "\n".join(ap.exact_section(rows))
+    assert "| `revnet110` | 3 | 1.0e-06 | 2.0e-03 | 1.0e-03 | 1.0e-07 |" in text
+    assert text.count("**met**") == 1 and text.count("**missed**") == 1
+
+
+@pytest.mark.bfloat16
+def test_one_real_exact_family_under_both_precisions():
+    """revheun_resnet20 at full size: exact in float32, and within the target under
+    mixed_bfloat16 (the float32 residual stream)."""
+    row = ap.measure_exact("revheun_resnet20")
+    assert row["float32"]["max_error"] < 1e-4 and row["float32"]["stages"] == 3
+    assert row["mixed_bfloat16"]["max_error"] <= ap.EXACT_TARGET
