@@ -39,8 +39,12 @@ PRECISIONS = ("float64", "float32", "mixed_bfloat16")
 WIDTH, BATCH, CLASSES = 8, 64, 3
 FACTOR = 2.0  # the bfloat16 curve within this factor of the float32 one
 ORDERS = {"euler": 1, "heun": 2}
-EXACT_MODELS = ("revheun_resnet56", "momentum_resnet56", "revnet38",
-                "revheun_resnet110", "momentum_resnet110", "revnet110")
+#: (zoo name, step size): the builders' default (h = 1 per step, as a classic ResNet) at two
+#: depths, and h = T/N (``step_size="ode"``) at the first.
+EXACT_MODELS = tuple((m, None) for m in (
+    "revheun_resnet56", "momentum_resnet56", "revnet38",
+    "revheun_resnet110", "momentum_resnet110", "revnet110")) + tuple(
+    (m, "ode") for m in ("revheun_resnet56", "momentum_resnet56", "revnet38"))
 EXACT_PRECISIONS = ("float32", "mixed_bfloat16")
 EXACT_TARGET = 1e-3
 EXACT_BATCH, EXACT_SIZE = 8, 32
@@ -83,27 +87,33 @@ def measure(integrator: str, n: int, seed: int = 0) -> dict:
     return row
 
 
-def measure_exact(name: str, seed: int = 1) -> dict:
-    """The guard's report on zoo model ``name`` (full depth, 32×32×3, 10 classes) in float32
-    and under mixed_bfloat16: the same seed, hence the same weights, and the same batch."""
+def measure_exact(name: str, step_size: str | None = None, seed: int = 1) -> dict:
+    """The guard's report on zoo model ``name`` (full depth, 32×32×3, 10 classes; the
+    builder's ``step_size`` unless given) in float32 and under mixed_bfloat16: the same seed,
+    hence the same weights, and the same batch."""
     import keras
 
     import zoo
+    from kode.layers.stage import integrator_stages
     from kode.tools.guard import check_gradients
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((EXACT_BATCH, EXACT_SIZE, EXACT_SIZE, 3)).astype("float32")
     y = np.arange(EXACT_BATCH) % 10
-    row = {"model": name}
+    row = {"model": name, "step_size": step_size}
+    options = {} if step_size is None else {"step_size": step_size}
     previous = keras.mixed_precision.global_policy()
     try:
         for precision in EXACT_PRECISIONS:
             keras.mixed_precision.set_global_policy(precision)
             keras.utils.set_random_seed(seed)
-            model = zoo.create_model(name, input_shape=x.shape[1:], classes=10)
+            model = zoo.create_model(name, input_shape=x.shape[1:], classes=10, **options)
             report = check_gradients(model, x, y)
+            streams = sorted({s.stream_dtype for s in integrator_stages(model)})
             row[precision] = {
+                "stream": ", ".join(streams),
                 "max_error": report.max_error, "model_error": report.model_error,
+                "h": [s.step_size for s in report.stages],
                 "reconstruction": max(s.reconstruction_error for s in report.stages),
                 "stages": len(report.stages)}
     finally:
@@ -117,10 +127,12 @@ def exact_claims(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         value = r["mixed_bfloat16"]["max_error"]
+        ode = r.get("step_size") == "ode"
         out.append(run_record.claim(
-            f"adjoint-precision.{r['model']}.mixed-bfloat16",
-            f"{r['model']} (32×32×3, batch {EXACT_BATCH}) under mixed_bfloat16: adjoint vs "
-            "backprop relative gradient error, largest over its stages",
+            f"adjoint-precision.{r['model']}{'-ode' if ode else ''}.mixed-bfloat16",
+            f"{r['model']}{' (step_size=ode)' if ode else ''} (32×32×3, batch {EXACT_BATCH}) "
+            "under mixed_bfloat16: adjoint vs backprop relative gradient error, largest over "
+            "its stages",
             value, unit="", target=f"≤ {EXACT_TARGET:g}", page=page,
             verdict="met" if value <= EXACT_TARGET else "missed"))
     return out
@@ -135,14 +147,17 @@ def exact_section(rows: list[dict]) -> list[str]:
              "the guard's error (largest over the stages, and of the whole model's gradient) "
              "and the reconstruction error max |x_0 − x̂_0| / max |x_0| after N steps forward "
              "and N reverse steps.", "",
-             "| model | stages | float32 error | mixed_bfloat16 error | mixed_bfloat16 "
-             "whole-model error | mixed_bfloat16 reconstruction |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| model | h per step | float32 error | float32 reconstruction | "
+             "mixed_bfloat16 stream | mixed_bfloat16 error | mixed_bfloat16 whole-model error "
+             "| mixed_bfloat16 reconstruction |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         f32, bf16 = r["float32"], r["mixed_bfloat16"]
-        lines.append(f"| `{r['model']}` | {bf16['stages']} | {f32['max_error']:.1e} | "
-                     f"{bf16['max_error']:.1e} | {bf16['model_error']:.1e} | "
-                     f"{bf16['reconstruction']:.1e} |")
+        h = ", ".join(f"{v:.3g}" for v in bf16.get("h", [])) or "—"
+        lines.append(f"| `{r['model']}` | {h} | {f32['max_error']:.1e} | "
+                     f"{f32['reconstruction']:.1e} | {bf16.get('stream', '—')} | "
+                     f"{bf16['max_error']:.1e} | "
+                     f"{bf16['model_error']:.1e} | {bf16['reconstruction']:.1e} |")
     lines += [""] + [f"- {c['claim']}: {c['value']:.2g}; target {c['target']}: "
                      f"**{c['verdict']}**" for c in exact_claims(rows)] + [""]
     return lines
@@ -162,7 +177,7 @@ def resolvable(row: dict) -> bool:
 def _within(rows: list[dict]) -> tuple[str, float, float]:
     ratios = [r["mixed_bfloat16"] / r["float32"] for r in rows]
     if not ratios:
-        return "not measured", float("nan"), float("nan")
+        return "not decided", float("nan"), float("nan")
     ok = all(1 / FACTOR <= q <= FACTOR for q in ratios)
     return ("met" if ok else "missed"), min(ratios), max(ratios)
 
@@ -261,8 +276,10 @@ def page(record: run_record.RunRecord, rows: list[dict], image: str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", type=int, nargs="+", default=list(NS))
-    parser.add_argument("--exact-models", nargs="*", default=list(EXACT_MODELS),
-                        help="zoo models of the full-size part (none: skip it)")
+    parser.add_argument("--exact-models", nargs="*",
+                        default=[m if h is None else f"{m}:{h}" for m, h in EXACT_MODELS],
+                        help="zoo models of the full-size part, NAME or NAME:ode (none: "
+                        "skip it)")
     parser.add_argument("--out", default="docs", help="directory for the page, .json, .png")
     run_record.add_allow_load(parser)
     args = parser.parse_args(argv)
@@ -278,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{integrator} N={n}: " + ", ".join(
                 f"{k} {r[k]:.2e}" for k in (*PRECISIONS, "bfloat16_floor")), flush=True)
     exact = []
-    for name in args.exact_models:
-        exact.append(measure_exact(name))
-        print(f"{name}: " + ", ".join(f"{p} {exact[-1][p]['max_error']:.2e}"
+    for spec in args.exact_models:
+        name, _, step_size = spec.partition(":")
+        exact.append(measure_exact(name, step_size or None))
+        print(f"{spec}: " + ", ".join(f"{p} {exact[-1][p]['max_error']:.2e}"
                                       for p in EXACT_PRECISIONS), flush=True)
     run_record.finish_record(record)
     out = Path(args.out)

@@ -77,13 +77,14 @@ class IntegratorStage(TrackedChildren, layers.Layer):
     Precision: the residual stream (the integrator's whole state: x, LM's history, momentum's
     velocity, reversible Heun's second copy, RevNet's halves) is carried in
     :attr:`stream_dtype`, the policy's variable dtype: float32 under ``mixed_bfloat16`` and
-    ``mixed_float16`` (float64 for an integrator that declares it needs more: momentum).
+    ``mixed_float16`` (float64 for an integrator that declares it needs more: the exact
+    reversals, momentum, reversible Heun and RevNet).
     Each f_n runs in the compute dtype on the state cast down, its output is cast up before
-    the update, so every integrator's arithmetic, forward and reverse, happens in float32:
-    an exact reversal rebuilds the float32 state to float32 rounding, and casting it down
+    the update, so every integrator's arithmetic, forward and reverse, happens in the stream's
+    dtype: an exact reversal rebuilds the state to that dtype's rounding, and casting it down
     gives f_n the very low-precision input the forward gave it. Input and
     output stay in the compute dtype (the Keras contract between layers; transitions, stem and
-    head follow the policy), so the stream is float32 within a stage, and saved models,
+    head follow the policy), so the wider stream stays within a stage, and saved models,
     exported signatures and weights are the same as before.
     """
 
@@ -160,7 +161,7 @@ class IntegratorStage(TrackedChildren, layers.Layer):
         """The dtype of the residual stream: the compute dtype under a plain policy (float32,
         float16…); under a mixed one (compute dtype narrower than the variables') the
         variables' float32, or the wider dtype the integrator asks for
-        (``Integrator.mixed_precision_stream``: momentum's amplifying reversal)."""
+        (``Integrator.mixed_precision_stream``: the exact reversals)."""
         compute, variable = self.compute_dtype, self.variable_dtype
         if compute == variable or not keras.backend.is_float_dtype(variable):
             return compute

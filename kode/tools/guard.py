@@ -106,8 +106,11 @@ def _worst(errors: tuple[float, ...], error: float) -> float:
 
 
 def _least(errors: list[float]) -> float:
-    """min, nan if any is nan (a stage without gradients has nan at every point)."""
-    return float("nan") if any(math.isnan(e) for e in errors) else min(errors)
+    """min, nan if any is nan (a stage without gradients has nan at every point), inf if any
+    is inf: a non-finite gradient at one point is wrong, not a tie at a ReLU kink."""
+    if any(math.isnan(e) for e in errors):
+        return float("nan")
+    return float("inf") if any(math.isinf(e) for e in errors) else min(errors)
 
 
 def check_tolerance(tolerance: float) -> float:
@@ -125,12 +128,17 @@ def _gradients(model, loss_fn, x, y) -> list:
 
 
 def _relative(got: list, want: list) -> float:
+    """‖got − want‖ / ‖want‖ (float64 sums); nan without tensors (nothing to compare), inf
+    when either side has a non-finite value, so that the guard flags it."""
     if not want:
         return float("nan")
-    num = math.sqrt(sum(float(tf.reduce_sum(tf.square(a - b))) for a, b in zip(got, want,
-                                                                            strict=True)))
-    den = math.sqrt(sum(float(tf.reduce_sum(tf.square(b))) for b in want))
-    return num / den if den > 0 else num
+    num = math.sqrt(sum(float(tf.reduce_sum(tf.square(tf.cast(a, tf.float64)
+                                                      - tf.cast(b, tf.float64))))
+                        for a, b in zip(got, want, strict=True)))
+    den = math.sqrt(sum(float(tf.reduce_sum(tf.square(tf.cast(b, tf.float64))))
+                        for b in want))
+    error = num / den if den > 0 else num
+    return error if math.isfinite(error) else float("inf")
 
 
 #: relative size of the nearby batches' perturbation: far above float32 rounding (a tie at a

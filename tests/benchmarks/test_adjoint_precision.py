@@ -51,10 +51,10 @@ def test_a_bfloat16_curve_far_above_float32_where_resolvable_misses():
     assert claims["adjoint-precision.euler.resolvable-n"]["value"] == pytest.approx(5.0)
 
 
-def test_no_resolvable_n_is_not_measured():
+def test_no_resolvable_n_leaves_the_target_undecided():
     claims = _claims(_rows("euler", lambda n, f32: f32, floor=1.0))
     c = claims["adjoint-precision.euler.resolvable-n"]
-    assert c["verdict"] == "not measured" and c["value"] is None and "none" in c["claim"]
+    assert c["verdict"] == "not decided" and c["value"] is None and "none" in c["claim"]
 
 
 def test_page_has_the_table_the_figure_and_every_verdict():
@@ -78,22 +78,26 @@ def test_one_real_measurement_orders_the_precisions():
     assert row["mixed_bfloat16"] > 0
 
 
-def _exact_row(name, bf16_error):
+def _exact_row(name, bf16_error, step_size=None):
     report = {"max_error": bf16_error, "model_error": bf16_error / 2,
-              "reconstruction": 1e-7, "stages": 3}
-    return {"model": name, "float32": {**report, "max_error": 1e-6},
+              "reconstruction": 1e-7, "stages": 3, "h": [1.0, 1.0, 1.0], "stream": "float64"}
+    return {"model": name, "step_size": step_size, "float32": {**report, "max_error": 1e-6},
             "mixed_bfloat16": report}
 
 
 def test_exact_families_are_held_to_1e_3_under_mixed_bfloat16():
-    rows = [_exact_row("revheun_resnet56", 4e-4), _exact_row("revnet110", 2e-3)]
+    rows = [_exact_row("revheun_resnet56", 4e-4), _exact_row("revnet110", 2e-3),
+            _exact_row("revheun_resnet56", 3e-2, "ode")]
     claims = {c["id"]: c for c in ap.exact_claims(rows)}
     assert claims["adjoint-precision.revheun_resnet56.mixed-bfloat16"]["verdict"] == "met"
     assert claims["adjoint-precision.revnet110.mixed-bfloat16"]["verdict"] == "missed"
+    ode = claims["adjoint-precision.revheun_resnet56-ode.mixed-bfloat16"]
+    assert ode["verdict"] == "missed" and "(step_size=ode)" in ode["claim"]
     record.check_claims(list(claims.values()))
     text = "\n".join(ap.exact_section(rows))
-    assert "| `revnet110` | 3 | 1.0e-06 | 2.0e-03 | 1.0e-03 | 1.0e-07 |" in text
-    assert text.count("**met**") == 1 and text.count("**missed**") == 1
+    assert ("| `revnet110` | 1, 1, 1 | 1.0e-06 | 1.0e-07 | float64 | 2.0e-03 | 1.0e-03 | "
+            "1.0e-07 |") in text
+    assert text.count("**met**") == 1 and text.count("**missed**") == 2
 
 
 @pytest.mark.bfloat16
@@ -103,3 +107,4 @@ def test_one_real_exact_family_under_both_precisions():
     row = ap.measure_exact("revheun_resnet20")
     assert row["float32"]["max_error"] < 1e-4 and row["float32"]["stages"] == 3
     assert row["mixed_bfloat16"]["max_error"] <= ap.EXACT_TARGET
+    assert row["mixed_bfloat16"]["stream"] == "float64" and row["float32"]["stream"] == "float32"

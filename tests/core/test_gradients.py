@@ -185,6 +185,32 @@ def test_guard_reports_exact_and_inaccurate_stages():
     assert all(s.gradient == "backprop" for s in model._flatten_layers() if hasattr(s, "h"))
 
 
+def test_guard_flags_a_non_finite_adjoint_gradient_instead_of_hiding_it(monkeypatch):
+    """A NaN in the checked mode's gradients (at any one of the guard's points) is an error
+    of inf: above every tolerance, in the report's maximum and its table; before, the stage's
+    error was NaN, which passed every tolerance and counted as 0 in ``max_error``."""
+    import zoo
+    from kode.tools import guard
+
+    real, calls = guard._gradients, []
+
+    def gradients(model, loss_fn, x, y):
+        grads = real(model, loss_fn, x, y)
+        calls.append(None)
+        if len(calls) == 4:  # the second point's adjoint gradients
+            grads = [g * float("nan") for g in grads]
+        return grads
+
+    monkeypatch.setattr(guard, "_gradients", gradients)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 1)).astype("float32")
+    report = guard.check_gradients(zoo.create_model("revheun_resnet20", depth=8,
+                                                    input_shape=(8, 8, 1)), x, np.arange(4))
+    assert all(s.gradient_error == float("inf") for s in report.stages)
+    assert report.max_error == float("inf") and report.model_error == float("inf")
+    assert len(report.inaccurate(0.05)) == len(report.stages)
+    assert "inf" in report.format()
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("model_name, depth", [
     ("revheun_resnet20", 8), ("momentum_resnet20", 8), ("revnet38", 14)])

@@ -1,6 +1,8 @@
 """Mixed precision (issue 20): the residual stream of every integrator stage is carried in
-float32 (float64 for momentum) while the residual functions compute in bfloat16, so exact
-reversals stay exact and the adjoint matches backprop under ``mixed_bfloat16``.
+float32 (float64 for the exact reversals) while the residual functions compute in bfloat16,
+so exact reversals stay exact and the adjoint matches backprop under ``mixed_bfloat16``.
+(At full size a float32 stream was not enough for reversible Heun and RevNet either:
+benchmarks.adjoint_precision measured 0.18 and 0.19 for revheun_resnet56 and revnet110.)
 
 Measured before the float32 stream (the whole state in bfloat16), guard error adjoint vs
 backprop, 16×16×3 batch of 8: revheun_resnet20 1.6e-1, revnet14 4.0e-2, momentum_resnet20
