@@ -353,13 +353,15 @@ def report(result: dict) -> list[str]:
         "backprop: " + ", ".join(f"{ratio[m]:.2f} at ×{m}" for m in ratio) + ".",
         "",
         "Agreement with Sander et al. (Table 2: adjoint fine-tuning of a refined pretrained "
-        "ResNet recovers the accuracy): "
+        f"ResNet recovers the accuracy), at the fixed factors m = "
+        f"{', '.join(str(m) for m in FACTORS)} (`--refine auto` below may choose a larger "
+        "one): "
         + ("agrees at this scale: the adjoint's fine-tuned accuracy is within "
            f"{TOLERANCE * 100:.0f} point of backprop's at every m. " if len(recovered) ==
            len(FACTORS) else
            f"agrees at {', '.join(f'×{m}' for m in recovered)} only (within "
            f"{TOLERANCE * 100:.0f} point of backprop). " if recovered else
-           "does NOT agree at this scale in the strict sense: at no m is the adjoint's "
+           "does NOT agree at these m in the strict sense: at none of them is the adjoint's "
            f"fine-tuned accuracy within {TOLERANCE * 100:.0f} point of backprop's. ")
         + ("It agrees in direction: the guard error falls as m grows and the accuracy gap "
            "shrinks with it (" + " → ".join(f"{gap[m] * 100:.1f}" for m in FACTORS)

@@ -152,9 +152,10 @@ def test_main_rewrites_only_the_marked_block(tmp_path, capsys):
     readme.write_text(before + after)
     assert readme_results.main(["--readme", str(readme), "--docs", str(tmp_path)]) == 0
     text = readme.read_text()
-    assert text == before.replace("| old |\n", "") + readme_results.render(tmp_path) + "\n" \
-        + after
-    assert readme_results.block(text) == readme_results.render(tmp_path)
+    table = readme_results.render(tmp_path, targets_only=True)
+    assert text == before.replace("| old |\n", "") + table + "\n" + after
+    assert readme_results.block(text) == table
+    assert "| — | measured |" not in table and "| met |" in table  # no row without a target
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     readme.write_text("# kode\nno markers\n")
     assert readme_results.main(["--readme", str(readme), "--docs", str(tmp_path)]) == 1
