@@ -119,7 +119,9 @@ def check_tolerance(tolerance: float) -> float:
     return float(tolerance)
 
 
-def _gradients(model, loss_fn, x, y) -> list:
+def model_gradients(model: keras.Model, loss_fn: keras.losses.Loss, x, y) -> list:
+    """∂loss/∂w for every trainable variable of ``model`` in training mode (zeros where a
+    variable gets none), as the model's gradient modes compute it."""
     with tf.GradientTape() as tape:
         loss = loss_fn(y, model(x, training=True))
     return [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
@@ -127,7 +129,7 @@ def _gradients(model, loss_fn, x, y) -> list:
                             model.trainable_variables, strict=True)]
 
 
-def _relative(got: list, want: list) -> float:
+def relative_error(got: list, want: list) -> float:
     """‖got − want‖ / ‖want‖ (float64 sums); nan without tensors (nothing to compare), inf
     when either side has a non-finite value, so that the guard flags it."""
     if not want:
@@ -195,18 +197,18 @@ def check_gradients(
         for batch in batches:
             for layer in [*stages, *outside]:
                 layer.gradient = BACKPROP
-            reference = _gradients(model, loss_fn, batch, y)
+            reference = model_gradients(model, loss_fn, batch, y)
             _restore(model, saved_state)
             for s, m in zip(stages, used, strict=True):
                 s.gradient = m
             for layer, m in zip(outside, outside_modes, strict=True):
                 layer.gradient = m
-            measured = _gradients(model, loss_fn, batch, y)
+            measured = model_gradients(model, loss_fn, batch, y)
             _restore(model, saved_state)
             for errors, where in zip(stage_errors, positions, strict=True):
-                errors.append(_relative([measured[i] for i in where],
+                errors.append(relative_error([measured[i] for i in where],
                                         [reference[i] for i in where]))
-            model_errors.append(_relative(measured, reference))
+            model_errors.append(relative_error(measured, reference))
         received = stage_inputs(model, x, training=True, stages=stages)
         _restore(model, saved_state)
     finally:

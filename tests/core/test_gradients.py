@@ -192,7 +192,7 @@ def test_guard_flags_a_non_finite_adjoint_gradient_instead_of_hiding_it(monkeypa
     import zoo
     from kode.tools import guard
 
-    real, calls = guard._gradients, []
+    real, calls = guard.model_gradients, []
 
     def gradients(model, loss_fn, x, y):
         grads = real(model, loss_fn, x, y)
@@ -201,7 +201,7 @@ def test_guard_flags_a_non_finite_adjoint_gradient_instead_of_hiding_it(monkeypa
             grads = [g * float("nan") for g in grads]
         return grads
 
-    monkeypatch.setattr(guard, "_gradients", gradients)
+    monkeypatch.setattr(guard, "model_gradients", gradients)
     x = np.random.default_rng(0).standard_normal((4, 8, 8, 1)).astype("float32")
     report = guard.check_gradients(zoo.create_model("revheun_resnet20", depth=8,
                                                     input_shape=(8, 8, 1)), x, np.arange(4))

@@ -22,7 +22,7 @@ import tensorflow as tf
 import zoo
 from kode import IntegratorStage
 from kode.testing.models import reduced_overrides, smooth_dense_classifier
-from kode.tools.guard import check_gradients
+from kode.tools.guard import check_gradients, model_gradients, relative_error
 from zoo.registry import family_integrator
 
 pytestmark = pytest.mark.bfloat16
@@ -80,17 +80,6 @@ def test_checkpoint_matches_backprop_under_mixed_bfloat16(name):
     assert report.max_error <= 1e-5 and report.model_error <= 1e-5, report.format()
 
 
-def _backprop_gradients(model, x, y):
-    with tf.GradientTape() as tape:
-        loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
-    return [tf.cast(g, tf.float64) for g in tape.gradient(loss, model.trainable_variables)]
-
-
-def _relative(got, want):
-    num = sum(float(tf.reduce_sum((a - b) ** 2)) for a, b in zip(got, want, strict=True))
-    return (num / sum(float(tf.reduce_sum(b ** 2)) for b in want)) ** 0.5
-
-
 @pytest.mark.numerics
 @pytest.mark.parametrize("integrator", ["euler", "heun"])
 def test_inexact_adjoint_error_curve_under_mixed_bfloat16_follows_float32(integrator):
@@ -111,8 +100,9 @@ def test_inexact_adjoint_error_curve_under_mixed_bfloat16_follows_float32(integr
         models = {dtype: smooth_dense_classifier(functions, integrator, dtype)
                   for dtype in ("float32", "mixed_bfloat16")}
         f32, bf16 = (check_gradients(m, x, y).max_error for m in models.values())
-        floor = _relative(_backprop_gradients(models["mixed_bfloat16"], x, y),
-                          _backprop_gradients(models["float32"], x, y))
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        floor = relative_error(model_gradients(models["mixed_bfloat16"], loss, x, y),
+                               model_gradients(models["float32"], loss, x, y))
         rows.append((n, f32, bf16, floor))
     print("\n" + "\n".join(f"N={n:3d} float32 {a:.3e} mixed_bfloat16 {b:.3e} ratio {b / a:6.2f}"
                            f" bfloat16 gradient error {c:.3e}" for n, a, b, c in rows))
