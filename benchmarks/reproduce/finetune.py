@@ -354,8 +354,9 @@ def report(result: dict) -> list[str]:
         "",
         "Agreement with Sander et al. (Table 2: adjoint fine-tuning of a refined pretrained "
         f"ResNet recovers the accuracy), at the fixed factors m = "
-        f"{', '.join(str(m) for m in FACTORS)} (`--refine auto` below may choose a larger "
-        "one): "
+        f"{', '.join(str(m) for m in FACTORS)}"
+        + (" (`--refine auto` below may choose a larger one)"
+           if any("auto" in run for run in runs) else "") + ": "
         + ("agrees at this scale: the adjoint's fine-tuned accuracy is within "
            f"{TOLERANCE * 100:.0f} point of backprop's at every m. " if len(recovered) ==
            len(FACTORS) else
