@@ -22,7 +22,6 @@ BEGIN = "<!-- results:begin (python -m benchmarks.readme_results) -->"
 END = "<!-- results:end -->"
 #: The README lists the claims that have a target, and those its prose points to (the quick
 #: start's accuracy and time); every value is on its page.
-README_TARGETS_ONLY = True
 README_ALSO = ("quickstart.accuracy", "quickstart.wall")
 HEADER = ["| claim | measured | target | verdict | load at start | page |",
           "|---|---:|---|---|---:|---|"]
@@ -67,16 +66,15 @@ def collect(docs_dir: str | Path) -> list[tuple[dict, RunRecord]]:
     return sorted(rows, key=lambda row: (row[0]["page"], row[0]["id"]))
 
 
-def render(docs_dir: str | Path = "docs", targets_only: bool = False,
-           also: tuple[str, ...] = ()) -> str:
+def render(docs_dir: str | Path = "docs", also: tuple[str, ...] | None = None) -> str:
     """The Markdown table (no markers): claim | measured (value [low, high]) | target |
     verdict | load at start | link to the page; a run under load shows its load in bold
-    and "under load" in the verdict. ``targets_only``: only the claims that have a target
-    and those whose id is in ``also`` (the README's table; the other measured values stay on
-    their pages)."""
+    and "under load" in the verdict. Every claim, or with ``also`` only the claims that have
+    a target and those whose id is in ``also`` (the README's table; the other measured values
+    stay on their pages)."""
     lines = list(HEADER)
     for c, record in collect(docs_dir):
-        if targets_only and c["verdict"] == "measured" and c["id"] not in also:
+        if also is not None and c["verdict"] == "measured" and c["id"] not in also:
             continue
         load = f"{record.load_before:.2f} / {record.cores} cores"
         verdict = c["verdict"]
@@ -115,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         text = replace_block(Path(args.readme).read_text(),
-                             render(args.docs, targets_only=README_TARGETS_ONLY,
-                                    also=README_ALSO))
+                             render(args.docs, also=README_ALSO))
     except (OSError, ValueError) as err:
         print(f"readme_results: {args.readme}: {err}", file=sys.stderr)
         return 1

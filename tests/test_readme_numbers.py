@@ -79,8 +79,7 @@ def test_the_results_block_is_generated_from_the_docs_json():
     assert readme_results.BEGIN in text and readme_results.END in text, (
         "README.md lacks the results markers")
     assert readme_results.block(text) == readme_results.render(
-        ROOT / "docs", targets_only=readme_results.README_TARGETS_ONLY,
-        also=readme_results.README_ALSO), (
+        ROOT / "docs", also=readme_results.README_ALSO), (
         "the README's results table is stale: run python -m benchmarks.readme_results")
 
 

@@ -152,11 +152,11 @@ def test_main_rewrites_only_the_marked_block(tmp_path, capsys):
     readme.write_text(before + after)
     assert readme_results.main(["--readme", str(readme), "--docs", str(tmp_path)]) == 0
     text = readme.read_text()
-    table = readme_results.render(tmp_path, targets_only=True, also=readme_results.README_ALSO)
+    table = readme_results.render(tmp_path, also=readme_results.README_ALSO)
     assert text == before.replace("| old |\n", "") + table + "\n" + after
     assert readme_results.block(text) == table
     assert "| — | measured |" not in table and "| met |" in table  # no row without a target
-    kept = readme_results.render(tmp_path, targets_only=True, also=("perf.alpha",))
+    kept = readme_results.render(tmp_path, also=("perf.alpha",))
     assert "| claim perf.alpha | 2,194 MB | — | measured |" in kept
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     readme.write_text("# kode\nno markers\n")
