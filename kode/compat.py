@@ -42,6 +42,30 @@ def input_signature(model: keras.Model) -> Any:
     return _attribute("keras.src.export.export_utils", "get_input_signature")(model)
 
 
+def op_determinism_enabled() -> bool:
+    """Whether ``tf.config.experimental.enable_op_determinism`` is in force (TensorFlow has
+    no public getter)."""
+    return bool(_attribute("tensorflow.python.framework.config", "is_op_determinism_enabled")())
+
+
+def disable_op_determinism() -> None:
+    """Undo ``tf.config.experimental.enable_op_determinism`` (no public call either): a run
+    that asked for determinism puts the process back as it found it."""
+    _attribute("tensorflow.python.framework.config", "disable_op_determinism")()
+
+
+def unsafe_deserialization_enabled() -> bool:
+    """Whether ``keras.config.enable_unsafe_deserialization`` was called (no public getter)."""
+    state = importlib.import_module("keras.src.backend.common.global_state")
+    return state.get_global_attribute("safe_mode_saving") is False
+
+
+def restore_safe_deserialization() -> None:
+    """Undo ``keras.config.enable_unsafe_deserialization`` (Keras has no call for it)."""
+    state = importlib.import_module("keras.src.backend.common.global_state")
+    state.set_global_attribute("safe_mode_saving", None)
+
+
 def keras_test_case() -> type:
     """Keras' own ``TestCase`` (its ``run_layer_test`` conformance harness)."""
     return _attribute("keras.src.testing", "TestCase")
@@ -106,6 +130,15 @@ PRIVATE_APIS: dict[str, tuple[str, Callable[[], Any]]] = {
     "keras.src.export.export_utils.get_input_signature": (
         "the SavedModel's input signature", lambda: _attribute(
             "keras.src.export.export_utils", "get_input_signature")),
+    "tensorflow.python.framework.config.is_op_determinism_enabled": (
+        "a deterministic run restores op determinism; the tests check nothing leaks it",
+        op_determinism_enabled),
+    "tensorflow.python.framework.config.disable_op_determinism": (
+        "a deterministic run restores op determinism", lambda: _attribute(
+            "tensorflow.python.framework.config", "disable_op_determinism")),
+    "keras.src.backend.common.global_state safe_mode_saving": (
+        "the tests check that nothing leaves unsafe deserialization on",
+        unsafe_deserialization_enabled),
     "keras.src.testing.TestCase": ("the layer contract tests (run_layer_test)",
                                    keras_test_case),
     "tf.__internal__.tracking.Trackable": (
