@@ -82,6 +82,7 @@ def measure_exact(name: str, step_size: str | None = None, seed: int = 1) -> dic
 
     import zoo
     from kode.layers.stage import integrator_stages
+    from kode.scopes import precision_scope
     from kode.tools.guard import check_gradients
 
     rng = np.random.default_rng(0)
@@ -89,22 +90,18 @@ def measure_exact(name: str, step_size: str | None = None, seed: int = 1) -> dic
     y = np.arange(EXACT_BATCH) % 10
     row = {"model": name, "step_size": step_size}
     options = {} if step_size is None else {"step_size": step_size}
-    previous = keras.mixed_precision.global_policy()
-    try:
-        for precision in EXACT_PRECISIONS:
-            keras.mixed_precision.set_global_policy(precision)
+    for precision in EXACT_PRECISIONS:
+        with precision_scope(precision):
             keras.utils.set_random_seed(seed)
             model = zoo.create_model(name, input_shape=x.shape[1:], classes=10, **options)
             report = check_gradients(model, x, y)
-            streams = sorted({s.stream_dtype for s in integrator_stages(model)})
-            row[precision] = {
-                "stream": ", ".join(streams),
-                "max_error": report.max_error, "model_error": report.model_error,
-                "h": [s.step_size for s in report.stages],
-                "reconstruction": max(s.reconstruction_error for s in report.stages),
-                "stages": len(report.stages)}
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+        streams = sorted({s.stream_dtype for s in integrator_stages(model)})
+        row[precision] = {
+            "stream": ", ".join(streams),
+            "max_error": report.max_error, "model_error": report.model_error,
+            "h": [s.step_size for s in report.stages],
+            "reconstruction": max(s.reconstruction_error for s in report.stages),
+            "stages": len(report.stages)}
     return row
 
 

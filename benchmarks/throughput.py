@@ -409,6 +409,7 @@ def run_paired_worker(cfg: dict) -> dict:
     import tensorflow as tf
 
     from benchmarks.paired import alternate
+    from kode.scopes import precision_scope
     from kode.training.pipeline import make_optimizer
 
     batch, shape = cfg.get("batch", BATCH), tuple(cfg.get("shape", IMAGE))
@@ -420,13 +421,12 @@ def run_paired_worker(cfg: dict) -> dict:
         keras.utils.set_random_seed(0)
         spec, _, policy = name.partition("@")
         zoo_name, _, gradient = spec.partition(":")
-        keras.mixed_precision.set_global_policy(policy or "float32")
-        model = build_model(zoo_name, shape, CLASSES)
+        with precision_scope(policy or "float32"):
+            model = build_model(zoo_name, shape, CLASSES)
         if gradient:
             from kode.layers.stage import set_gradient_mode
 
             set_gradient_mode(model, gradient)
-        keras.mixed_precision.set_global_policy("float32")
         model.compile(optimizer=make_optimizer(0.1, 0.9, 1e-4),
                       loss=keras.losses.SparseCategoricalCrossentropy(),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],

@@ -157,6 +157,7 @@ def export_model(
         raise KodeError(
             f"Keras model {model.name!r} failed on the check inputs: {one_line(exc)}"
         ) from exc
+    _check_finite(model, expected)
     outputs = expected[SIGNATURE_PREPROCESSED]
     meta = _full_metadata(user_meta, model, name, input_shape, preprocessing,
                           _serving_description(spec, head, outputs))
@@ -193,6 +194,19 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         owner.close()
     return ExportResult(path=final_path, version=final_version, max_abs_diff=float(diff))
+
+
+def _check_finite(model: keras.Model, expected: dict) -> None:
+    """A model whose own outputs on the check inputs are not finite cannot be verified (its
+    SavedModel would "differ by nan"): refused before anything is written."""
+    values = [np.asarray(v) for outputs in expected.values() for v in tf.nest.flatten(outputs)]
+    bad = sum(int(np.size(v) - np.isfinite(v).sum()) for v in values)
+    if bad:
+        total = sum(int(np.size(v)) for v in values)
+        raise KodeError(
+            f"Keras model {model.name!r} gives non-finite outputs on the check inputs ({bad} of "
+            f"{total} values): it cannot be verified, nothing was exported; check its weights "
+            "(did training diverge?)")
 
 
 def export_keras_file(path: str, export_dir: str = "saved_models", name: str | None = None,

@@ -5,7 +5,7 @@ TensorFloat-32 switch are global to the process (the policy per thread): one tes
 leaves ``mixed_float16`` behind makes a later test on the same pytest worker build a
 float16 ResNet-50, which overflows at initialization. :func:`global_settings` is what the
 tests' autouse check (:mod:`kode.testing.pytest_plugin`) compares before and after each test;
-:func:`kode.precision.precision_scope` changes the policy for a block only.
+:func:`kode.scopes.precision_scope` changes the policy for a block only.
 """
 
 from __future__ import annotations

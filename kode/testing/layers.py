@@ -1,4 +1,5 @@
-""""""
+"""The contract every kode layer passes: Keras' own ``run_layer_test``, per-layer dtype
+policies, and the ``tf.train.Checkpoint`` round trip."""
 
 from __future__ import annotations
 

@@ -1,13 +1,19 @@
-""""""
+"""The checks every zoo model passes (after keras-hub's shared model tests): build, one fit
+step in each gradient mode with the applied gradient checked, configuration, ``.keras``,
+SavedModel and checkpoint round trips, mixed precision, and golden outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import json
 import os
+import pkgutil
 import re
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -68,69 +74,204 @@ def _stochastic_depth_kept(model: keras.Model) -> list:
     return changed
 
 
-def check_fit_step(model: keras.Model) -> None:
-    """One SGD step runs, gives a finite loss and moves every trainable tensor the loss has a
-    gradient path to: every variable of every integrator stage (a stage whose gradient is
-    zero, e.g. a broken adjoint, fails) and every other trainable tensor whose gradient (a tape
-    over the same forward) is not None.
+@contextlib.contextmanager
+def _left_as_found(model: keras.Model):
+    """Every variable (weights, BN statistics, generator states), the gradient modes and the
+    stochastic-depth survival of ``model`` restored after the block; stochastic-depth blocks
+    kept (survival 1) inside it, so that a step is deterministic and no block rightly
+    stays unchanged."""
+    from kode.layers.stage import recomputable_layers
+    from kode.tools.stages import integrator_stages
 
-    Stochastic-depth blocks are kept for this step (survival 1): a dropped block's variables
-    would rightly not move.
+    variables = model.variables
+    values = [np.array(v) for v in variables]
+    modal = [*integrator_stages(model), *recomputable_layers(model)]
+    modes = [layer.gradient for layer in modal]
+    kept = _stochastic_depth_kept(model)
+    try:
+        yield
+    finally:
+        for layer, probability in kept:
+            layer.survival_probability = probability
+        for layer, mode in zip(modal, modes, strict=True):
+            layer.gradient = mode
+        for v, value in zip(variables, values, strict=True):
+            v.assign(value)
+        model.train_function = None  # traced with other modes or survival
+
+
+def gradient_modes(model: keras.Model) -> list[str]:
+    """The gradient modes ``model`` can train in: backprop and checkpoint always, the
+    adjoint where every stage's integrator has a reversal."""
+    from kode.gradients import ADJOINT, BACKPROP, CHECKPOINT
+    from kode.tools.stages import integrator_stages
+
+    stages = integrator_stages(model)
+    reversible = bool(stages) and all(s.integrator.reversible for s in stages)
+    return [BACKPROP, CHECKPOINT] + ([ADJOINT] if reversible else [])
+
+
+def exact_gradient_mode(model: keras.Model, mode: str) -> bool:
+    """Whether ``mode`` gives backprop's gradients up to rounding on ``model``: backprop,
+    checkpoint, and the adjoint when every stage's reversal is exact."""
+    from kode.gradients import ADJOINT
+    from kode.integrators import EXACT
+    from kode.tools.stages import integrator_stages
+
+    return mode != ADJOINT or all(s.integrator.reversal == EXACT
+                                  for s in integrator_stages(model))
+
+
+#: SGD's learning rate in the fit check: a large step, so that (before − after) / lr is the
+#: applied gradient to ~1e-7 relative (a small step's update drowns in the weights' rounding).
+FIT_CHECK_LR = 100.0
+
+
+def fit_step_gradients(model: keras.Model, x, y, mode: str) -> tuple[float, list[np.ndarray]]:
+    """One compiled ``train_on_batch`` with SGD(:data:`FIT_CHECK_LR`) in gradient ``mode``:
+    its loss and the gradient it applied, g = (w_before − w_after) / lr for every trainable
+    tensor (float64). The model is left as found."""
+    from kode.layers.stage import set_gradient_mode
+
+    trainable = model.trainable_weights
+    with _left_as_found(model):
+        set_gradient_mode(model, mode)
+        before = [np.array(w, dtype=np.float64) for w in trainable]
+        model.compile(optimizer=keras.optimizers.SGD(FIT_CHECK_LR),
+                      loss=keras.losses.SparseCategoricalCrossentropy(), jit_compile=False)
+        loss = float(model.train_on_batch(x, y))
+        applied = [(b - np.array(w, dtype=np.float64)) / FIT_CHECK_LR
+                   for b, w in zip(before, trainable, strict=True)]
+    return loss, applied
+
+
+def check_fit_step(model: keras.Model, modes: list[str] | None = None) -> None:
+    """One compiled SGD step in each gradient mode the model trains in (``modes``, default
+    :func:`gradient_modes`) gives a finite loss and applies the right gradient: backprop's
+    (an eager tape over the same forward, same weights) to 1e-4 relative where the mode is
+    exact (:func:`exact_gradient_mode`), and where it is not (Euler/Heun-type adjoints) the
+    very error the gradient guard reports for this batch, so that the guard's figure is the
+    bound. Every trainable tensor the loss reaches moves; so does every stage variable (a
+    stage whose adjoint returns zeros fails). The model is left as found.
+
+    Stochastic-depth blocks are kept for the step (survival 1).
     """
     import tensorflow as tf
 
     from kode.layers.stage import IntegratorStage
+    from kode.tools.guard import check_gradients, model_gradients, relative_error
 
     x, y = _batch(model)
     trainable = model.trainable_weights
     in_stage = {id(v): layer.name for layer in all_layers(model)
                 if isinstance(layer, IntegratorStage) for v in layer.trainable_weights}
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    kept = _stochastic_depth_kept(model)
-    try:
-        with tf.GradientTape() as tape:  # which tensors the loss reaches (None: no path)
-            loss = loss_fn(y, model(x, training=True))
-        reached = [g is not None for g in tape.gradient(loss, trainable)]
-        before = [np.array(w) for w in trainable]
-        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss_fn, jit_compile=False)
-        loss = model.train_on_batch(x, y)
-    finally:
-        for layer, probability in kept:
-            layer.survival_probability = probability
-        model.train_function = None  # traced with survival 1
-    assert np.isfinite(loss), f"{model.name}: non-finite loss {loss}"
-    still = [(w, in_stage.get(id(w))) for w, b, path in zip(trainable, before, reached,
-                                                            strict=True)
-             if (path or id(w) in in_stage) and np.array_equal(b, np.array(w))]
-    assert not still, (
-        f"{model.name}: one SGD step left {len(still)}/{len(trainable)} trainable tensors "
-        "unchanged: " + ", ".join(f"{w.path}" + (f" (stage {stage})" if stage else "")
-                                  for w, stage in still[:8]))
+    with _left_as_found(model):
+        from kode.layers.stage import set_gradient_mode
+
+        set_gradient_mode(model, "backprop")
+        # In a tf.function as fit's step is (eager kernels round otherwise, and a batch-4
+        # BatchNormalization over a 1×1 map amplifies it: 9 % on keras_resnet50).
+        reference = [np.asarray(g, dtype=np.float64) for g in tf.function(
+            lambda x, y: model_gradients(model, loss_fn, x, y))(x, y)]
+    for mode in modes or gradient_modes(model):
+        loss, applied = fit_step_gradients(model, x, y, mode)
+        assert np.isfinite(loss), f"{model.name} ({mode}): non-finite loss {loss}"
+        error = relative_error(applied, reference)
+        if exact_gradient_mode(model, mode):
+            assert error <= 1e-4, (
+                f"{model.name}: the {mode} fit step applied a gradient {error:.3g} (relative) "
+                "from backprop's")
+        else:
+            with _left_as_found(model):
+                guard = check_gradients(model, x, y, mode=mode).model_point_errors[0]
+            assert abs(error - guard) <= 0.1 * guard + 1e-4, (
+                f"{model.name}: the {mode} fit step's gradient error {error:.3g} is not the "
+                f"guard's figure {guard:.3g}")
+        still = [(w, in_stage.get(id(w))) for w, g, ref in zip(trainable, applied, reference,
+                                                                strict=True)
+                 if (np.any(ref) or id(w) in in_stage) and not np.any(g)]
+        assert not still, (
+            f"{model.name} ({mode}): one SGD step left {len(still)}/{len(trainable)} trainable "
+            "tensors unchanged: " + ", ".join(f"{w.path}" + (f" (stage {stage})" if stage
+                                                             else "") for w, stage in still[:8]))
 
 
 def check_keras_round_trip(model: keras.Model, directory: str) -> None:
+    """``model.save`` → ``load_model``: the same class, weights, predictions and
+    configuration (gradient modes and step sizes included: a stage saved in the adjoint that
+    reloads in backprop fails)."""
     x, _ = _batch(model, seed=1)
     path = os.path.join(directory, f"{model.name}.keras")
     model.save(path)
     restored = keras.saving.load_model(path)
     assert type(restored) is type(model)
     assert len(restored.weights) == len(model.weights)
+    assert architecture(restored) == architecture(model), (
+        f"{model.name}: the .keras round trip changed the configuration")
     # Eager calls: graph-mode inference is checked by the SavedModel round trip (CI time).
     np.testing.assert_allclose(restored(x, training=False), model(x, training=False),
                                atol=1e-6, err_msg=f"{model.name}: .keras round trip differs")
 
 
+def check_config_round_trip(model: keras.Model) -> None:
+    """``get_config`` → ``from_config`` → ``get_config`` gives the same configuration, and
+    the rebuilt stages have the same gradient modes and step sizes."""
+    from kode.tools.stages import integrator_stages
+
+    rebuilt = type(model).from_config(model.get_config())
+    assert architecture(rebuilt) == architecture(model), (
+        f"{model.name}: get_config -> from_config -> get_config differs")
+    assert [(s.gradient, s.h) for s in integrator_stages(rebuilt)] == [
+        (s.gradient, s.h) for s in integrator_stages(model)], model.name
+
+
 def check_savedmodel_round_trip(model: keras.Model, directory: str) -> None:
+    """``export_model`` → ``tf.saved_model.load``: the served probabilities, read here from
+    the loaded graph (not from the exporter's own check), are the Keras model's."""
+    import tensorflow as tf
+
+    from kode.serving.signatures import SIGNATURE_PREPROCESSED
+
     x, _ = _batch(model, seed=2)
     result = export_model(model, os.path.join(directory, "saved_models"), check_inputs=x)
-    assert result.max_abs_diff <= 1e-5, f"{model.name}: SavedModel differs {result.max_abs_diff}"
     assert os.path.isfile(os.path.join(result.path, "saved_model.pb"))
+    served = tf.saved_model.load(result.path).signatures[SIGNATURE_PREPROCESSED]
+    (key,) = served.structured_input_signature[1]
+    outputs = served(**{key: tf.constant(x)})
+    probabilities = np.asarray(outputs.get("probabilities", outputs.get("outputs")))
+    expected = np.asarray(model(x, training=False))
+    assert np.isfinite(expected).all(), f"{model.name}: non-finite Keras outputs"
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0,
+                               err_msg=f"{model.name}: the SavedModel serves other numbers")
 
 
+def check_mixed_precision(model_name: str, **overrides) -> None:
+    """Built under ``mixed_bfloat16`` and ``mixed_float16`` (no training): float32 weights,
+    integrator stages computing in the policy's dtype, finite float32 probabilities that sum
+    to 1, in inference and training mode."""
+    from kode.scopes import precision_scope
+    from kode.tools.stages import integrator_stages
 
-
-
-
+    for policy in ("mixed_bfloat16", "mixed_float16"):
+        with precision_scope(policy):
+            keras.utils.set_random_seed(0)
+            model = zoo.create_model(model_name, **overrides)
+        compute = policy.removeprefix("mixed_")
+        x, _ = _batch(model)
+        for training in (False, True):
+            probs = model(x, training=training)
+            assert keras.backend.standardize_dtype(probs.dtype) == "float32", (
+                f"{model_name} {policy}: outputs {probs.dtype}")
+            probs = np.asarray(probs)
+            assert np.isfinite(probs).all(), f"{model_name} {policy}: non-finite outputs"
+            np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-3)
+        assert all(w.dtype == "float32" for w in model.weights
+                   if keras.backend.is_float_dtype(w.dtype)), f"{model_name} {policy}"
+        stages = integrator_stages(model)
+        assert stages and all(s.compute_dtype == compute for s in stages), (
+            f"{model_name} {policy}: stages compute in "
+            f"{sorted({s.compute_dtype for s in stages})}")
 
 
 def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
@@ -138,6 +279,9 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     ``.keras`` round trip, SavedModel round trip, ``tf.train.Checkpoint`` round trip (every
     variable restored exactly), and the headless feature extractor."""
     overrides = {**reduced_overrides(name), **extra_overrides}
+    # Seeded: what ran before on the same worker must not choose the weights (a V1
+    # ResNet-50's features reach 1e27-1e32 after a fit step at some initializations).
+    keras.utils.set_random_seed(0)
     model = zoo.create_model(name, **overrides)
     x, _ = _batch(model)
     probs = np.asarray(model(x, training=False))
@@ -145,6 +289,7 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     assert probs.shape == (len(x), classes)
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
     check_fit_step(model)
+    check_config_round_trip(model)
     with tempfile.TemporaryDirectory() as directory:
         check_keras_round_trip(model, directory)
         check_savedmodel_round_trip(model, directory)
@@ -153,6 +298,70 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     assert len(features.output_shape) == 2
     check_layers_have_cases(model)
     return model
+
+
+#: family → (model name, builder overrides) of its golden-output model: the first model its
+#: standard checks run on, reduced (filled by :func:`family_model_tests`).
+GOLDEN_CASES: dict[str, tuple[str, dict]] = {}
+
+#: the golden outputs, written by tests/fixtures/make_zoo_outputs.py.
+ZOO_OUTPUTS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "zoo_outputs.json"
+
+
+def set_seeded_weights(model: keras.Model, seed: int = 0) -> None:
+    """Every float variable of ``model`` drawn from ``numpy.random.default_rng(seed)`` in the
+    order of ``model.variables`` (independent of Keras' initializers and layer names):
+    kernels N(0, 1/fan_in), BN γ = 1 + 0.1·N(0, 1), moving variance 1 + 0.2·U(0, 1), β,
+    moving mean and biases 0.1·N(0, 1), any other variable (LM's k_n…) its value + 0.05·N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    for v in model.variables:
+        if not keras.backend.is_float_dtype(v.dtype):
+            continue
+        shape, kind = tuple(v.shape), v.path.rsplit("/", 1)[-1]
+        noise = rng.standard_normal(shape)
+        if kind == "kernel":
+            value = noise / np.sqrt(max(int(np.prod(shape[:-1])), 1))
+        elif kind == "moving_variance":
+            value = 1.0 + 0.2 * rng.uniform(size=shape)
+        elif kind == "gamma":
+            value = 1.0 + 0.1 * noise
+        elif kind in ("beta", "moving_mean", "bias"):
+            value = 0.1 * noise
+        else:
+            value = np.asarray(v) + 0.05 * noise
+        v.assign(value.astype(np.dtype(v.dtype)))
+
+
+def golden_outputs(name: str, overrides: dict) -> list[float]:
+    """8 numbers of model ``name`` (``overrides`` applied) with :func:`set_seeded_weights`:
+    the first 4 class probabilities of 2 seeded inputs, in inference mode."""
+    model = zoo.create_model(name, **overrides)
+    set_seeded_weights(model)
+    x = np.random.default_rng(1).standard_normal((2, *model.input_shape[1:])).astype("float32")
+    return [float(p) for p in np.asarray(model(x, training=False))[:, :4].ravel()]
+
+
+def load_family_tests() -> dict[str, tuple[str, dict]]:
+    """:data:`GOLDEN_CASES` of every family: imports each ``zoo/<family>/*_test.py``."""
+    for module in pkgutil.walk_packages(zoo.__path__, "zoo."):
+        if module.name.endswith("_test"):
+            importlib.import_module(module.name)
+    return dict(GOLDEN_CASES)
+
+
+def check_golden_outputs(family: str) -> None:
+    """The family's golden model gives the stored outputs to 1e-5: a wiring change that keeps
+    every shape (a swapped branch, a missing scale) changes them."""
+    name, overrides = GOLDEN_CASES[family]
+    stored = json.loads(ZOO_OUTPUTS.read_text())
+    assert family in stored, (f"{family}: no golden outputs in {ZOO_OUTPUTS.name}; run "
+                              "python tests/fixtures/make_zoo_outputs.py")
+    want = stored[family]
+    assert want["model"] == name and want["overrides"] == json.loads(json.dumps(overrides)), (
+        f"{family}: the golden model changed ({want['model']} {want['overrides']}); "
+        "regenerate with python tests/fixtures/make_zoo_outputs.py and say why")
+    np.testing.assert_allclose(golden_outputs(name, overrides), want["outputs"], atol=1e-5,
+                               rtol=0, err_msg=f"{family}: {name}'s outputs changed")
 
 
 def architecture(model: keras.Model, steps: bool = True) -> str:
@@ -188,8 +397,9 @@ def architecture(model: keras.Model, steps: bool = True) -> str:
 def family_model_tests(family: str, min_models: int = 12,
                        overrides: Callable[[str], dict] | None = None,
                        same_up_to_steps: dict[str, str] | None = None):
-    """The shared pytest tests of one family:
-    ``test_family_is_registered, test_standard_model_checks, test_same_reduced_model = …``.
+    """The shared pytest tests of one family: ``test_family_is_registered,
+    test_standard_model_checks, test_same_reduced_model, test_mixed_precision,
+    test_golden_outputs = …``.
 
     ``overrides(name)`` adds builder overrides to :func:`reduced_overrides` (a family with its
     own depth form). Reduced, many names are one model (the CIFAR depths 32…1202 all become
@@ -232,8 +442,17 @@ def family_model_tests(family: str, min_models: int = 12,
     def checked_architecture(name: str, steps: bool) -> str:
         return architecture(zoo.create_model(name, **reduced(name)), steps=steps)
 
+    golden_name = checked[0]
+    GOLDEN_CASES[family] = (golden_name, reduced(golden_name))
+
     def test_family_is_registered():
         assert len(names) >= min_models, names
+
+    def test_mixed_precision():
+        check_mixed_precision(golden_name, **reduced(golden_name))
+
+    def test_golden_outputs():
+        check_golden_outputs(family)
 
     @pytest.mark.parametrize("name", checked)
     def test_standard_model_checks(name):
@@ -250,7 +469,8 @@ def family_model_tests(family: str, min_models: int = 12,
             + ("" if steps else " (up to its number of steps per stage)"))
 
     return (test_family_is_registered, test_standard_model_checks,
-            test_same_reduced_model if others else None)
+            test_same_reduced_model if others else None, test_mixed_precision,
+            test_golden_outputs)
 
 
 def serving_contract(path: str) -> dict:

@@ -26,6 +26,7 @@ from kode.data.datasets import DatasetInfo, check_prepared, dataset_info, load_d
 from kode.errors import KodeError
 from kode.io import finite_json, write_json, write_with
 from kode.layers.stage import set_gradient_mode
+from kode.scopes import op_determinism, precision_scope
 from kode.training.callbacks import DivergenceStop, _LearningRateLogger
 from kode.training.settings import (
     SCHEDULES,
@@ -170,8 +171,6 @@ class TrainingPipeline:
         self.logdir = worker_logdir(s.logdir, self.strategy)
         if self.logdir != s.logdir:
             _prepare_logdir(self.logdir)
-        if s.deterministic:
-            tf.config.experimental.enable_op_determinism()
 
     def announce_devices(self) -> None:
         """Print the devices line (verbose runs), once the settings passed every check, and
@@ -363,9 +362,7 @@ class TrainingPipeline:
         try:
             self.prepare()
             s = self.settings
-            previous_policy = keras.mixed_precision.global_policy()
-            keras.mixed_precision.set_global_policy(s.precision)
-            try:
+            with precision_scope(s.precision), op_determinism(s.deterministic):
                 self.load_data()
                 with self.strategy.scope():
                     self.model = self.build_model(self.info)
@@ -382,8 +379,6 @@ class TrainingPipeline:
                 self.fit(self.callbacks())
                 self.save()
                 export = self.export()
-            finally:
-                keras.mixed_precision.set_global_policy(previous_policy)
         except BaseException:
             _remove_if_empty(self._created_logdir)  # a failed run leaves no empty folder
             raise

@@ -27,6 +27,7 @@ import tensorflow as tf
 from kode.data.datasets import DatasetInfo, load_dataset
 from kode.errors import KodeError
 from kode.io import write_json
+from kode.scopes import op_determinism, precision_scope
 from kode.training.pipeline import TrainingPipeline, _remove_if_empty, model_metadata, save_model
 from kode.training.search_space import (
     DEFAULT_DEPTHS,
@@ -215,20 +216,17 @@ def tune(
     # The search's own pipeline: the log directory and the strategy (before TensorFlow runs).
     search_pipeline = TrainingPipeline(dataclasses.replace(settings, logdir=directory))
     search_pipeline._created_logdir = None
-    previous_policy = keras.mixed_precision.global_policy()
     try:
-        search_pipeline.prepare()
-        search_pipeline.announce_devices()
-        keras.mixed_precision.set_global_policy(settings.precision)
-        return _search(families, settings, search_pipeline.strategy, directory, tuner=tuner,
-                       max_trials=max_trials, depths=depths,
-                       validation_fraction=validation_fraction, export_dir=export_dir,
-                       overwrite=overwrite)
+        with precision_scope(settings.precision), op_determinism(settings.deterministic):
+            search_pipeline.prepare()
+            search_pipeline.announce_devices()
+            return _search(families, settings, search_pipeline.strategy, directory,
+                           tuner=tuner, max_trials=max_trials, depths=depths,
+                           validation_fraction=validation_fraction, export_dir=export_dir,
+                           overwrite=overwrite)
     except BaseException:
         _remove_if_empty(search_pipeline._created_logdir)  # a failed search leaves no folder
         raise
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def _search(families: list[str], settings: TrainSettings, strategy: tf.distribute.Strategy,

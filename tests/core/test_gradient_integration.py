@@ -2,11 +2,11 @@
 MirroredStrategy (in a subprocess: logical devices must be set before TensorFlow starts)."""
 
 
-import keras
 import numpy as np
 import pytest
 
 import zoo
+from kode.scopes import precision_scope
 from kode.testing.models import mirrored_fit_losses, run_standard_model_checks
 
 
@@ -20,15 +20,12 @@ def test_standard_checks_with_memory_saving_gradients(name, mode):
 
 
 def test_mixed_bfloat16_adjoint_trains():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
+    with precision_scope("mixed_bfloat16"):
         model = zoo.create_model("revheun_resnet20", depth=8, input_shape=(8, 8, 1),
                                  gradient="adjoint")
         model.compile("sgd", "sparse_categorical_crossentropy", jit_compile=False)
         x = np.random.default_rng(0).standard_normal((16, 8, 8, 1)).astype("float32")
         losses = [model.train_on_batch(x, np.arange(16) % 10) for _ in range(3)]
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import kode  # noqa: F401  (registers the layers for load_model)
 from kode import testing
+from kode.scopes import precision_scope
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
@@ -160,12 +161,9 @@ def test_global_mixed_float16_policy_trains_lm_with_float32_k(gradient):
     # float16 state by the integrator itself.
     import zoo
 
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
+    with precision_scope("mixed_float16"):
         model = zoo.create_model("lm_resnet20", depth=14, input_shape=(8, 8, 3),
                                  width_multiplier=0.25, gradient=gradient)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     ks = [v for v in model.trainable_variables if "lm_k" in v.path]
     assert ks and all(v.dtype == "float32" for v in ks)
     x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype("float32")

@@ -20,6 +20,7 @@ from kode.layers import (
     recomputable_layers,
     set_gradient_mode,
 )
+from kode.scopes import precision_scope
 from kode.testing.models import REDUCED_CIFAR_INPUT, reduced_overrides
 from kode.tools.guard import check_gradients
 from kode.tools.port import port_model
@@ -152,15 +153,11 @@ def test_nested_recompute_runs_plainly_inside_an_outer_one():
 
 @pytest.fixture(scope="module")
 def ported():
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float64")
-    try:
+    with precision_scope("float64"):
         keras.utils.set_random_seed(0)
         source = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3),
                                                classes=10)
         model = port_model(source, gradient="checkpoint")
-    finally:
-        keras.config.set_dtype_policy(previous)
     return source, model
 
 

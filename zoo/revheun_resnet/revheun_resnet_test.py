@@ -1,4 +1,5 @@
 from kode.testing.models import family_model_tests
 
-test_family_is_registered, test_standard_model_checks, test_same_reduced_model = (
+(test_family_is_registered, test_standard_model_checks, test_same_reduced_model,
+ test_mixed_precision, test_golden_outputs) = (
     family_model_tests("revheun_resnet"))

@@ -7,5 +7,6 @@ def _small(name):
     return {"depth": 20 if bottleneck else 14, "width_multiplier": 0.25}
 
 
-test_family_is_registered, test_standard_model_checks, test_same_reduced_model = (
+(test_family_is_registered, test_standard_model_checks, test_same_reduced_model,
+ test_mixed_precision, test_golden_outputs) = (
     family_model_tests("revnet", min_models=3, overrides=_small))
