@@ -4,9 +4,10 @@ Importing ``kode`` registers its Keras layers, so ``keras.saving.load_model`` ca
 models after ``import kode``.
 """
 
-from kode._tensorflow import import_tensorflow_quietly
+from kode._tensorflow import import_tensorflow_quietly, refuse_another_keras_backend
 
 import_tensorflow_quietly()
+refuse_another_keras_backend()  # before any kode module imports Keras
 
 from kode.errors import KodeError  # noqa: E402
 from kode.gradients import GRADIENT_MODES  # noqa: E402

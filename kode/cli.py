@@ -12,9 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kode.errors import KodeError
-
-EXIT_USAGE = 2
+from kode.errors import EXIT_USAGE, KodeError, error_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -395,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         if not argv:
             parser.print_usage(sys.stderr)
-            print("kode: error: a command is required (kode --help lists them)", file=sys.stderr)
+            print(error_line("a command is required (kode --help lists them)"), file=sys.stderr)
             return EXIT_USAGE
         args = parser.parse_args(argv)
         command = args.command
@@ -407,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             discover_devices_quietly()
         return args.run(args)
     except KodeError as err:
-        print(f"kode: error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         hint = ("; run the same command again to resume from the last completed epoch"

@@ -14,6 +14,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from kode.errors import KodeError
+
 
 def _attribute(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
@@ -100,6 +102,24 @@ def is_functional_graph(model: Any) -> bool:
     return isinstance(model, keras.Model) and hasattr(model, "_nodes")
 
 
+def functional_graph(model: Any) -> keras.Model:
+    """The functional model whose graph kode reads for ``model``: ``model`` itself, or for a
+    built ``keras.Sequential`` the functional model Keras keeps inside it (the same layers);
+    :class:`KodeError` saying why there is none (an unbuilt Sequential, a subclassed model)."""
+    if is_functional_graph(model):
+        return model
+    if isinstance(model, keras.Sequential):
+        inner = getattr(model, "_functional", None)
+        if is_functional_graph(inner):
+            return inner
+        raise KodeError(f"Sequential model '{model.name}' has no graph yet (no keras.Input and "
+                        "never built): start it with keras.Input(shape) or build it first")
+    if isinstance(model, keras.Model):
+        raise KodeError(f"model '{model.name}' is a subclassed keras.Model (its call() is "
+                        "Python code); kode reads only functional and Sequential models")
+    raise KodeError(f"expected a Keras model, got {type(model).__name__}")
+
+
 def _check_functional_nodes() -> None:
     inputs = keras.Input((2,))
     outputs = keras.layers.Dense(1, name="dense_probe")(inputs)
@@ -108,6 +128,12 @@ def _check_functional_nodes() -> None:
         raise AttributeError("Functional model _nodes / Operation._inbound_nodes changed")
     if producer_name(outputs) != "dense_probe":
         raise AttributeError("KerasTensor._keras_history changed")
+
+
+def _check_sequential_graph() -> None:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    if functional_graph(model) is not model._functional:
+        raise AttributeError("Sequential._functional changed")
 
 
 def _has(owner: Callable[[], Any], name: str) -> Callable[[], None]:
@@ -149,6 +175,8 @@ PRIVATE_APIS: dict[str, tuple[str, Callable[[], Any]]] = {
         lambda: all_layers(keras.layers.Dense(1))),
     "keras.Model._nodes / Operation._inbound_nodes / KerasTensor._keras_history": (
         "port_model reads a functional model's graph", _check_functional_nodes),
+    "keras.Sequential._functional": (
+        "port_model and cut_at_stages read a Sequential model's graph", _check_sequential_graph),
     "keras.layers.BatchNormalization._moments": (
         "kode's BatchNormalization overrides it to use TensorFlow's fused kernel",
         _has(lambda: keras.layers.BatchNormalization, "_moments")),

@@ -4,9 +4,18 @@ one way kode shortens any other exception to a line."""
 import numbers
 import os
 
+#: The ``kode`` command's exit code for bad input.
+EXIT_USAGE = 2
+
 
 class KodeError(ValueError):
     """Bad user input: a clear, single-line message; nothing was written or lost."""
+
+
+def error_line(err: BaseException | str) -> str:
+    """The one line the ``kode`` command prints on stderr for bad input (then it exits with
+    :data:`EXIT_USAGE`)."""
+    return f"kode: error: {err}"
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:

@@ -174,20 +174,94 @@ def read_sidecar(model_path: str) -> dict | None:
     return metadata
 
 
-def load_keras_file(path: str):
-    """``keras.saving.load_model(path, compile=False)``, or one line saying why the file is
-    not a Keras model (missing, not a zip archive, corrupt)."""
-    import zipfile
+#: A zip archive starts with a local file header; a file that starts like one but is not a
+#: readable archive was cut short (a copy or download that stopped) or damaged.
+_ZIP_START = b"PK\x03\x04"
 
+
+def _python_code(config: Any, layer: dict | None = None) -> str | None:
+    """What in a model's ``config.json`` holds Python code (a serialized ``__lambda__``, which
+    Keras' safe_mode refuses to load), or None."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "__lambda__":
+            if layer is not None and layer.get("class_name") == "Lambda":
+                return f"Lambda layer '{layer.get('config', {}).get('name', '?')}'"
+            return "a Python lambda"
+        if isinstance(config.get("class_name"), str) and isinstance(config.get("config"), dict):
+            layer = config
+        values = config.values()
+    elif isinstance(config, list):
+        values = config
+    else:
+        return None
+    for value in values:
+        found = _python_code(value, layer)
+        if found:
+            return found
+    return None
+
+
+def _read_keras_archive(path: str) -> dict:
+    """The ``config.json`` of the ``.keras`` archive ``path`` (every member's checksum
+    verified), or :class:`KodeError` saying what is wrong with the file."""
+    import zipfile
+    import zlib
+
+    try:
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as fh:
+                truncated = fh.read(len(_ZIP_START)) == _ZIP_START
+            raise KodeError(f"'{path}' is truncated or corrupt (not a complete zip archive)"
+                            if truncated else
+                            f"'{path}' is not a Keras model file (not a zip archive)")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise KodeError(f"'{path}' is truncated or corrupt ({bad} fails its checksum)")
+            if "config.json" not in archive.namelist():
+                raise KodeError(f"'{path}' is not a Keras model file (a zip archive without "
+                                "config.json)")
+            config = json.loads(archive.read("config.json"))
+    except KodeError:
+        raise
+    except OSError as err:  # unreadable (permissions, I/O error)
+        raise KodeError(f"'{path}' cannot be read: {err.strerror or one_line(err)}") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:  # JSON, UTF-8 too
+        raise KodeError(f"'{path}' is truncated or corrupt ({one_line(err)})") from None
+    if not isinstance(config, dict):
+        raise KodeError(f"'{path}' is not a Keras model file (its config.json is not a model)")
+    return config
+
+
+def check_keras_file(path: str) -> None:
+    """Refuse, with one line naming ``path`` and the problem, a file that
+    :func:`load_keras_file` would not load: missing, not a ``.keras`` archive, truncated or
+    corrupt, or holding Python code (a ``Lambda`` layer's lambda: loading it would run code
+    from the file). Reads only the file, no TensorFlow: commands call it before any other
+    work."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise KodeError(f"'{path}' does not exist")
+    if os.path.isdir(path) or not path.endswith(".keras"):
+        raise KodeError(f"'{path}' is not a .keras model file")
+    code = _python_code(_read_keras_archive(path))
+    if code is not None:
+        what = "Lambda layers" if code.startswith("Lambda") else "Python lambdas"
+        raise KodeError(f"'{path}' contains Python code ({code}); kode does not load it: "
+                        f"rebuild the model without {what}")
+
+
+def load_keras_file(path: str):
+    """``keras.saving.load_model(path, compile=False)`` for every ``.keras`` file a user gives
+    kode (finetune's source, export, a zoo model's weights), after
+    :func:`check_keras_file`; whatever else goes wrong (an unknown custom layer) is one line
+    too."""
     import keras
 
-    if not os.path.isfile(path) or not str(path).endswith(".keras"):
-        raise KodeError(f"'{path}' is not a .keras model file")
-    if not zipfile.is_zipfile(path):
-        raise KodeError(f"'{path}' is not a Keras .keras archive (not a zip file: "
-                        "truncated, or another format)")
+    path = os.fspath(path)
+    check_keras_file(path)
     try:
         return keras.saving.load_model(path, compile=False)
-    except Exception as err:  # a corrupt archive raises zip, h5 or JSON errors alike
+    except Exception as err:  # unknown classes, mismatched weights: many types
         raise KodeError(f"'{path}' could not be loaded as a Keras model: "
                         f"{one_line(err)}") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from keras import layers
 from kode.errors import KodeError, one_line
 from kode.gradients import check_gradient_mode
 from kode.integrators import Integrator, get_integrator
+from kode.io import check_keras_file, load_keras_file
 from kode.layers.blocks import BasicBlock, Bottleneck, Projection, StochasticDepth, _bn, _conv
 from kode.layers.stage import (
     IntegratorStage,
@@ -106,6 +106,8 @@ def _check_head(include_top: bool, weights, pooling, classes, classifier_activat
         raise KodeError(f"weights must be None or a path to a weights file, got {weights!r}")
     if weights is not None and not os.path.isfile(weights):
         raise KodeError(f"weights file '{weights}' does not exist")
+    if weights is not None and str(weights).endswith(".keras"):
+        check_keras_file(weights)  # before the model is built
 
 
 def _describe(name: str, shapes: list[tuple], stage_steps: list[int]) -> str:
@@ -144,10 +146,7 @@ def _load_weights(model: keras.Model, path: str, include_top: bool, classes: int
     target = [tuple(w.shape) for w in model.weights]
     try:
         if path.endswith(".keras"):
-            if not zipfile.is_zipfile(path):
-                raise KodeError(f"weights file '{path}' is not a Keras .keras archive (not a zip "
-                                "file: truncated or another format)")
-            source = keras.saving.load_model(path, compile=False)
+            source = load_keras_file(path)
             theirs, source_name = [tuple(w.shape) for w in source.weights], source.name
             their_steps = _stage_steps(source)
         else:

@@ -5,10 +5,13 @@ from benchmarks.reproduce.runner import main
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """Bad arguments: one line, exit 2, as every other ``kode`` command."""
+    """Bad arguments: one line ``kode: error: reproduce: …``, exit 2, as every other ``kode``
+    command says it (kode.cli's parser, kode.errors.error_line). Not imported from kode:
+    importing kode loads TensorFlow, seconds before a one-line answer."""
 
     def error(self, message):
-        print(f"kode reproduce: {message}", file=sys.stderr)
+        command = self.prog.removeprefix("kode").strip()
+        print(f"kode: error: {command}: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
-from kode.compat import functional_nodes, is_functional_graph, producer_name
+from kode.compat import functional_graph, functional_nodes, producer_name
 from kode.errors import KodeError
 from kode.layers.chain import LayerChain
 from kode.layers.stage import IntegratorStage
@@ -183,9 +183,8 @@ def port_model(model: keras.Model, gradient: str = "backprop",
     time and memory when the source is thrown away). Either way it computes the same
     function. ``port_summary(result)`` lists the stages created.
     """
-    if not is_functional_graph(model):
-        raise KodeError(f"only functional Keras models can be ported, got {type(model).__name__}")
-    graph = _Graph(model)
+    functional = functional_graph(model)  # a Sequential's is the functional model inside it
+    graph = _Graph(functional)
     blocks = [b for op, node in graph.nodes if isinstance(op, layers.Add)
               for b in [graph.block_at(op, node)] if b is not None]
     runs = _runs(blocks, graph)
@@ -203,12 +202,12 @@ def port_model(model: keras.Model, gradient: str = "backprop",
 
     tensors: dict[int, object] = {}
     new_inputs = []
-    for t in model.inputs:
+    for t in functional.inputs:
         x = keras.Input(shape=t.shape[1:], batch_size=t.shape[0], dtype=t.dtype,
                         name=producer_name(t))
         tensors[id(t)] = x
         new_inputs.append(x)
-    stages_made, taken, index = [], {lay.name for lay in model.layers}, 0
+    stages_made, taken, index = [], {lay.name for lay in functional.layers}, 0
     for op, node in graph.nodes:
         if isinstance(op, layers.InputLayer):
             continue
@@ -234,7 +233,7 @@ def port_model(model: keras.Model, gradient: str = "backprop",
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
         for old, new in zip(node.output_tensors, outputs, strict=True):
             tensors[id(old)] = new
-    outputs = [tensors[id(t)] for t in model.outputs]
+    outputs = [tensors[id(t)] for t in functional.outputs]
     ported = keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
                          outputs if len(outputs) > 1 else outputs[0], name=name or model.name)
     for source, copy in clones.values():

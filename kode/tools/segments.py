@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from kode.compat import functional_nodes
+from kode.compat import functional_graph, functional_nodes
 from kode.layers.segment import RecomputedSegment
 from kode.layers.stage import IntegratorStage
 
@@ -80,17 +80,20 @@ def _name(segment: _Segment, index: int, last: bool, model: keras.Model, taken: 
 
 
 def cut_at_stages(model: keras.Model, gradient: str = "backprop") -> keras.Model:
-    """``model`` rebuilt as stages and :class:`RecomputedSegment` layers in between (the same
-    layers and weights, not copies); ``model`` itself when it has no stage or does not cut.
+    """``model`` (functional, or a built Sequential) rebuilt as a functional model of stages
+    and :class:`RecomputedSegment` layers in between (the same layers and weights, not
+    copies); ``model`` itself when it has no stage or does not cut. A model without a graph
+    (an unbuilt Sequential, a subclassed model): :class:`~kode.errors.KodeError`.
 
     Each segment takes ``gradient`` (recomputed in the backward unless "backprop")."""
-    found = _segments(model)
+    graph = functional_graph(model)  # a Sequential's is the functional model inside it
+    found = _segments(graph)
     if found is None or not any(item[0] == "stage" for item in found[0]):
         return model
     items, segments = found
-    taken = {layer.name for layer in model.layers}
-    needed = _read_outside(model, items)
-    tensors = {id(t): t for t in model.inputs}
+    taken = {layer.name for layer in graph.layers}
+    needed = _read_outside(graph, items)
+    tensors = {id(t): t for t in graph.inputs}
     for k, item in enumerate(items):
         if item[0] == "stage":
             _, op, node = item
@@ -104,11 +107,11 @@ def cut_at_stages(model: keras.Model, gradient: str = "backprop") -> keras.Model
                            name=f"{model.name}_{segment.nodes[0].operation.name}_segment")
         last = not any(i[0] == "stage" for i in items[k + 1:])
         layer = RecomputedSegment(body, gradient,
-                                  name=_name(segment, segments.index(segment), last, model, taken))
+                                  name=_name(segment, segments.index(segment), last, graph, taken))
         outputs = layer(tensors[id(segment.entry)])
         outputs = list(outputs) if isinstance(outputs, tuple | list) else [outputs]
         for old, new in zip(exits, outputs, strict=True):
             tensors[id(old)] = new
-    new_outputs = [tensors[id(t)] for t in model.outputs]
-    return keras.Model(model.inputs if len(model.inputs) > 1 else model.inputs[0],
+    new_outputs = [tensors[id(t)] for t in graph.outputs]
+    return keras.Model(graph.inputs if len(graph.inputs) > 1 else graph.inputs[0],
                        new_outputs if len(new_outputs) > 1 else new_outputs[0], name=model.name)

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from kode.errors import KodeError
-from kode.io import load_keras_file, read_sidecar
+from kode.io import check_keras_file, load_keras_file, read_sidecar
 from kode.training.pipeline import TrainingPipeline
 from kode.training.settings import TrainResult, TrainSettings, keyword_signature
 
@@ -86,8 +86,7 @@ def resolve_source(settings: FinetuneSettings) -> Source:
         raise KodeError("a source is required: a .keras file, a zoo model name or a "
                         "keras.applications ResNet name (e.g. ResNet50V2)")
     if source.endswith(".keras"):
-        if not os.path.isfile(source):
-            raise KodeError(f"source file '{source}' does not exist")
+        check_keras_file(source)  # before the run folder, the data and TensorFlow's runtime
         if weights is not None:
             raise KodeError("--weights is for zoo and keras.applications sources; a .keras "
                             "file holds its weights")
@@ -125,6 +124,8 @@ def resolve_source(settings: FinetuneSettings) -> Source:
                         "file of that model); without it there is nothing to fine-tune")
     if weights == "imagenet" or not os.path.isfile(weights):
         raise KodeError(f"weights file '{weights}' does not exist")
+    if weights.endswith(".keras"):
+        check_keras_file(weights)
     return Source("zoo", source, None, None)
 
 
@@ -243,7 +244,7 @@ class FinetunePipeline(TrainingPipeline):
         if source.input_shape is not None:
             return tuple(source.input_shape)
         if source.kind == "keras_file":
-            shape = keras.saving.load_model(source.name, compile=False).input_shape[1:]
+            shape = load_keras_file(source.name).input_shape[1:]
             return tuple(shape)
         size = self.settings.input_size
         return (size, size, info.input_shape[2]) if size else tuple(info.input_shape)

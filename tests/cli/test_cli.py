@@ -110,7 +110,7 @@ def test_bad_input_from_the_real_entry_point_is_one_line_on_stderr_and_exit_2():
         (["train", "resnet20", "--export", "/etc/passwd"], "not a directory"),
         (["finetune", "ResNet50V2", "--input-size", "16"], "height and width >= 32"),
         (["finetune", "ResNet50V2", "--freeze", "9"], "only 4 stages"),
-        (["export", "/nonexistent.keras"], "not a .keras model file"),
+        (["export", "/nonexistent.keras"], "'/nonexistent.keras' does not exist"),
         (["predict", "/nonexistent", "x.png"], "SavedModel"),
         (["bogus"], "invalid choice"),
     ],
@@ -130,7 +130,8 @@ def test_corrupt_keras_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "model.keras"
     bad.write_bytes(b"garbage")
     code, _, err = _main(capsys, "export", str(bad), "--export-dir", str(tmp_path / "out"))
-    assert code == 2 and err.count("\n") == 1 and "is not a Keras .keras archive" in err
+    assert code == 2 and err.count("\n") == 1
+    assert "is not a Keras model file (not a zip archive)" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("saved_model.pb"))
 
 
@@ -224,7 +225,8 @@ def test_corrupt_side_files_and_random_bytes_are_one_line(capsys, tmp_path):
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
     assert main(["export", str(noise), "--export-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "is not a Keras .keras archive" in err and "File not found" not in err, err
+    assert "is not a Keras model file (not a zip archive)" in err, err
+    assert "File not found" not in err, err
 
 
 def test_check_gradients_refuses_weights_of_another_architecture(capsys, tmp_path):
