@@ -120,6 +120,18 @@ def functional_graph(model: Any) -> keras.Model:
     raise KodeError(f"expected a Keras model, got {type(model).__name__}")
 
 
+def keras_applications_resnet() -> Callable[..., keras.Model]:
+    """keras.applications' own ResNet builder ``ResNet(stack_fn, preact, use_bias, ...)``
+    (public only through ResNet50 … ResNet152V2, at full width and depth)."""
+    return _attribute("keras.src.applications.resnet", "ResNet")
+
+
+def keras_applications_resnet_stack(version: str) -> Callable[..., Any]:
+    """keras.applications' stack of residual blocks ``(x, filters, blocks, stride1, name)``
+    of ResNet ``version`` "v1" or "v2"."""
+    return _attribute("keras.src.applications.resnet", f"stack_residual_blocks_{version}")
+
+
 def _check_functional_nodes() -> None:
     inputs = keras.Input((2,))
     outputs = keras.layers.Dense(1, name="dense_probe")(inputs)
@@ -187,6 +199,10 @@ PRIVATE_APIS: dict[str, tuple[str, Callable[[], Any]]] = {
         "building a tfds builder offline (no lookup of Google Cloud Storage)",
         _has(lambda: importlib.import_module("tensorflow_datasets.core.utils.gcs_utils"),
              "_is_gcs_disabled")),
+    "keras.src.applications.resnet.ResNet / stack_residual_blocks_v1 / _v2": (
+        "tests build tiny keras.applications ResNets (kode.testing.applications)",
+        lambda: [keras_applications_resnet(), keras_applications_resnet_stack("v1"),
+                 keras_applications_resnet_stack("v2")]),
 }
 
 

@@ -1,6 +1,8 @@
 """Porting keras.applications ResNets (and kode models) into kode stages: same function."""
 
 import os
+import re
+from functools import partial
 
 import h5py
 import keras
@@ -9,21 +11,28 @@ import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
 import zoo
+from kode.compat import functional_nodes, producer_name
 from kode.errors import KodeError
 from kode.layers.chain import LayerChain
 from kode.layers.stage import IntegratorStage
+from kode.testing.applications import tiny_keras_resnet
 from kode.tools.port import port_model, port_summary
 
 # The smallest input keras.applications accepts: the ported graph is the same at 224×224.
 SIZE = (32, 32, 3)
 ARCHITECTURES = {
-    # name: (builder, integrator, identity blocks per stage (conv2…conv5))
-    "ResNet50V2": (keras.applications.ResNet50V2, "euler", (1, 2, 4, 2)),
-    "ResNet101V2": (keras.applications.ResNet101V2, "euler", (1, 2, 21, 2)),
-    "ResNet152V2": (keras.applications.ResNet152V2, "euler", (1, 6, 34, 2)),
-    "ResNet50": (keras.applications.ResNet50, "post_activation_euler", (2, 3, 5, 2)),
-    "ResNet101": (keras.applications.ResNet101, "post_activation_euler", (2, 3, 22, 2)),
-    "ResNet152": (keras.applications.ResNet152, "post_activation_euler", (2, 7, 35, 2)),
+    # name: (builder, integrator, identity blocks per stage (conv2…conv5), port a copy)
+    # One full-size network: the port at keras.applications' own width and depth.
+    "ResNet50V2": (keras.applications.ResNet50V2, "euler", (1, 2, 4, 2), True),
+    # The others are keras.applications ResNets built by its own code, narrow
+    # (kode.testing.applications): ResNet50's blocks, and deeper variants which, like
+    # ResNet101/152 (V1 and V2), differ from the 50s only in their blocks per stage.
+    "tiny_ResNet50": (partial(tiny_keras_resnet, "v1", blocks=(3, 4, 6, 3)),
+                      "post_activation_euler", (2, 3, 5, 2), True),
+    "tiny_deeper_V2": (partial(tiny_keras_resnet, "v2", blocks=(3, 5, 8, 4)), "euler",
+                       (1, 3, 6, 3), False),
+    "tiny_deeper_V1": (partial(tiny_keras_resnet, "v1", blocks=(3, 5, 9, 3)),
+                       "post_activation_euler", (2, 4, 8, 2), False),
 }
 
 
@@ -39,7 +48,7 @@ def test_ported_keras_resnet_computes_the_same_function(arch, tmp_path):
     keras.applications downloads for weights='imagenet') and loaded back by the same
     ``model.load_weights`` call keras.applications makes; then ported: ≤ 1e-5 in inference
     and training mode."""
-    builder, integrator, identity_blocks = ARCHITECTURES[arch]
+    builder, integrator, identity_blocks, copy = ARCHITECTURES[arch]
     original = builder(weights=None, input_shape=SIZE, classes=10)
     x = np.random.default_rng(0).uniform(-1, 1, (2, *SIZE)).astype("float32")
     # Training mode first: it updates the BN moving statistics that inference then uses.
@@ -50,9 +59,7 @@ def test_ported_keras_resnet_computes_the_same_function(arch, tmp_path):
     _scramble(original, seed=1)
     original.load_weights(path)
 
-    # The deep variants reuse the source's layers (copy=False, what kode.finetune does): same
-    # graph rewrite, half the build time in CI.
-    copy = arch.startswith("ResNet50")
+    # The deeper variants reuse the source's layers (copy=False, what kode.finetune does).
     ported = port_model(original, copy=copy)
     stages = [lay for lay in ported.layers if isinstance(lay, IntegratorStage)]
     assert [s.num_steps for s in stages] == list(identity_blocks)
@@ -73,6 +80,31 @@ def test_ported_keras_resnet_computes_the_same_function(arch, tmp_path):
         with pytest.raises(KodeError, match="relu.*not invertible.*checkpoint"):
             stages[0].gradient = "adjoint"
         stages[0].gradient = "checkpoint"
+
+
+def _graph(model: keras.Model) -> list[tuple]:
+    """Each layer's class, name, shape-relevant settings and input layers, in graph order
+    (Keras' numbered default names, such as max_pooling2d_3, without their number)."""
+    def plain(name: str) -> str:
+        return re.sub(r"_\d+$", "", name)
+
+    keys = ("strides", "kernel_size", "padding", "pool_size", "use_bias", "epsilon",
+            "activation", "axis")
+    return [(type(op).__name__, plain(op.name),
+             {k: v for k, v in op.get_config().items() if k in keys},
+             [plain(producer_name(t)) for t in node.input_tensors])
+            for op, node in functional_nodes(model)]
+
+
+@pytest.mark.parametrize("version, full", [("v2", keras.applications.ResNet50V2),
+                                           ("v1", keras.applications.ResNet50)])
+def test_tiny_keras_resnets_are_keras_applications_graphs(version, full):
+    """A tiny ResNet with the 50's blocks is ResNet50V2's / ResNet50's graph, layer by layer
+    (names, kinds, strides, connections), but for the widths: what the port tests above
+    rely on."""
+    tiny = tiny_keras_resnet(version, blocks=(3, 4, 6, 3), input_shape=SIZE, classes=10)
+    assert _graph(tiny) == _graph(full(weights=None, input_shape=SIZE, classes=10))
+    assert tiny.count_params() < 50_000
 
 
 def test_ported_model_saves_trains_with_the_adjoint_and_reloads(tmp_path):

@@ -14,8 +14,17 @@ from kode.cli import main
 from kode.compat import all_layers
 from kode.errors import KodeError
 from kode.layers.stage import IntegratorStage, recomputable_layers
+from kode.testing.applications import stand_in_for
 from kode.tools.port import _Graph
 from kode.training.finetune import FinetunePipeline, FinetuneSettings, finetune, freeze_layers
+
+
+@pytest.fixture
+def tiny_resnet50v2(monkeypatch):
+    """keras.applications.ResNet50V2 builds a tiny ResNet50V2-shaped network for the test
+    (kode.testing.applications): the same layers, names and four ported stages (one step
+    each), so `kode finetune ResNet50V2` runs its keras.applications path in seconds."""
+    return stand_in_for(monkeypatch, "ResNet50V2")
 
 
 def _layer(model: keras.Model, name: str) -> keras.layers.Layer:
@@ -71,10 +80,11 @@ def test_finetune_a_keras_file_with_the_adjoint_refined_and_frozen(source_file, 
     assert again.config["resumed_from_epoch"] == 1
 
 
-def test_keras_applications_source_gets_its_size_channels_and_preprocessing(tmp_path):
-    """ResNet50V2 from an ImageNet-format weights file at 32×32: digits images are resized,
-    made RGB and scaled to [−1, 1]; the model is the ported network (same features) with a
-    new head; kode.json carries the preprocessing for the SavedModel."""
+def test_keras_applications_source_gets_its_size_channels_and_preprocessing(
+        tiny_resnet50v2, tmp_path):
+    """ResNet50V2 (tiny, same graph) from an ImageNet-format weights file at 32×32: digits
+    images are resized, made RGB and scaled to [−1, 1]; the model is the ported network (same
+    features) with a new head; kode.json carries the preprocessing for the SavedModel."""
     original = keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",
                                              input_shape=(32, 32, 3))
     path = os.path.join(tmp_path, "resnet50v2_notop.h5")
@@ -170,12 +180,13 @@ def test_freeze_counts_stages_from_the_stem():
 
 
 def test_kode_finetune_a_keras_applications_resnet_v2_end_to_end_with_the_adjoint(
-        tmp_path, capsys):
+        tiny_resnet50v2, tmp_path, capsys):
     """`kode finetune ResNet50V2 --weights FILE` at 32×32 on digits, two adjoint steps: the
     guard's error is printed with what it decided (random weights at h = 1: far above the
     tolerance, so the stage falls back to checkpoint), kode.json carries the source's
     [−1, 1] scaling, and the verified SavedModel answers raw 0–255 pixels as the Keras model
-    answers the scaled ones.
+    answers the scaled ones. ResNet50V2 is a tiny one (``tiny_resnet50v2``): the same path,
+    graph and stages, one step each.
 
     Kept short: 2 steps (--steps-per-epoch), and --freeze 3 (stem and the first three stages)
     so that only conv5's stage and the head train: the smallest backward graph that still
@@ -329,11 +340,12 @@ def test_refine_auto_needs_the_adjoint(source_file, tmp_path):
     assert not os.path.exists(logdir)
 
 
-def test_kode_finetune_refine_auto_from_a_keras_applications_resnet(tmp_path, capsys):
-    """`kode finetune ResNet50V2 --refine auto --gradient adjoint` end to end at 32×32: the
-    search runs on the ported model (random weights: a tolerance every m passes, so m = 1),
-    the stem, shape-changing segments and head recompute in the backward (the guard says so)
-    and the trained model keeps them."""
+def test_kode_finetune_refine_auto_from_a_keras_applications_resnet(tiny_resnet50v2, tmp_path,
+                                                                   capsys):
+    """`kode finetune ResNet50V2 --refine auto --gradient adjoint` end to end at 32×32 (a
+    tiny ResNet50V2: the same graph and stages): the search runs on the ported model (random
+    weights: a tolerance every m passes, so m = 1), the stem, shape-changing segments and head
+    recompute in the backward (the guard says so) and the trained model keeps them."""
     keras.utils.set_random_seed(0)
     original = keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",
                                              input_shape=(32, 32, 3))
