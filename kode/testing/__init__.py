@@ -1,6 +1,7 @@
 """Shared test helpers (after keras-hub's): every zoo model passes :mod:`kode.testing.models`'
 standard checks, every kode layer :mod:`kode.testing.layers`' contract checks."""
 
+from kode.testing.families import family_model_tests
 from kode.testing.layers import (
     DTYPE_POLICIES,
     LAYER_CASES,
@@ -23,7 +24,6 @@ from kode.testing.models import (
     check_fit_step,
     check_keras_round_trip,
     check_savedmodel_round_trip,
-    family_model_tests,
     image_serving_contract,
     reduced_overrides,
     run_standard_model_checks,

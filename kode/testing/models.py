@@ -5,15 +5,10 @@ SavedModel and checkpoint round trips, mixed precision, and golden outputs."""
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
 import json
 import os
-import pkgutil
 import re
 import tempfile
-from collections.abc import Callable
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -184,7 +179,7 @@ def check_fit_step(model: keras.Model, modes: list[str] | None = None) -> None:
                 "from backprop's")
         else:
             with _left_as_found(model):
-                guard = check_gradients(model, x, y, mode=mode).model_point_errors[0]
+                guard = check_gradients(model, x, y, mode=mode, points=1).model_error
             assert abs(error - guard) <= 0.1 * guard + 1e-4, (
                 f"{model.name}: the {mode} fit step's gradient error {error:.3g} is not the "
                 f"guard's figure {guard:.3g}")
@@ -195,6 +190,13 @@ def check_fit_step(model: keras.Model, modes: list[str] | None = None) -> None:
             f"{model.name} ({mode}): one SGD step left {len(still)}/{len(trainable)} trainable "
             "tensors unchanged: " + ", ".join(f"{w.path}" + (f" (stage {stage})" if stage
                                                              else "") for w, stage in still[:8]))
+
+
+def _model_mode(model: keras.Model) -> str:
+    from kode.tools.stages import integrator_stages
+
+    (mode,) = {s.gradient for s in integrator_stages(model)}
+    return mode
 
 
 def check_keras_round_trip(model: keras.Model, directory: str) -> None:
@@ -246,38 +248,12 @@ def check_savedmodel_round_trip(model: keras.Model, directory: str) -> None:
                                err_msg=f"{model.name}: the SavedModel serves other numbers")
 
 
-def check_mixed_precision(model_name: str, **overrides) -> None:
-    """Built under ``mixed_bfloat16`` and ``mixed_float16`` (no training): float32 weights,
-    integrator stages computing in the policy's dtype, finite float32 probabilities that sum
-    to 1, in inference and training mode."""
-    from kode.scopes import precision_scope
-    from kode.tools.stages import integrator_stages
-
-    for policy in ("mixed_bfloat16", "mixed_float16"):
-        with precision_scope(policy):
-            keras.utils.set_random_seed(0)
-            model = zoo.create_model(model_name, **overrides)
-        compute = policy.removeprefix("mixed_")
-        x, _ = _batch(model)
-        for training in (False, True):
-            probs = model(x, training=training)
-            assert keras.backend.standardize_dtype(probs.dtype) == "float32", (
-                f"{model_name} {policy}: outputs {probs.dtype}")
-            probs = np.asarray(probs)
-            assert np.isfinite(probs).all(), f"{model_name} {policy}: non-finite outputs"
-            np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-3)
-        assert all(w.dtype == "float32" for w in model.weights
-                   if keras.backend.is_float_dtype(w.dtype)), f"{model_name} {policy}"
-        stages = integrator_stages(model)
-        assert stages and all(s.compute_dtype == compute for s in stages), (
-            f"{model_name} {policy}: stages compute in "
-            f"{sorted({s.compute_dtype for s in stages})}")
-
-
-def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
-    """Build ``name`` (reduced), then: output shape and probabilities, one fit step,
-    ``.keras`` round trip, SavedModel round trip, ``tf.train.Checkpoint`` round trip (every
-    variable restored exactly), and the headless feature extractor."""
+def run_standard_model_checks(name: str, every_mode: bool = True,
+                              **extra_overrides) -> keras.Model:
+    """Build ``name`` (reduced), then: output shape and probabilities, one fit step in each
+    gradient mode (``every_mode=False``: in the model's own mode only), configuration,
+    ``.keras``, SavedModel and ``tf.train.Checkpoint`` round trips (every variable restored
+    exactly), and the headless feature extractor."""
     overrides = {**reduced_overrides(name), **extra_overrides}
     # Seeded: what ran before on the same worker must not choose the weights (a V1
     # ResNet-50's features reach 1e27-1e32 after a fit step at some initializations).
@@ -288,7 +264,7 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     classes = overrides.get("classes", zoo.get_entry(name).defaults.get("classes", 10))
     assert probs.shape == (len(x), classes)
     np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
-    check_fit_step(model)
+    check_fit_step(model, None if every_mode else [_model_mode(model)])
     check_config_round_trip(model)
     with tempfile.TemporaryDirectory() as directory:
         check_keras_round_trip(model, directory)
@@ -298,70 +274,6 @@ def run_standard_model_checks(name: str, **extra_overrides) -> keras.Model:
     assert len(features.output_shape) == 2
     check_layers_have_cases(model)
     return model
-
-
-#: family → (model name, builder overrides) of its golden-output model: the first model its
-#: standard checks run on, reduced (filled by :func:`family_model_tests`).
-GOLDEN_CASES: dict[str, tuple[str, dict]] = {}
-
-#: the golden outputs, written by tests/fixtures/make_zoo_outputs.py.
-ZOO_OUTPUTS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "zoo_outputs.json"
-
-
-def set_seeded_weights(model: keras.Model, seed: int = 0) -> None:
-    """Every float variable of ``model`` drawn from ``numpy.random.default_rng(seed)`` in the
-    order of ``model.variables`` (independent of Keras' initializers and layer names):
-    kernels N(0, 1/fan_in), BN γ = 1 + 0.1·N(0, 1), moving variance 1 + 0.2·U(0, 1), β,
-    moving mean and biases 0.1·N(0, 1), any other variable (LM's k_n…) its value + 0.05·N(0, 1)."""
-    rng = np.random.default_rng(seed)
-    for v in model.variables:
-        if not keras.backend.is_float_dtype(v.dtype):
-            continue
-        shape, kind = tuple(v.shape), v.path.rsplit("/", 1)[-1]
-        noise = rng.standard_normal(shape)
-        if kind == "kernel":
-            value = noise / np.sqrt(max(int(np.prod(shape[:-1])), 1))
-        elif kind == "moving_variance":
-            value = 1.0 + 0.2 * rng.uniform(size=shape)
-        elif kind == "gamma":
-            value = 1.0 + 0.1 * noise
-        elif kind in ("beta", "moving_mean", "bias"):
-            value = 0.1 * noise
-        else:
-            value = np.asarray(v) + 0.05 * noise
-        v.assign(value.astype(np.dtype(v.dtype)))
-
-
-def golden_outputs(name: str, overrides: dict) -> list[float]:
-    """8 numbers of model ``name`` (``overrides`` applied) with :func:`set_seeded_weights`:
-    the first 4 class probabilities of 2 seeded inputs, in inference mode."""
-    model = zoo.create_model(name, **overrides)
-    set_seeded_weights(model)
-    x = np.random.default_rng(1).standard_normal((2, *model.input_shape[1:])).astype("float32")
-    return [float(p) for p in np.asarray(model(x, training=False))[:, :4].ravel()]
-
-
-def load_family_tests() -> dict[str, tuple[str, dict]]:
-    """:data:`GOLDEN_CASES` of every family: imports each ``zoo/<family>/*_test.py``."""
-    for module in pkgutil.walk_packages(zoo.__path__, "zoo."):
-        if module.name.endswith("_test"):
-            importlib.import_module(module.name)
-    return dict(GOLDEN_CASES)
-
-
-def check_golden_outputs(family: str) -> None:
-    """The family's golden model gives the stored outputs to 1e-5: a wiring change that keeps
-    every shape (a swapped branch, a missing scale) changes them."""
-    name, overrides = GOLDEN_CASES[family]
-    stored = json.loads(ZOO_OUTPUTS.read_text())
-    assert family in stored, (f"{family}: no golden outputs in {ZOO_OUTPUTS.name}; run "
-                              "python tests/fixtures/make_zoo_outputs.py")
-    want = stored[family]
-    assert want["model"] == name and want["overrides"] == json.loads(json.dumps(overrides)), (
-        f"{family}: the golden model changed ({want['model']} {want['overrides']}); "
-        "regenerate with python tests/fixtures/make_zoo_outputs.py and say why")
-    np.testing.assert_allclose(golden_outputs(name, overrides), want["outputs"], atol=1e-5,
-                               rtol=0, err_msg=f"{family}: {name}'s outputs changed")
 
 
 def architecture(model: keras.Model, steps: bool = True) -> str:
@@ -392,85 +304,6 @@ def architecture(model: keras.Model, steps: bool = True) -> str:
         text = re.sub(r'"((?:[^"\\]|\\.)*)"', lambda m: json.dumps(
             f"<layer {order.setdefault(m[1], len(order))}>") if m[1] in names else m[0], text)
     return text
-
-
-def family_model_tests(family: str, min_models: int = 12,
-                       overrides: Callable[[str], dict] | None = None,
-                       same_up_to_steps: dict[str, str] | None = None):
-    """The shared pytest tests of one family: ``test_family_is_registered,
-    test_standard_model_checks, test_same_reduced_model, test_mixed_precision,
-    test_golden_outputs = …``.
-
-    ``overrides(name)`` adds builder overrides to :func:`reduced_overrides` (a family with its
-    own depth form). Reduced, many names are one model (the CIFAR depths 32…1202 all become
-    depth 8, ImageNet 50/101/152 one bottleneck layout): the standard checks run once per
-    distinct reduced model, on its first name; every other name is built reduced and must be
-    that same architecture (``test_same_reduced_model``), so the checks hold for it too.
-
-    ``same_up_to_steps`` maps names to a checked name whose reduced architecture they have up
-    to the number of steps per stage (:func:`architecture` with ``steps=False``): for families
-    whose models cannot be reduced to one (keras.applications ResNet50/101/152, fixed layouts
-    of 23–60M parameters), so that only one of each kind gets the (slow) standard checks.
-    """
-    import pytest
-
-    names = zoo.list_models(family=family)
-    like = dict(same_up_to_steps or {})
-    unknown = sorted(set(like) - set(names)) + sorted(set(like.values()) - set(names))
-    if unknown or set(like) & set(like.values()):
-        raise ValueError(f"same_up_to_steps of {family}: {unknown or like} are not other "
-                         "names of the family mapped to checked ones")
-
-    def reduced(name: str) -> dict:
-        return {**reduced_overrides(name), **(overrides(name) if overrides else {})}
-
-    def same_model_key(name: str) -> str:  # what create_model(name, **reduced(name)) depends on
-        entry = zoo.get_entry(name)
-        config = {**entry.defaults, **reduced(name)}
-        config.pop("name", None)
-        return repr((entry.builder, sorted(config.items())))
-
-    first: dict = {}
-    for name in names:
-        if name not in like:
-            first.setdefault(same_model_key(name), name)
-    checked = list(first.values())
-    representative = {name: like.get(name) or first[same_model_key(name)] for name in names}
-    others = [name for name in names if representative[name] != name]
-
-    @functools.cache
-    def checked_architecture(name: str, steps: bool) -> str:
-        return architecture(zoo.create_model(name, **reduced(name)), steps=steps)
-
-    golden_name = checked[0]
-    GOLDEN_CASES[family] = (golden_name, reduced(golden_name))
-
-    def test_family_is_registered():
-        assert len(names) >= min_models, names
-
-    def test_mixed_precision():
-        check_mixed_precision(golden_name, **reduced(golden_name))
-
-    def test_golden_outputs():
-        check_golden_outputs(family)
-
-    @pytest.mark.parametrize("name", checked)
-    def test_standard_model_checks(name):
-        run_standard_model_checks(name, **(overrides(name) if overrides else {}))
-
-    @pytest.mark.parametrize("name", others)
-    def test_same_reduced_model(name):  # (None below when every reduced model is distinct)
-        model = zoo.create_model(name, **reduced(name))
-        assert model.name == name
-        steps = name not in like
-        assert architecture(model, steps=steps) == checked_architecture(
-            representative[name], steps), (
-            f"{name} reduced is not the model {representative[name]} was checked as"
-            + ("" if steps else " (up to its number of steps per stage)"))
-
-    return (test_family_is_registered, test_standard_model_checks,
-            test_same_reduced_model if others else None, test_mixed_precision,
-            test_golden_outputs)
 
 
 def serving_contract(path: str) -> dict:

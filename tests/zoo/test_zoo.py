@@ -128,8 +128,9 @@ def test_corrupt_and_mismatched_weights_files(tmp_path):
 
 def test_standard_fit_check_catches_a_stage_whose_gradient_is_zero(monkeypatch):
     """A broken adjoint (every stage variable's gradient zero, the input's still right) fails
-    the zoo's standard fit check, naming the stage; the same model with the adjoint intact
-    passes."""
+    the zoo's standard fit check, naming the stage (in adjoint mode: the guard reports the
+    same error, so the unchanged stage is what shows it), and an exact mode (checkpoint) so
+    broken applies a gradient far from backprop's; the same model intact passes."""
     import tensorflow as tf
 
     from kode import gradients
@@ -144,4 +145,6 @@ def test_standard_fit_check_catches_a_stage_whose_gradient_is_zero(monkeypatch):
     monkeypatch.setattr(gradients, "_accumulate", lambda total, grads: accumulate(
         total, [None if g is None else tf.zeros_like(tf.convert_to_tensor(g)) for g in grads]))
     with pytest.raises(AssertionError, match=r"unchanged: .*\(stage "):
-        check_fit_step(build())
+        check_fit_step(build(), ["adjoint"])
+    with pytest.raises(AssertionError, match=r"checkpoint fit step applied a gradient"):
+        check_fit_step(build(), ["checkpoint"])

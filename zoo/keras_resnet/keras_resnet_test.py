@@ -3,7 +3,7 @@ Euler stages) and one V1 (post-activation stages), at keras.applications' smalle
 (32×32) and 10 classes; the deeper ones are the same model but for their number of steps per
 stage."""
 
-from kode.testing.models import family_model_tests
+from kode.testing.families import family_model_tests
 
 (test_family_is_registered, test_standard_model_checks, test_same_reduced_model,
  test_mixed_precision, test_golden_outputs) = (

@@ -1,7 +1,7 @@
 import pytest
 
 import zoo
-from kode.testing.models import family_model_tests
+from kode.testing.families import family_model_tests
 
 (test_family_is_registered, test_standard_model_checks, test_same_reduced_model,
  test_mixed_precision, test_golden_outputs) = (

@@ -1,4 +1,4 @@
-from kode.testing.models import family_model_tests
+from kode.testing.families import family_model_tests
 
 # CI time: every name is the same small model (depth 8: one polynet step in stage 1,
 # transitions after it; quarter width). The depths differ only in their number of units, and

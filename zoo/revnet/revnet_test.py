@@ -1,5 +1,5 @@
 import zoo
-from kode.testing.models import family_model_tests
+from kode.testing.families import family_model_tests
 
 
 def _small(name):
