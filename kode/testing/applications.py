@@ -11,7 +11,8 @@ name (``kode finetune ResNet50V2``, ``zoo.create_model("keras_resnet50v2")``) bu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import keras
@@ -100,3 +101,28 @@ def stand_in_for(monkeypatch: pytest.MonkeyPatch, arch: str = "ResNet50V2",
     # The real name is replaced (not a kode lookup table): kode resolves it as for users.
     monkeypatch.setattr(keras.applications, arch, builder)
     return builder
+
+
+#: keras.applications ResNets and the tiny blocks that stand in for them in the zoo's
+#: keras_resnet family tests: the same version, one more block in the third stack per depth
+#: (so 50, 101 and 152 differ only in their number of steps, as the real ones do).
+TINY_STAND_INS = {
+    "ResNet50V2": ("v2", (3, 3, 3, 2)), "ResNet101V2": ("v2", (3, 3, 4, 2)),
+    "ResNet152V2": ("v2", (3, 3, 5, 2)), "ResNet50": ("v1", (2, 2, 2, 2)),
+    "ResNet101": ("v1", (2, 2, 3, 2)), "ResNet152": ("v1", (2, 2, 4, 2)),
+}
+
+
+@contextlib.contextmanager
+def tiny_keras_applications() -> Iterator[None]:
+    """Inside the block every keras.applications ResNet name of :data:`TINY_STAND_INS` builds
+    its tiny stand-in (restored after, also on an error)."""
+    saved = {arch: getattr(keras.applications, arch) for arch in TINY_STAND_INS}
+    try:
+        for arch, (version, blocks) in TINY_STAND_INS.items():
+            setattr(keras.applications, arch,
+                    tiny_keras_applications_builder(version, blocks=blocks))
+        yield
+    finally:
+        for arch, builder in saved.items():
+            setattr(keras.applications, arch, builder)

@@ -4,6 +4,7 @@ distinct reduced model, the mixed-precision dtype check and the golden outputs."
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -49,7 +50,7 @@ def check_mixed_precision(model_name: str, **overrides) -> None:
 
 #: family → (model name, builder overrides) of its golden-output model: the first model its
 #: standard checks run on, reduced (filled by :func:`family_model_tests`).
-GOLDEN_CASES: dict[str, tuple[str, dict]] = {}
+GOLDEN_CASES: dict[str, tuple[str, dict, Callable]] = {}
 
 #: the golden outputs, written by tests/fixtures/make_zoo_outputs.py.
 ZOO_OUTPUTS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "zoo_outputs.json"
@@ -89,7 +90,7 @@ def golden_outputs(name: str, overrides: dict) -> list[float]:
     return [float(p) for p in np.asarray(model(x, training=False))[:, :4].ravel()]
 
 
-def load_family_tests() -> dict[str, tuple[str, dict]]:
+def load_family_tests() -> dict[str, tuple[str, dict, Callable]]:
     """:data:`GOLDEN_CASES` of every family: imports each ``zoo/<family>/*_test.py``."""
     for module in pkgutil.walk_packages(zoo.__path__, "zoo."):
         if module.name.endswith("_test"):
@@ -100,7 +101,7 @@ def load_family_tests() -> dict[str, tuple[str, dict]]:
 def check_golden_outputs(family: str) -> None:
     """The family's golden model gives the stored outputs to 1e-5: a wiring change that keeps
     every shape (a swapped branch, a missing scale) changes them."""
-    name, overrides = GOLDEN_CASES[family]
+    name, overrides, within = GOLDEN_CASES[family]
     stored = json.loads(ZOO_OUTPUTS.read_text())
     assert family in stored, (f"{family}: no golden outputs in {ZOO_OUTPUTS.name}; run "
                               "python tests/fixtures/make_zoo_outputs.py")
@@ -108,13 +109,17 @@ def check_golden_outputs(family: str) -> None:
     assert want["model"] == name and want["overrides"] == json.loads(json.dumps(overrides)), (
         f"{family}: the golden model changed ({want['model']} {want['overrides']}); "
         "regenerate with python tests/fixtures/make_zoo_outputs.py and say why")
-    np.testing.assert_allclose(golden_outputs(name, overrides), want["outputs"], atol=1e-5,
-                               rtol=0, err_msg=f"{family}: {name}'s outputs changed")
+    with within():
+        outputs = golden_outputs(name, overrides)
+    np.testing.assert_allclose(outputs, want["outputs"], atol=1e-5, rtol=0,
+                               err_msg=f"{family}: {name}'s outputs changed")
 
 
 def family_model_tests(family: str, min_models: int = 12,
                        overrides: Callable[[str], dict] | None = None,
-                       same_up_to_steps: dict[str, str] | None = None):
+                       same_up_to_steps: dict[str, str] | None = None,
+                       within: Callable[[], contextlib.AbstractContextManager] = (
+                           contextlib.nullcontext)):
     """The shared pytest tests of one family: ``test_family_is_registered,
     test_standard_model_checks, test_same_reduced_model, test_mixed_precision,
     test_golden_outputs = …``.
@@ -129,6 +134,10 @@ def family_model_tests(family: str, min_models: int = 12,
     to the number of steps per stage (:func:`architecture` with ``steps=False``): for families
     whose models cannot be reduced to one (keras.applications ResNet50/101/152, fixed layouts
     of 23–60M parameters), so that only one of each kind gets the (slow) standard checks.
+
+    ``within()``: a context every model of the family is built in (keras_resnet: tiny
+    same-shaped keras.applications builders,
+    :func:`kode.testing.applications.tiny_keras_applications`).
     """
     import pytest
 
@@ -158,16 +167,18 @@ def family_model_tests(family: str, min_models: int = 12,
 
     @functools.cache
     def checked_architecture(name: str, steps: bool) -> str:
-        return architecture(zoo.create_model(name, **reduced(name)), steps=steps)
+        with within():
+            return architecture(zoo.create_model(name, **reduced(name)), steps=steps)
 
     golden_name = checked[0]
-    GOLDEN_CASES[family] = (golden_name, reduced(golden_name))
+    GOLDEN_CASES[family] = (golden_name, reduced(golden_name), within)
 
     def test_family_is_registered():
         assert len(names) >= min_models, names
 
     def test_mixed_precision():
-        check_mixed_precision(golden_name, **reduced(golden_name))
+        with within():
+            check_mixed_precision(golden_name, **reduced(golden_name))
 
     def test_golden_outputs():
         check_golden_outputs(family)
@@ -176,12 +187,14 @@ def family_model_tests(family: str, min_models: int = 12,
     def test_standard_model_checks(name):
         # The gradient modes are the integrator's and blocks', not the layout's: every mode
         # on the family's first model, the model's own on its other layouts (CI time).
-        run_standard_model_checks(name, every_mode=name == golden_name,
-                                  **(overrides(name) if overrides else {}))
+        with within():
+            run_standard_model_checks(name, every_mode=name == golden_name,
+                                      **(overrides(name) if overrides else {}))
 
     @pytest.mark.parametrize("name", others)
     def test_same_reduced_model(name):  # (None below when every reduced model is distinct)
-        model = zoo.create_model(name, **reduced(name))
+        with within():
+            model = zoo.create_model(name, **reduced(name))
         assert model.name == name
         steps = name not in like
         assert architecture(model, steps=steps) == checked_architecture(
