@@ -9,14 +9,20 @@ import functools
 import importlib
 import json
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
 import numpy as np
 
 import zoo
-from kode.testing.models import _batch, architecture, reduced_overrides, run_standard_model_checks
+from kode.testing.models import (
+    _batch,
+    architecture,
+    check_config_round_trip,
+    reduced_overrides,
+    run_standard_model_checks,
+)
 
 
 def check_mixed_precision(model_name: str, **overrides) -> None:
@@ -119,10 +125,11 @@ def family_model_tests(family: str, min_models: int = 12,
                        overrides: Callable[[str], dict] | None = None,
                        same_up_to_steps: dict[str, str] | None = None,
                        within: Callable[[], contextlib.AbstractContextManager] = (
-                           contextlib.nullcontext)):
-    """The shared pytest tests of one family: ``test_family_is_registered,
+                           contextlib.nullcontext),
+                       every_layout: bool = False, standard: Sequence[str] = ()):
+    """The shared pytest tests of one family: ``(test_family_is_registered,
     test_standard_model_checks, test_same_reduced_model, test_mixed_precision,
-    test_golden_outputs = …``.
+    test_golden_outputs, test_other_layouts_build) = …``.
 
     ``overrides(name)`` adds builder overrides to :func:`reduced_overrides` (a family with its
     own depth form). Reduced, many names are one model (the CIFAR depths 32…1202 all become
@@ -134,6 +141,13 @@ def family_model_tests(family: str, min_models: int = 12,
     to the number of steps per stage (:func:`architecture` with ``steps=False``): for families
     whose models cannot be reduced to one (keras.applications ResNet50/101/152, fixed layouts
     of 23–60M parameters), so that only one of each kind gets the (slow) standard checks.
+
+    The layouts (CIFAR and ImageNet, basic and bottleneck blocks) are the shared builder's:
+    the standard checks run on every distinct reduced model where ``every_layout`` (the
+    ``resnet`` family), elsewhere on the names in ``standard`` (default: the family's first
+    model), and its other distinct models are built, called and round-tripped through their
+    configuration (``test_other_layouts_build``, CI time). The first standard name is the
+    golden-output model and takes the fit step in every gradient mode.
 
     ``within()``: a context every model of the family is built in (keras_resnet: tiny
     same-shaped keras.applications builders,
@@ -170,7 +184,11 @@ def family_model_tests(family: str, min_models: int = 12,
         with within():
             return architecture(zoo.create_model(name, **reduced(name)), steps=steps)
 
-    golden_name = checked[0]
+    standard = list(checked if every_layout else standard or checked[:1])
+    if not set(standard) <= set(checked):
+        raise ValueError(f"standard names of {family}: {sorted(set(standard) - set(checked))} "
+                         f"are not distinct reduced models ({checked})")
+    golden_name = standard[0]
     GOLDEN_CASES[family] = (golden_name, reduced(golden_name), within)
 
     def test_family_is_registered():
@@ -183,13 +201,23 @@ def family_model_tests(family: str, min_models: int = 12,
     def test_golden_outputs():
         check_golden_outputs(family)
 
-    @pytest.mark.parametrize("name", checked)
+    @pytest.mark.parametrize("name", standard)
     def test_standard_model_checks(name):
         # The gradient modes are the integrator's and blocks', not the layout's: every mode
         # on the family's first model, the model's own on its other layouts (CI time).
         with within():
             run_standard_model_checks(name, every_mode=name == golden_name,
                                       **(overrides(name) if overrides else {}))
+
+    @pytest.mark.parametrize("name", [name for name in checked if name not in standard])
+    def test_other_layouts_build(name):
+        with within():
+            keras.utils.set_random_seed(0)
+            model = zoo.create_model(name, **reduced(name))
+            x, _ = _batch(model)
+            probs = np.asarray(model(x, training=True))
+            check_config_round_trip(model)
+        np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
 
     @pytest.mark.parametrize("name", others)
     def test_same_reduced_model(name):  # (None below when every reduced model is distinct)
@@ -202,6 +230,7 @@ def family_model_tests(family: str, min_models: int = 12,
             f"{name} reduced is not the model {representative[name]} was checked as"
             + ("" if steps else " (up to its number of steps per stage)"))
 
+    others_built = [name for name in checked if name not in standard]
     return (test_family_is_registered, test_standard_model_checks,
             test_same_reduced_model if others else None, test_mixed_precision,
-            test_golden_outputs)
+            test_golden_outputs, test_other_layouts_build if others_built else None)

@@ -195,7 +195,7 @@ def check_fit_step(model: keras.Model, modes: list[str] | None = None) -> None:
 def _model_mode(model: keras.Model) -> str:
     from kode.tools.stages import integrator_stages
 
-    (mode,) = {s.gradient for s in integrator_stages(model)}
+    (mode,) = {s.gradient for s in integrator_stages(model)} or {"backprop"}
     return mode
 
 

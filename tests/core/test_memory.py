@@ -10,23 +10,27 @@ from kode.testing.memory import StageStep, measure_stage_steps
 SMALL, BIG = 4, 16
 CASES = [("euler", "backprop"), ("euler", "adjoint"), ("reversible_heun", "adjoint"),
          ("revnet", "adjoint"), ("euler", "checkpoint"), ("reversible_heun", "checkpoint"),
-         ("euler", "backprop", "eager"), ("euler", "adjoint", "eager")]
+         ("euler", "backprop", "eager"), ("euler", "adjoint", "eager"),
+         ("euler", "backprop", "xla"), ("euler", "adjoint", "xla"),
+         ("reversible_heun", "adjoint", "xla"), ("euler", "checkpoint", "xla"),
+         ("reversible_heun", "checkpoint", "xla")]
 
 
 @pytest.fixture(scope="module")
 def growth():
     """(integrator, mode) → (allocator MiB at N = BIG) − (at N = SMALL), and the state's MiB."""
-    steps = [StageStep(integrator, n, mode, eager=bool(eager))
-             for integrator, mode, *eager in CASES for n in (SMALL, BIG)]
+    steps = [StageStep(integrator, n, mode, eager=execution == ["eager"],
+                       jit=execution == ["xla"])
+             for integrator, mode, *execution in CASES for n in (SMALL, BIG)]
     peaks = measure_stage_steps(steps)
     for step, peak in zip(steps, peaks, strict=True):
-        print(f"{step.integrator:16s} {step.mode:10s} eager={step.eager} N={step.n:3d} "
-              f"+{peak:.2f} MiB")
+        print(f"{step.integrator:16s} {step.mode:10s} eager={step.eager} xla={step.jit} "
+              f"N={step.n:3d} +{peak:.2f} MiB")
     return ({case: peaks[2 * i + 1] - peaks[2 * i] for i, case in enumerate(CASES)},
             steps[0].state_mib)
 
 
-@pytest.mark.parametrize("execution", [(), ("eager",)])
+@pytest.mark.parametrize("execution", [(), ("eager",), ("xla",)])
 def test_backprop_stores_activations_for_every_step(growth, execution):
     grown, state = growth
     assert grown[("euler", "backprop", *execution)] >= (BIG - SMALL) * state, grown
@@ -50,3 +54,20 @@ def test_checkpointing_stores_far_less_than_backprop(growth, integrator):
     grows fourfold (measured: Euler +5.3 MiB against backprop's +25 MiB)."""
     grown, _ = growth
     assert grown[integrator, "checkpoint"] <= 0.5 * grown["euler", "backprop"], grown
+
+
+@pytest.mark.parametrize("integrator", ["euler", "reversible_heun"])
+def test_under_xla_the_adjoint_stores_nothing_per_step(growth, integrator):
+    """jit_compile=True: XLA drops control dependencies; the rebuilds wait for the cotangent
+    through an optimization barrier instead."""
+    grown, _ = growth
+    assert grown[integrator, "adjoint", "xla"] <= 0.15 * grown["euler", "backprop", "xla"], grown
+
+
+@pytest.mark.parametrize("integrator", ["euler", "reversible_heun"])
+def test_under_xla_checkpointing_stores_far_less_than_backprop(growth, integrator):
+    """Without the barrier XLA merged the recomputation back into the forward: checkpoint's
+    memory was backprop's."""
+    grown, _ = growth
+    assert grown[integrator, "checkpoint", "xla"] <= 0.5 * grown["euler", "backprop", "xla"], (
+        grown)

@@ -4,8 +4,8 @@ import zoo
 from kode.testing.families import family_model_tests
 
 (test_family_is_registered, test_standard_model_checks, test_same_reduced_model,
- test_mixed_precision, test_golden_outputs) = (
-    family_model_tests("lm_resnet"))
+ test_mixed_precision, test_golden_outputs, test_other_layouts_build) = (
+    family_model_tests("lm_resnet", standard=["lm_resnet20", "lm_resnet56_sd"]))
 
 
 def test_stochastic_depth_variants_use_paper_final_probability():

@@ -8,5 +8,5 @@ def _small(name):
 
 
 (test_family_is_registered, test_standard_model_checks, test_same_reduced_model,
- test_mixed_precision, test_golden_outputs) = (
+ test_mixed_precision, test_golden_outputs, test_other_layouts_build) = (
     family_model_tests("revnet", min_models=3, overrides=_small))
