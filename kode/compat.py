@@ -44,13 +44,6 @@ def input_signature(model: keras.Model) -> Any:
     return _attribute("keras.src.export.export_utils", "get_input_signature")(model)
 
 
-def xla_optimization_barrier(*tensors):
-    """XLA's ``opt-barrier`` (TensorFlow's tf2xla op ``XlaOptimizationBarrier``): returns its
-    inputs; nothing computed from an output can be scheduled before every input exists, and
-    the compiler cannot merge such a computation with one on the inputs. Only inside XLA."""
-    return _attribute("tensorflow.compiler.tf2xla.python.xla", "optimization_barrier")(*tensors)
-
-
 def op_determinism_enabled() -> bool:
     """Whether ``tf.config.experimental.enable_op_determinism`` is in force (TensorFlow has
     no public getter)."""
@@ -168,17 +161,13 @@ PRIVATE_APIS: dict[str, tuple[str, Callable[[], Any]]] = {
     "tensorflow.python.eager.record.stop_recording": (
         "the adjoint's forward keeps nothing for an outer tape", lambda: stop_recording()),
     "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext": (
-        "under XLA the adjoint and checkpoint tie their recomputations to the cotangents",
-        in_xla_context),
+        "the warning that XLA undoes the adjoint's memory saving", in_xla_context),
     "keras.src.backend.common.variables.AutocastScope": (
         "diagnostics call residual functions as their layer would under mixed precision",
         lambda: autocast_scope(None)),
     "keras.src.export.export_utils.get_input_signature": (
         "the SavedModel's input signature", lambda: _attribute(
             "keras.src.export.export_utils", "get_input_signature")),
-    "tensorflow.compiler.tf2xla.python.xla.optimization_barrier": (
-        "the adjoint's and checkpoint's recomputations keep their memory under XLA",
-        lambda: _attribute("tensorflow.compiler.tf2xla.python.xla", "optimization_barrier")),
     "tensorflow.python.framework.config.is_op_determinism_enabled": (
         "a deterministic run restores op determinism; the tests check nothing leaks it",
         op_determinism_enabled),

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 
-from kode.compat import in_xla_context, stop_recording, xla_optimization_barrier
+from kode.compat import in_xla_context, stop_recording
 from kode.errors import KodeError
 
 BACKPROP, CHECKPOINT, ADJOINT = "backprop", "checkpoint", "adjoint"
@@ -216,24 +217,20 @@ def integrate(dynamics: Dynamics, x, history=None, mode: str = BACKPROP):
         for n in range(dynamics.num_steps):
             state = dynamics.step(n, state)
         return dynamics.output(state)
+    if in_xla_context():
+        # Measured (docs/gradients.md): XLA drops the control dependencies that sequence the
+        # rebuilds, so the states pile up again. Keras' jit_compile="auto" picks XLA on GPUs.
+        warnings.warn(
+            f"gradient='{mode}' is compiled with XLA (jit_compile=True): its memory is not "
+            "O(1)/O(√N) under XLA, which reorders the backward's recomputations; compile with "
+            "jit_compile=False to keep the memory savings",
+            UserWarning, stacklevel=2)
     segments = (
         [(n, n + 1) for n in range(dynamics.num_steps)]
         if mode == ADJOINT
         else checkpoint_segments(dynamics.num_steps)
     )
-    return _integrate_with_custom_gradient(dynamics, x, history, mode, segments,
-                                           xla=in_xla_context())
-
-
-def _tied(state: tuple, adjoint: list) -> tuple[tuple, list]:
-    """``state`` and ``adjoint`` through one XLA optimization barrier: under XLA, which keeps
-    data dependencies and drops control dependencies, whatever is computed from the returned
-    state (a rebuild, a recomputation) waits for the cotangent and is not merged with the
-    forward's computation of the same values (XLA's CSE would undo checkpointing)."""
-    present = [s for s in state if s is not None]
-    tied = list(xla_optimization_barrier(*present, *adjoint))
-    rest = iter(tied[:len(present)])
-    return tuple(None if s is None else next(rest) for s in state), tied[len(present):]
+    return _integrate_with_custom_gradient(dynamics, x, history, mode, segments)
 
 
 def _tensors(state) -> list:
@@ -303,7 +300,7 @@ def recompute(fn: Callable, x, rng_variables: Sequence[keras.Variable] = ()):
     return integrate(dynamics, x, mode=CHECKPOINT)
 
 
-def _integrate_with_custom_gradient(dynamics, x, history, mode, segments, xla=False):
+def _integrate_with_custom_gradient(dynamics, x, history, mode, segments):
     inputs = [x] if history is None else [x, history]
 
     @tf.custom_gradient
@@ -344,10 +341,6 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments, xla=Fa
             )
             state_out = final_state
             for start, end in reversed(segments):
-                stored_in = stored.get(start)
-                if xla:  # XLA: a data dependency in place of the control dependency below
-                    tied, adjoint = _tied(state_out if mode == ADJOINT else stored_in, adjoint)
-                    state_out, stored_in = (tied, None) if mode == ADJOINT else (state_out, tied)
                 # Sequence the rebuild after the previous VJP: at most a few states alive.
                 with tf.control_dependencies(adjoint):
                     if mode == ADJOINT:
@@ -361,7 +354,7 @@ def _integrate_with_custom_gradient(dynamics, x, history, mode, segments, xla=Fa
                         )
                     else:
                         state_in = tuple(
-                            None if s is None else tf.identity(s) for s in stored_in
+                            None if s is None else tf.identity(s) for s in stored[start]
                         )
                 with tf.GradientTape() as tape:
                     sources = _tensors(state_in)

@@ -80,9 +80,9 @@ def test_exact_reversal_adjoint_equals_backprop(integrator, graph):
 @pytest.mark.parametrize("mode", ["backprop", "checkpoint", "adjoint"])
 @pytest.mark.parametrize("integrator", ["euler", "reversible_heun"])
 def test_gradients_under_xla_equal_the_graph_gradients(integrator, mode):
-    """jit_compile=True (XLA, what GPUs and TPUs run; the adjoint's and checkpoint's
-    recomputations go through optimization barriers there) changes no gradient beyond
-    rounding, for an inexact (Euler) and an exact (reversible Heun) adjoint."""
+    """jit_compile=True (XLA, what GPUs and TPUs run) changes no gradient beyond rounding,
+    for an inexact (Euler) and an exact (reversible Heun) adjoint (its memory is another
+    matter: kode warns there)."""
     x = _x()
     stage = _stage(integrator, mode, num=7)
     stage(x)
