@@ -59,6 +59,7 @@ def _trial_settings(args) -> dict:
         connect_timeout=args.connect_timeout, tpu=args.tpu, precision=args.precision,
         sync_batchnorm=args.sync_batchnorm, deterministic=args.deterministic,
         diagnostics=not args.no_diagnostics, recompute=not args.no_recompute,
+        jit_compile=args.jit_compile,
     )
 
 
@@ -281,6 +282,10 @@ def _add_trial_arguments(parser: argparse.ArgumentParser) -> None:
                        help="BatchNorm statistics over the global batch (all replicas)")
     parser.add_argument("--deterministic", action="store_true",
                        help="deterministic TensorFlow ops (bitwise reproducible runs/resumes)")
+    parser.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto",
+                       help="XLA for the train step: auto = on a GPU/TPU with backprop (as "
+                       "Keras' jit_compile='auto'), off on a CPU and for checkpoint/adjoint, "
+                       "whose memory savings XLA undoes")
     parser.add_argument("--no-diagnostics", action="store_true",
                        help="skip the TensorBoard diagnostics (k_n, residual sizes, images/s)")
 

@@ -29,6 +29,24 @@ from kode.errors import KodeError, check_argument_types
 SCHEDULES = ("step", "cosine", "constant")
 
 
+#: the --jit-compile choices: XLA where Keras' jit_compile="auto" would pick it, always, never.
+JIT_COMPILE = ("auto", "on", "off")
+
+
+def use_xla(jit_compile: str | bool, gradient: str, accelerator: bool,
+            distributed: bool) -> bool:
+    """Whether the train step compiles with XLA. "on"/True and "off"/False as asked; "auto"
+    follows Keras' ``jit_compile="auto"`` (XLA on a GPU or TPU, not on a CPU-only machine, where
+    it is slower, nor under a tf.distribute strategy), except in the "checkpoint" and
+    "adjoint" gradient modes: under XLA their memory is not O(√N)/O(1) (XLA drops the control
+    dependencies that sequence their recomputations), so "auto" keeps them off XLA."""
+    if isinstance(jit_compile, bool):
+        return jit_compile
+    if jit_compile != "auto":
+        return jit_compile == "on"
+    return accelerator and not distributed and gradient == "backprop"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Default hyper-parameters for a dataset."""
@@ -170,6 +188,8 @@ class TrainSettings:
     resume: bool = True
     deterministic: bool = False
     diagnostics: bool = True
+    #: XLA for the train step: "auto" (Keras' rule, see use_xla), "on"/True, "off"/False
+    jit_compile: str | bool = "auto"
 
     def __post_init__(self):
         if self.model_options is None:
@@ -186,6 +206,9 @@ class TrainSettings:
                             f"{self.model_options!r}")
         if self.verbose not in ("auto", 0, 1, 2) or isinstance(self.verbose, bool):
             raise KodeError(f"verbose must be 'auto', 0, 1 or 2, got {self.verbose!r}")
+        if self.jit_compile not in JIT_COMPILE and not isinstance(self.jit_compile, bool):
+            raise KodeError(f"jit_compile must be one of {', '.join(JIT_COMPILE)} (or True/"
+                            f"False), got {self.jit_compile!r}")
         import tensorflow as tf
 
         if not isinstance(self.strategy, str | tf.distribute.Strategy):

@@ -166,6 +166,7 @@ def tune(
     guard_every: int | None = None,
     on_inaccurate: str = "stop",
     recompute: bool = True,
+    jit_compile: str | bool = "auto",
 ) -> TuneResult:
     """Search the zoo's hyper-parameters for ``family`` on ``dataset``; export the best model.
 
@@ -174,7 +175,8 @@ def tune(
     (:class:`TrialPipeline`) in KerasTuner's trial folder ``<directory>/search/trial_<id>``:
     ``strategy``/``devices``/``connect_timeout``/``tpu``, ``precision``, ``sync_batchnorm``,
     ``deterministic``, ``diagnostics`` and the adjoint's guard (``guard_tolerance``,
-    ``guard_every``, ``on_inaccurate``) and ``recompute`` mean what they mean for :func:`kode.train`
+    ``guard_every``, ``on_inaccurate``), ``recompute`` and ``jit_compile`` mean what they mean for
+    :func:`kode.train`
     ("multiworker" is refused: KerasTuner's search runs in one process).
 
     An existing search in ``directory`` is resumed unless ``overwrite``: finished trials are
@@ -204,7 +206,7 @@ def tune(
         strategy=strategy, devices=devices, connect_timeout=connect_timeout, tpu=tpu,
         precision=precision, sync_batchnorm=sync_batchnorm, deterministic=deterministic,
         diagnostics=diagnostics, guard_tolerance=guard_tolerance, guard_every=guard_every,
-        on_inaccurate=on_inaccurate, recompute=recompute,
+        on_inaccurate=on_inaccurate, recompute=recompute, jit_compile=jit_compile,
     ).resolve()  # every bad value fails here, before anything is written
     if export_dir is not None:
         from kode.serving.publish import check_export_dir

@@ -41,6 +41,7 @@ FAST = {"epochs": 1, "verbose": 0, "diagnostics": False}
     ({"model_options": {"widht_multiplier": 2}}, "unknown option 'widht_multiplier'"),
     ({"gradient": "magic"}, "unknown gradient 'magic'"),
     ({"guard_tolerance": math.nan}, "tolerance must be a positive number"),
+    ({"jit_compile": "maybe"}, "jit_compile must be one of auto, on, off"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, settings, words):
     logdir = tmp_path / "run"
@@ -298,3 +299,35 @@ def test_weight_decay_skips_lm_k_unless_asked(decay_lm_k):
         np.testing.assert_allclose(v.numpy(), want, rtol=1e-6, err_msg=v.path)
     kernel = next(v for v in variables if "kernel" in v.path)
     np.testing.assert_allclose(kernel.numpy(), before[kernel.path] * 0.95, rtol=1e-6)
+
+
+@pytest.mark.parametrize("choice, gradient, accelerator, distributed, want", [
+    ("auto", "backprop", True, False, True),      # Keras' auto: XLA on a GPU/TPU
+    ("auto", "backprop", False, False, False),    # not on a CPU-only machine
+    ("auto", "backprop", True, True, False),      # nor under a tf.distribute strategy
+    ("auto", "adjoint", True, False, False),      # XLA undoes the memory saving
+    ("auto", "checkpoint", True, False, False),
+    ("on", "adjoint", False, True, True), (True, "backprop", False, False, True),
+    ("off", "backprop", True, False, False), (False, "backprop", True, False, False),
+])
+def test_jit_compile_auto_is_keras_rule_but_keeps_memory_saving_modes_off_xla(
+        choice, gradient, accelerator, distributed, want):
+    from kode.training.settings import use_xla
+
+    assert use_xla(choice, gradient, accelerator, distributed) is want
+
+
+def test_jit_compile_reaches_the_compiled_model_and_the_run_record(tmp_path):
+    """`--jit-compile on` on this CPU: the train step is compiled with XLA (the model's
+    jit_compile) and metrics.json records the choice; the default "auto" is off here."""
+    from kode.cli import main
+
+    result = train("resnet20", "digits", steps_per_epoch=1, batch_size=8,
+                   model_options={"depth": 8}, logdir=str(tmp_path / "on"), jit_compile="on",
+                   **FAST)
+    assert result.model.jit_compile is True and result.config["jit_compile"] == "on"
+    assert main(["train", "resnet20", "--option", "depth=8", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "8", "--no-diagnostics",
+                 "--logdir", str(tmp_path / "auto")]) == 0
+    record = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert record["config"]["jit_compile"] == "auto"
