@@ -284,8 +284,7 @@ def _add_trial_arguments(parser: argparse.ArgumentParser) -> None:
                        help="deterministic TensorFlow ops (bitwise reproducible runs/resumes)")
     parser.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto",
                        help="XLA for the train step: auto = on a GPU/TPU with backprop (as "
-                       "Keras' jit_compile='auto'), off on a CPU and for checkpoint/adjoint, "
-                       "whose memory savings XLA undoes")
+                       "Keras' jit_compile='auto'), off on a CPU and for checkpoint/adjoint")
     parser.add_argument("--no-diagnostics", action="store_true",
                        help="skip the TensorBoard diagnostics (k_n, residual sizes, images/s)")
 

@@ -17,14 +17,19 @@ for the adjoint from N = 4 to 16 on a 0.5 MiB state, against 4.0 → 4.2 with th
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 
 #: the line before the child's JSON result (TensorFlow may print before it).
 _RESULT = "kode.testing.memory result: "
+#: the environment variable naming the child's XLA dump folder.
+_DUMP = "KODE_TESTING_XLA_DUMP"
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,18 @@ class StageStep:
 
 
 def measure_stage_steps(steps: list[StageStep], timeout: float = 600.0) -> list[float]:
-    """The allocator peak increment (MiB) of each step in ``steps``, in one child process."""
-    env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(
-        [sys.executable, "-m", "kode.testing.memory", json.dumps([asdict(s) for s in steps])],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    """The memory (MiB) of each step in ``steps``, in one child process: the allocator peak
+    increment, or for a ``jit`` step the bytes of XLA's buffer assignment of the compiled step
+    (exact; the BFC allocator hands XLA's one large temporary buffer a whole region of a
+    doubling size, so its peak only shows powers of two there)."""
+    with tempfile.TemporaryDirectory() as dump:
+        env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "3",
+               _DUMP: dump, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                                         f"--xla_dump_to={dump}".strip()}
+        done = subprocess.run(
+            [sys.executable, "-m", "kode.testing.memory",
+             json.dumps([asdict(s) for s in steps])],
+            env=env, capture_output=True, text=True, timeout=timeout, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(_RESULT)]
     if done.returncode or not lines:
         raise RuntimeError(f"memory child failed ({done.returncode}): {done.stderr[-3000:]}")
@@ -83,7 +95,17 @@ def _steps(integrator, functions: int) -> int | None:
         return None
 
 
-def _peak_increment(step: StageStep, repeats: int = 3) -> float:
+def _xla_buffer_mib(name: str) -> float:
+    """'Total bytes used' of XLA's buffer assignment for the compiled tf.function ``name``."""
+    used = [int(m[1]) for path in glob.glob(os.path.join(os.environ[_DUMP], f"*{name}_*"
+                                                          "buffer-assignment.txt"))
+            if (m := re.search(r"Total bytes used: (\d+)", open(path).read()))]
+    if not used:
+        raise RuntimeError(f"no XLA buffer assignment was dumped for {name}")
+    return max(used) / 2**20
+
+
+def _peak_increment(step: StageStep, index: int = 0, repeats: int = 3) -> float:
     import numpy as np
     import tensorflow as tf
 
@@ -98,9 +120,13 @@ def _peak_increment(step: StageStep, repeats: int = 3) -> float:
         grads = tape.gradient(loss, stage.trainable_variables)
         return tf.add_n([tf.reduce_sum(g) for g in grads])
 
+    name = f"kode_memory_step_{index}"  # names the XLA dump's files
+    train_step.__name__ = name
     if not step.eager:
         train_step = tf.function(train_step, jit_compile=step.jit)
     float(train_step(x))  # traced (and compiled), scratch pools grown
+    if step.jit:
+        return _xla_buffer_mib(name)
     increments = []
     for _ in range(repeats):
         before = tf.config.experimental.get_memory_info("CPU:0")["current"]
@@ -112,7 +138,8 @@ def _peak_increment(step: StageStep, repeats: int = 3) -> float:
 
 def _main(argv: list[str]) -> None:
     steps = [StageStep(**c) for c in json.loads(argv[0])]
-    print(_RESULT + json.dumps([_peak_increment(s) for s in steps]), flush=True)
+    print(_RESULT + json.dumps([_peak_increment(s, i) for i, s in enumerate(steps)]),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ def use_xla(jit_compile: str | bool, gradient: str, accelerator: bool,
     """Whether the train step compiles with XLA. "on"/True and "off"/False as asked; "auto"
     follows Keras' ``jit_compile="auto"`` (XLA on a GPU or TPU, not on a CPU-only machine, where
     it is slower, nor under a tf.distribute strategy), except in the "checkpoint" and
-    "adjoint" gradient modes: under XLA their memory is not O(√N)/O(1) (XLA drops the control
-    dependencies that sequence their recomputations), so "auto" keeps them off XLA."""
+    "adjoint" gradient modes, whose memory under XLA is measured on XLA's CPU compiler only
+    (and the exact reversals' adjoint grows there): "auto" keeps them off XLA."""
     if isinstance(jit_compile, bool):
         return jit_compile
     if jit_compile != "auto":
