@@ -23,11 +23,11 @@ from kode.scopes import precision_scope
 from kode.testing.models import (
     exact_gradient_mode,
     fit_step_gradients,
+    gradient_modes,
     reduced_overrides,
     smooth_dense_classifier,
 )
 from kode.tools.guard import check_gradients, model_gradients, relative_error
-from zoo.registry import family_integrator
 
 pytestmark = pytest.mark.bfloat16
 
@@ -127,11 +127,6 @@ FAMILIES = ["resnet20", "heun_resnet20", "lm_resnet20", "momentum_resnet20",
             "revheun_resnet20", "polynet20", "fractalnet20", "revnet38"]
 
 
-def _modes(name):
-    integrator = family_integrator(zoo.get_entry(name).family)
-    return ["backprop", "checkpoint"] + (["adjoint"] if integrator.reversal != "none" else [])
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_and_gradient_mode_trains_under_mixed_bfloat16(name):
     """One compiled SGD step per gradient mode on the same weights: finite loss, bfloat16
@@ -149,7 +144,7 @@ def test_every_family_and_gradient_mode_trains_under_mixed_bfloat16(name):
                    if keras.backend.is_float_dtype(w.dtype))
         stage = next(s for s in model.layers if isinstance(s, IntegratorStage))
         assert keras.backend.standardize_dtype(stage.output.dtype) == "bfloat16"
-        applied = {mode: fit_step_gradients(model, x, y, mode) for mode in _modes(name)}
+        applied = {mode: fit_step_gradients(model, x, y, mode) for mode in gradient_modes(model)}
         reference = applied["backprop"][1]
         for mode, (loss, gradients) in applied.items():
             assert np.isfinite(loss), (mode, loss)
