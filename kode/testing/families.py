@@ -17,9 +17,9 @@ import numpy as np
 
 import zoo
 from kode.testing.models import (
-    _batch,
     architecture,
     check_config_round_trip,
+    model_batch,
     reduced_overrides,
     run_standard_model_checks,
 )
@@ -38,7 +38,7 @@ def check_mixed_precision(model_name: str, **overrides) -> None:
             keras.utils.set_random_seed(0)
             model = zoo.create_model(model_name, **overrides)
         compute = policy.removeprefix("mixed_")
-        x, _ = _batch(model)
+        x, _ = model_batch(model)
         for training in (False, True):
             probs = model(x, training=training)
             assert keras.backend.standardize_dtype(probs.dtype) == compute, (
@@ -214,7 +214,7 @@ def family_model_tests(family: str, min_models: int = 12,
         with within():
             keras.utils.set_random_seed(0)
             model = zoo.create_model(name, **reduced(name))
-            x, _ = _batch(model)
+            x, _ = model_batch(model)
             probs = np.asarray(model(x, training=True))
             check_config_round_trip(model)
         np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)

@@ -49,7 +49,8 @@ def reduced_overrides(name: str) -> dict:
             "input_shape": REDUCED_IMAGENET_INPUT, "classes": 10, "width_multiplier": 1 / 16}
 
 
-def _batch(model: keras.Model, size: int = 4, seed: int = 0):
+def model_batch(model: keras.Model, size: int = 4, seed: int = 0):
+    """``size`` seeded standard-normal inputs of ``model``'s input shape and labels 0, 1, …"""
     rng = np.random.default_rng(seed)
     shape = tuple(model.input_shape[1:])
     x = rng.standard_normal((size, *shape)).astype("float32")
@@ -153,17 +154,15 @@ def check_fit_step(model: keras.Model, modes: list[str] | None = None) -> None:
     """
     import tensorflow as tf
 
-    from kode.layers.stage import IntegratorStage
+    from kode.layers.stage import IntegratorStage, set_gradient_mode
     from kode.tools.guard import check_gradients, model_gradients, relative_error
 
-    x, y = _batch(model)
+    x, y = model_batch(model)
     trainable = model.trainable_weights
     in_stage = {id(v): layer.name for layer in all_layers(model)
                 if isinstance(layer, IntegratorStage) for v in layer.trainable_weights}
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
     with _left_as_found(model):
-        from kode.layers.stage import set_gradient_mode
-
         set_gradient_mode(model, "backprop")
         # In a tf.function as fit's step is (eager kernels round otherwise, and a batch-4
         # BatchNormalization over a 1×1 map amplifies it: 9 % on keras_resnet50).
@@ -203,7 +202,7 @@ def check_keras_round_trip(model: keras.Model, directory: str) -> None:
     """``model.save`` → ``load_model``: the same class, weights, predictions and
     configuration (gradient modes and step sizes included: a stage saved in the adjoint that
     reloads in backprop fails)."""
-    x, _ = _batch(model, seed=1)
+    x, _ = model_batch(model, seed=1)
     path = os.path.join(directory, f"{model.name}.keras")
     model.save(path)
     restored = keras.saving.load_model(path)
@@ -235,7 +234,7 @@ def check_savedmodel_round_trip(model: keras.Model, directory: str) -> None:
 
     from kode.serving.signatures import SIGNATURE_PREPROCESSED
 
-    x, _ = _batch(model, seed=2)
+    x, _ = model_batch(model, seed=2)
     result = export_model(model, os.path.join(directory, "saved_models"), check_inputs=x)
     assert os.path.isfile(os.path.join(result.path, "saved_model.pb"))
     served = tf.saved_model.load(result.path).signatures[SIGNATURE_PREPROCESSED]
@@ -259,7 +258,7 @@ def run_standard_model_checks(name: str, every_mode: bool = True,
     # ResNet-50's features reach 1e27-1e32 after a fit step at some initializations).
     keras.utils.set_random_seed(0)
     model = zoo.create_model(name, **overrides)
-    x, _ = _batch(model)
+    x, _ = model_batch(model)
     probs = np.asarray(model(x, training=False))
     classes = overrides.get("classes", zoo.get_entry(name).defaults.get("classes", 10))
     assert probs.shape == (len(x), classes)
