@@ -68,6 +68,26 @@ def restore_safe_deserialization() -> None:
     state.set_global_attribute("safe_mode_saving", None)
 
 
+def configure_coordination_service(jobs: dict[str, int], heartbeat_timeout_s: float) -> None:
+    """Configure the multi-worker coordination service as ``MultiWorkerMirroredStrategy``
+    would (it keeps a configuration it finds), with a longer heartbeat timeout: TensorFlow's
+    default (10 s) declares a worker dead when a loaded machine delays its heartbeats."""
+    context = _attribute("tensorflow.python.eager.context", "context")()
+    job_config = _attribute("tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2",
+                            "CoordinatedJob")
+    leader = "chief" if "chief" in jobs else "worker"
+    context.configure_coordination_service(
+        service_type="standalone", service_leader=f"/job:{leader}/replica:0/task:0",
+        heartbeat_timeout_in_ms=int(heartbeat_timeout_s * 1000),
+        coordinated_jobs=[job_config(name=name, num_tasks=count)
+                          for name, count in jobs.items()])
+
+
+def coordination_service_config() -> Any:
+    """The coordination service configuration the next TensorFlow server will use (or None)."""
+    return _attribute("tensorflow.python.eager.context", "context")().coordination_service
+
+
 def keras_test_case() -> type:
     """Keras' own ``TestCase`` (its ``run_layer_test`` conformance harness)."""
     return _attribute("keras.src.testing", "TestCase")
@@ -177,6 +197,12 @@ PRIVATE_APIS: dict[str, tuple[str, Callable[[], Any]]] = {
     "keras.src.backend.common.global_state safe_mode_saving": (
         "the tests check that nothing leaves unsafe deserialization on",
         unsafe_deserialization_enabled),
+    "tensorflow.python.eager.context.context().configure_coordination_service": (
+        "multi-worker training survives a loaded machine (a longer heartbeat timeout)",
+        lambda: (_attribute("tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2",
+                            "CoordinatedJob"),
+                 _has(lambda: _attribute("tensorflow.python.eager.context", "context")(),
+                      "configure_coordination_service")())),
     "keras.src.testing.TestCase": ("the layer contract tests (run_layer_test)",
                                    keras_test_case),
     "tf.__internal__.tracking.Trackable": (

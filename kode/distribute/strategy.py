@@ -12,7 +12,9 @@ Strategies (``make_strategy``):
   kode trains with its own loop around ``strategy.run``
   (:func:`kode.training.custom_loop.fit_distributed`). Before the strategy is created every
   peer is probed with a TCP connect (bounded by ``connect_timeout``) so that a typo in
-  ``TF_CONFIG`` fails with a message instead of hanging in gRPC retries.
+  ``TF_CONFIG`` fails with a message instead of hanging in gRPC retries. A worker is declared
+  dead after ``heartbeat_timeout`` seconds without a heartbeat (TensorFlow's 10 s is too short
+  for a loaded machine).
 - ``tpu``: ``TPUStrategy`` through ``TPUClusterResolver``. Untested here (no TPU); without a
   TPU it fails at once: ``TPUClusterResolver("local")`` and unreachable TPU addresses otherwise
   block in connection retries, so the TPU is looked for first.
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from kode.compat import all_layers
+from kode.compat import all_layers, configure_coordination_service
 from kode.errors import KodeError, one_line
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
@@ -42,6 +44,9 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 DEFAULT_CONNECT_TIMEOUT = 60.0
+#: Seconds without a heartbeat before the coordination service declares a worker dead
+#: (TensorFlow's own 10 s failed a two-worker run on a loaded 2-core machine).
+DEFAULT_HEARTBEAT_TIMEOUT = 120.0
 
 
 #: C++ log lines TensorFlow prints on a machine without a (usable) GPU: noise before kode's
@@ -293,6 +298,7 @@ def make_strategy(
     *,
     devices: int | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     tpu: str | None = None,
 ) -> tf.distribute.Strategy:
     """Create strategy ``name`` (one of :data:`STRATEGIES`); see the module docstring.
@@ -315,7 +321,11 @@ def make_strategy(
         return tf.distribute.MirroredStrategy(None if gpus else cpus)
     if name == "multiworker":
         config = parse_tf_config()
+        if not heartbeat_timeout > 0:
+            raise KodeError(f"heartbeat timeout must be positive, got {heartbeat_timeout!r}")
         wait_for_peers(config, connect_timeout)
+        configure_coordination_service({k: len(v) for k, v in config.cluster.items()},
+                                       heartbeat_timeout)
         try:
             return tf.distribute.MultiWorkerMirroredStrategy()
         except RuntimeError as err:  # "Collective ops must be configured at program startup"

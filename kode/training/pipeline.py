@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from kode.io import finite_json, write_json, write_with
 from kode.layers.stage import set_gradient_mode
 from kode.scopes import op_determinism, precision_scope
 from kode.training.callbacks import DivergenceStop, _LearningRateLogger
+from kode.training.logdir import prepare_logdir, remove_if_empty
 from kode.training.settings import (
     SCHEDULES,
     TrainResult,
@@ -61,35 +61,6 @@ def make_optimizer(
     if weight_decay and not decay_lm_k:
         optimizer.exclude_from_weight_decay(var_names=["lm_k"])
     return optimizer
-
-
-def _prepare_logdir(logdir: str) -> str | None:
-    """Create ``logdir`` (and check it is writable); returns the top-most directory this call
-    created (to remove again if the run fails before writing anything), else None."""
-    created = None
-    parent = os.path.abspath(logdir)
-    while not os.path.exists(parent):
-        created, parent = parent, os.path.dirname(parent)
-    try:
-        os.makedirs(logdir, exist_ok=True)
-        probe = os.path.join(logdir, ".kode-write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        raise KodeError(f"log directory '{logdir}' is not writable: {err.strerror}") from None
-    return created
-
-
-def _remove_if_empty(directory: str | None) -> None:
-    """Remove ``directory`` if it (recursively) holds no file: a failed run leaves no empty
-    run folder, and never loses a file."""
-    if directory is None or not os.path.isdir(directory):
-        return
-    for _, _, files in os.walk(directory):
-        if files:
-            return
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def model_metadata(model_name: str, info: DatasetInfo, model: keras.Model) -> dict:
@@ -160,7 +131,7 @@ class TrainingPipeline:
         self.check_model()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         s.logdir = s.logdir or os.path.join("runs", f"{s.model}-{s.dataset}-{stamp}")
-        self._created_logdir = _prepare_logdir(s.logdir)
+        self._created_logdir = prepare_logdir(s.logdir)
         if s.export_dir is not None:
             from kode.serving.publish import check_export_dir
 
@@ -171,7 +142,9 @@ class TrainingPipeline:
         self.chief = is_chief(self.strategy)
         self.logdir = worker_logdir(s.logdir, self.strategy)
         if self.logdir != s.logdir:
-            _prepare_logdir(self.logdir)
+            # A worker owns only its own folder: the shared one is the chief's, even when
+            # this worker happened to create it first.
+            self._created_logdir = prepare_logdir(self.logdir)
 
     def announce_devices(self) -> None:
         """Print the devices line (verbose runs), once the settings passed every check, and
@@ -385,7 +358,7 @@ class TrainingPipeline:
                 self.save()
                 export = self.export()
         except BaseException:
-            _remove_if_empty(self._created_logdir)  # a failed run leaves no empty folder
+            remove_if_empty(self._created_logdir)  # a failed run leaves no empty folder
             raise
         return TrainResult(self.model, self.history, self.test_metrics, self.logdir,
                            self.model_path, self.metrics_path, export, self.config())

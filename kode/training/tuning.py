@@ -28,7 +28,8 @@ from kode.data.datasets import DatasetInfo, load_dataset
 from kode.errors import KodeError
 from kode.io import write_json
 from kode.scopes import op_determinism, precision_scope
-from kode.training.pipeline import TrainingPipeline, _remove_if_empty, model_metadata, save_model
+from kode.training.logdir import remove_if_empty
+from kode.training.pipeline import TrainingPipeline, model_metadata, save_model
 from kode.training.search_space import (
     DEFAULT_DEPTHS,
     TuningData,
@@ -227,7 +228,7 @@ def tune(
                            validation_fraction=validation_fraction, export_dir=export_dir,
                            overwrite=overwrite)
     except BaseException:
-        _remove_if_empty(search_pipeline._created_logdir)  # a failed search leaves no folder
+        remove_if_empty(search_pipeline._created_logdir)  # a failed search leaves no folder
         raise
 
 

@@ -174,11 +174,12 @@ def test_kode_train_mirrored_over_two_devices(tmp_path):
 
 WORKER = textwrap.dedent("""
     import json, os, sys
+    from kode.compat import coordination_service_config
     from kode.distribute import make_strategy
     strategy = make_strategy("multiworker", connect_timeout=60)
     import keras, numpy as np
     from kode.training import train
-    out = {}
+    out = {"heartbeat_ms": coordination_service_config().heartbeat_timeout_in_ms}
     for mode in ("backprop", "adjoint"):
         r = train("revheun_resnet20", "digits", epochs=1, batch_size=256,
                   model_options={"depth": 8}, gradient=mode, strategy=strategy,
@@ -228,13 +229,18 @@ def test_two_workers_on_localhost_match_one_worker_with_the_same_global_batch(tm
         # run the pair once more in a fresh directory.
         two = tmp_path / "two-again"
         workers, outputs = _run_two_workers(two, env)
-    for w, (_, err) in zip(workers, outputs, strict=True):
-        assert w.returncode == 0, err[-3000:]
+    failed = [f"worker {i} (exit {w.returncode}): {err[-2000:]}"
+              for i, (w, (_, err)) in enumerate(zip(workers, outputs, strict=True))
+              if w.returncode]
+    assert not failed, "\n".join(failed)  # every worker's error: the first may be a symptom
     single = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "one")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, **env, "TF_CONFIG": _tf_config(_free_ports(1), 0)})
     assert single.returncode == 0, single.stderr[-3000:]
     chief, other, one = (_result(o) for o in (outputs[0][0], outputs[1][0], single.stdout))
+    from kode.distribute.strategy import DEFAULT_HEARTBEAT_TIMEOUT
+
+    assert chief["heartbeat_ms"] == other["heartbeat_ms"] == DEFAULT_HEARTBEAT_TIMEOUT * 1000
     for mode in ("backprop", "adjoint"):
         # Same global batch (256; the ragged last batch of 157 is split between the workers
         # and weighted exactly). Measured: step 1 equal, later steps drift to ~2e-4 relative:
@@ -315,6 +321,29 @@ def test_unwritable_logdir_is_a_one_line_error(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert "not writable" in _error(capsys, [*TRAIN, "--logdir", str(blocker / "logs")])
+
+
+def test_a_failing_run_removes_only_the_empty_folders_it_made(tmp_path):
+    from kode.training.logdir import prepare_logdir, remove_if_empty
+
+    (tmp_path / "runs").mkdir()
+    made = prepare_logdir(str(tmp_path / "runs" / "a" / "b"))
+    assert made == [str(tmp_path / "runs" / "a" / "b"), str(tmp_path / "runs" / "a")]
+    assert prepare_logdir(str(tmp_path / "runs" / "a")) == []  # a second worker made nothing
+    # The chief's run (a/b) and a worker's own folder in it: the worker fails first.
+    worker = prepare_logdir(str(tmp_path / "runs" / "a" / "b" / "worker-1"))
+    assert worker == [str(tmp_path / "runs" / "a" / "b" / "worker-1")]
+    remove_if_empty(worker)
+    assert (tmp_path / "runs" / "a" / "b").is_dir()  # the chief's folder stays
+    # A folder that holds a file (written by another process meanwhile) is never removed,
+    # nor are its parents; empty subfolders of an otherwise empty folder are.
+    (tmp_path / "runs" / "a" / "b" / "train").mkdir()
+    (tmp_path / "runs" / "a" / "b" / "model.keras").write_text("x")
+    remove_if_empty(made)
+    assert (tmp_path / "runs" / "a" / "b" / "model.keras").read_text() == "x"
+    (tmp_path / "runs" / "a" / "b" / "model.keras").unlink()
+    remove_if_empty(made)
+    assert not (tmp_path / "runs" / "a").exists() and (tmp_path / "runs").is_dir()
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
