@@ -60,7 +60,9 @@ def measure_stage_steps(steps: list[StageStep], timeout: float = 600.0) -> list[
     (exact; the BFC allocator hands XLA's one large temporary buffer a whole region of a
     doubling size, so its peak only shows powers of two there)."""
     with tempfile.TemporaryDirectory() as dump:
-        env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "3",
+        # TensorFlow's own thread pools, as users train (not the test workers' one thread).
+        env = {**{k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"},
+               "TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "3",
                _DUMP: dump, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                                          f"--xla_dump_to={dump}".strip()}
         done = subprocess.run(

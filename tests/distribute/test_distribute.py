@@ -180,7 +180,7 @@ WORKER = textwrap.dedent("""
     import keras, numpy as np
     from kode.training import train
     out = {"heartbeat_ms": coordination_service_config().heartbeat_timeout_in_ms}
-    for mode in ("backprop", "adjoint"):
+    for mode in ("adjoint",):  # backprop's distributed loop is the same loop (CI time)
         r = train("revheun_resnet20", "digits", epochs=1, batch_size=256,
                   model_options={"depth": 8}, gradient=mode, strategy=strategy,
                   sync_batchnorm=True, logdir=os.path.join(sys.argv[1], mode),
@@ -241,7 +241,7 @@ def test_two_workers_on_localhost_match_one_worker_with_the_same_global_batch(tm
     from kode.distribute.strategy import DEFAULT_HEARTBEAT_TIMEOUT
 
     assert chief["heartbeat_ms"] == other["heartbeat_ms"] == DEFAULT_HEARTBEAT_TIMEOUT * 1000
-    for mode in ("backprop", "adjoint"):
+    for mode in ("adjoint",):
         # Same global batch (256; the ragged last batch of 157 is split between the workers
         # and weighted exactly). Measured: step 1 equal, later steps drift to ~2e-4 relative:
         # float32 reduction order (two partial sums per all-reduce), amplified ~1e4 by 6
