@@ -40,6 +40,9 @@ class RunRecord:
     load_before: float
     load_after: float | None = None
     allow_load: bool = False
+    #: the worst ``others_cpu`` of the run's measurements (benchmarks.harness.quiet), where
+    #: the benchmark records it
+    others_cpu: float | None = None
 
     @property
     def threshold(self) -> float:
@@ -47,7 +50,13 @@ class RunRecord:
 
     @property
     def under_load(self) -> bool:
-        """The load at start exceeded :data:`LOAD_PER_CORE` per core."""
+        """Other processes used more than ``QUIET`` of the machine during a measurement, or
+        (where that is not recorded) the load at start exceeded :data:`LOAD_PER_CORE` per
+        core."""
+        if self.others_cpu is not None:
+            from benchmarks.harness.quiet import QUIET
+
+            return self.others_cpu > QUIET
         return self.load_before > self.threshold
 
     def to_dict(self) -> dict:
@@ -133,6 +142,9 @@ def finish_record(record: RunRecord, load: float | None = None) -> RunRecord:
 
 
 def under_load_line(record: RunRecord) -> str:
+    if record.others_cpu is not None:
+        return (f"**Measured while other processes used {record.others_cpu:.2f} of the "
+                "machine: these numbers are not evidence.**")
     return (f"**Measured under load ({record.load_before:.2f} on {record.cores} cores): these "
             "numbers are not evidence about speed.**")
 
@@ -149,7 +161,9 @@ def page_header(record: RunRecord) -> list[str]:
         f"- Load: 1-minute load average {record.load_before:.2f} at the start and {after} at "
         f"the end, on {record.cores} cores (quiet: ≤ {record.threshold:.2f}"
         + (", run with --allow-load" if record.allow_load else "") + ")",
-    ]
+    ] + ([f"- others_cpu: {record.others_cpu:.3f} (the largest share of the machine that "
+          "processes outside the benchmark used during one of its measurements; evidence "
+          "only ≤ 0.10)"] if record.others_cpu is not None else [])
 
 
 def normalize_verdict(verdict: str) -> str:

@@ -47,6 +47,9 @@ class StageStep:
     batch: int = 32
     eager: bool = False
     jit: bool = False
+    #: a zoo model's name: its training step on ``size``×``size``×3 inputs (``integrator``
+    #: and ``n`` are then only labels) instead of a stage's
+    model: str = ""
 
     @property
     def state_mib(self) -> float:
@@ -59,6 +62,13 @@ def measure_stage_steps(steps: list[StageStep], timeout: float = 600.0) -> list[
     increment, or for a ``jit`` step the bytes of XLA's buffer assignment of the compiled step
     (exact; the BFC allocator hands XLA's one large temporary buffer a whole region of a
     doubling size, so its peak only shows powers of two there)."""
+    return [m["mib"] for m in measure_stage_steps_timed(steps, timeout)]
+
+
+def measure_stage_steps_timed(steps: list[StageStep], timeout: float = 600.0) -> list[dict]:
+    """As :func:`measure_stage_steps`, each as ``{"mib", "first_s", "next_s"}``: the memory,
+    the seconds of the first call (building, tracing, XLA compiling and running it) and of the
+    next (the smallest of the repeats)."""
     with tempfile.TemporaryDirectory() as dump:
         # TensorFlow's own thread pools, as users train (not the test workers' one thread).
         env = {**{k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"},
@@ -77,6 +87,13 @@ def measure_stage_steps(steps: list[StageStep], timeout: float = 600.0) -> list[
 
 def _stage(step: StageStep):
     import keras
+
+    if step.model:
+        import zoo
+
+        keras.utils.set_random_seed(0)
+        return zoo.create_model(step.model, gradient=step.mode,
+                                input_shape=(step.size, step.size, 3))
 
     from kode.integrators import get_integrator
     from kode.layers import BasicBlock, IntegratorStage
@@ -107,13 +124,16 @@ def _xla_buffer_mib(name: str) -> float:
     return max(used) / 2**20
 
 
-def _peak_increment(step: StageStep, index: int = 0, repeats: int = 3) -> float:
+def _peak_increment(step: StageStep, index: int = 0, repeats: int = 3) -> dict:
+    import time
+
     import numpy as np
     import tensorflow as tf
 
+    start = time.perf_counter()
     stage = _stage(step)
     x = tf.constant(np.random.default_rng(0).standard_normal(
-        (step.batch, step.size, step.size, step.channels)), tf.float32)
+        (step.batch, step.size, step.size, 3 if step.model else step.channels)), tf.float32)
     stage(x)
 
     def train_step(x):
@@ -127,15 +147,17 @@ def _peak_increment(step: StageStep, index: int = 0, repeats: int = 3) -> float:
     if not step.eager:
         train_step = tf.function(train_step, jit_compile=step.jit)
     float(train_step(x))  # traced (and compiled), scratch pools grown
-    if step.jit:
-        return _xla_buffer_mib(name)
-    increments = []
+    first = time.perf_counter() - start
+    increments, seconds = [], []
     for _ in range(repeats):
         before = tf.config.experimental.get_memory_info("CPU:0")["current"]
         tf.config.experimental.reset_memory_stats("CPU:0")
+        start = time.perf_counter()
         float(train_step(x))
+        seconds.append(time.perf_counter() - start)
         increments.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before)
-    return min(increments) / 2**20
+    mib = _xla_buffer_mib(name) if step.jit else min(increments) / 2**20
+    return {"mib": mib, "first_s": first, "next_s": min(seconds)}
 
 
 def _main(argv: list[str]) -> None:

@@ -1,0 +1,1 @@
+"""What every benchmark shares: how quiet the machine was while it measured (:mod:`.quiet`)."""
