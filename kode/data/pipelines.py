@@ -35,6 +35,9 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    #: where a folder or tfds:NAME dataset came from (folder, split, files' hash, skipped
+    #: files; tfds name and data_dir); None for the built-in datasets
+    source: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,13 @@ def _batch_train(
     seed: int,
     augment_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None,
     batch_size: int,
+    load_fn: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None,
 ) -> tf.data.Dataset:
+    """Seeded shuffle (anew every pass), ``load_fn`` (e.g. decode files: after the shuffle,
+    so the buffer holds names, not images), augmentation, batch, prefetch."""
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    if load_fn is not None:
+        ds = ds.map(load_fn, num_parallel_calls=AUTOTUNE)
     if augment_fn is not None:
         ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
             lambda xy, s: (augment_fn(xy[0], s), xy[1]), num_parallel_calls=AUTOTUNE
