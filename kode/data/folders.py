@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -118,13 +119,16 @@ def _check_classes(classes: dict, shown: str) -> None:
 
 def _header_channels(path: str) -> int:
     """1 for a grey image, 3 otherwise, from the file's header; KodeError if it is none."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             return 1 if img.mode in _GREY_MODES else 3
+    except UnidentifiedImageError:
+        reason = "not a PNG, JPEG, BMP or GIF image"
     except (OSError, ValueError, SyntaxError) as err:
-        raise KodeError(f"cannot read image {path}: {one_line(err)}; {_SKIP_HINT}") from None
+        reason = one_line(err)
+    raise KodeError(f"cannot read image {path}: {reason}; {_SKIP_HINT}")
 
 
 def scan_folder(path: str, *, validation_split: float = 0.2, seed: int = 0,
@@ -226,11 +230,20 @@ def _pixel_moments(folder: ImageFolder, size: int, skip_bad_images: bool):
             if isinstance(result, BaseException):
                 if not skip_bad_images:
                     raise KodeError(f"cannot read image {os.path.join(folder.root, rel)}: "
-                                    f"{one_line(result)}; {_SKIP_HINT}") from None
+                                    f"{_reason(result)}; {_SKIP_HINT}") from None
                 bad.append(rel)
             elif rel in train:  # sums in sorted file order: the same floats on every run
                 total, squares, count = total + result[0], squares + result[1], count + result[2]
     return total, squares, count, bad
+
+
+def _reason(err: BaseException) -> str:
+    """A decoder's complaint without TensorFlow's wrapping (the graph's traceback, "[[{{node
+    …}}]]", "[Op:…]"): its last line of text."""
+    text = getattr(err, "message", None) or str(err)
+    text = re.sub(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:[^\]]*\]( name: \S*)?", "", text, flags=re.S)
+    lines = [line.strip(" \t;:") for line in text.splitlines() if line.strip(" \t;:")]
+    return one_line(Exception(lines[-1] if lines else type(err).__name__))
 
 
 _stats_cache: dict[tuple, tuple] = {}

@@ -17,7 +17,7 @@ def data_fingerprint(info: DatasetInfo) -> dict:
     if source is None:
         return {}
     source = {k: v for k, v in source.items() if k not in ("folder", "data_dir")}
-    return {"data": {**source, "input_shape": list(info.input_shape)}}
+    return {"dataset_files": {**source, "input_shape": list(info.input_shape)}}
 
 
 class RunData:
