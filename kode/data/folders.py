@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -210,30 +209,34 @@ def image_loader(size: int, channels: int):
 
 
 def _pixel_moments(folder: ImageFolder, size: int, skip_bad_images: bool):
-    """Decode every file once (both splits): per-channel sums of x and x² (x = pixel / 255)
-    over the train split, and the files that failed to decode."""
-    load = tf.function(image_loader(size, folder.channels),
-                       input_signature=[tf.TensorSpec([], tf.string)])
+    """Decode every file once (both splits, in a parallel tf.data map): per-channel sums of
+    x and x² (x = pixel / 255) over the train split, and the files that failed to decode."""
+    load = image_loader(size, folder.channels)
+    files = sorted(rel for rel, _ in folder.train + folder.test)
 
-    def moments(rel: str):
-        try:
-            x = load(tf.constant(os.path.join(folder.root, rel))).numpy() / 255.0
-        except (tf.errors.OpError, ValueError) as err:
-            return rel, err
-        x = x.astype(np.float64).reshape(-1, folder.channels)
-        return rel, (x.sum(axis=0), np.square(x).sum(axis=0), len(x))
+    def moments(index, path):
+        x = tf.reshape(tf.cast(load(path), tf.float64) / 255.0, [-1, folder.channels])
+        return index, tf.reduce_sum(x, 0), tf.reduce_sum(tf.square(x), 0), tf.shape(x)[0]
 
+    # A file that fails to decode drops out of the stream (ignore_errors): its index is missing.
+    ds = tf.data.Dataset.from_tensor_slices(
+        (np.arange(len(files)), [os.path.join(folder.root, rel) for rel in files]))
+    ds = ds.map(moments, num_parallel_calls=AUTOTUNE, deterministic=True)
     train = {rel for rel, _ in folder.train}
-    total, squares, count, bad = 0.0, 0.0, 0, []
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for rel, result in pool.map(moments, sorted(r for r, _ in folder.train + folder.test)):
-            if isinstance(result, BaseException):
-                if not skip_bad_images:
-                    raise KodeError(f"cannot read image {os.path.join(folder.root, rel)}: "
-                                    f"{_reason(result)}; {_SKIP_HINT}") from None
-                bad.append(rel)
-            elif rel in train:  # sums in sorted file order: the same floats on every run
-                total, squares, count = total + result[0], squares + result[1], count + result[2]
+    total, squares, count, seen = 0.0, 0.0, 0, set()
+    for index, s1, s2, n in ds.ignore_errors(log_warning=False).as_numpy_iterator():
+        seen.add(int(index))
+        if files[index] in train:  # sums in sorted file order: the same floats on every run
+            total, squares, count = total + s1, squares + s2, count + int(n)
+    bad = [rel for i, rel in enumerate(files) if i not in seen]
+    if bad and not skip_bad_images:
+        path = os.path.join(folder.root, bad[0])
+        try:  # once more, alone, for the decoder's words
+            load(tf.constant(path))
+            reason = "it failed to decode"
+        except (tf.errors.OpError, ValueError) as err:
+            reason = _reason(err)
+        raise KodeError(f"cannot read image {path}: {reason}; {_SKIP_HINT}")
     return total, squares, count, bad
 
 
