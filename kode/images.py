@@ -16,6 +16,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+#: Pillow modes of grey images (with or without alpha, any bit depth).
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
+
+#: Pillow modes :func:`to_channels` takes as they are (uint8, 1 to 4 channels).
+NATIVE_MODES = ("L", "LA", "RGB", "RGBA")
+
 #: Pillow's fixed-point luma weights (sum 65536) and rounding term.
 _LUMA = (19595, 38470, 7471)
 _LUMA_ROUND = 1 << 15

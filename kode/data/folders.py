@@ -34,12 +34,9 @@ import tensorflow as tf
 
 from kode.data.pipelines import AUTOTUNE, DatasetInfo, _batch_train, _normalizer, _translate_flip
 from kode.errors import KodeError, one_line
-from kode.images import to_channels
+from kode.images import GREY_MODES, to_channels
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
-
-#: PIL modes of grey images (a folder of only these gives 1-channel images).
-_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 
 _SKIP_HINT = "fix or remove it, or skip unreadable images with --skip-bad-images " \
              "(skip_bad_images=True)"
@@ -122,7 +119,7 @@ def _header_channels(path: str) -> int:
 
     try:
         with Image.open(path) as img:
-            return 1 if img.mode in _GREY_MODES else 3
+            return 1 if img.mode in GREY_MODES else 3
     except UnidentifiedImageError:
         reason = "not a PNG, JPEG, BMP or GIF image"
     except (OSError, ValueError, SyntaxError) as err:
@@ -147,6 +144,7 @@ def scan_folder(path: str, *, validation_split: float = 0.2, seed: int = 0,
     has_test = all(os.path.isdir(os.path.join(root, n)) for n in ("train", "test"))
     if has_test:
         classes = _classes(os.path.join(root, "train"), os.path.join(shown, "train"))
+        _check_classes(classes, os.path.join(shown, "train"))
         test_classes = _classes(os.path.join(root, "test"), os.path.join(shown, "test"))
         unknown = sorted(set(test_classes) - set(classes))
         if unknown:
@@ -162,7 +160,6 @@ def scan_folder(path: str, *, validation_split: float = 0.2, seed: int = 0,
         _check_classes(classes, shown)
         train, test = _split(classes, validation_split, seed, shown)
         split = f"validation_split {validation_split}, seed {seed}"
-    _check_classes(classes, shown)
     listing = sorted(train + test)
     digest = hashlib.sha256()
     for rel, _ in listing:

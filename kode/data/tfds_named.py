@@ -97,12 +97,10 @@ def named_info(name: str, data_dir: str | None, *, image_size: int | None = None
     """The :class:`DatasetInfo` of ``tfds:NAME`` (mean/std empty until measured)."""
     key = _key(name)
     builder = _builder(name, data_dir)
-    _, _, image_shape, classes = _keys(builder, key)
+    _, label_key, image_shape, classes = _keys(builder, key)
     train_split, test_split = _splits(builder)
-    with _offline_tfds() as tfds:
-        sizes = [int(builder.info.splits[s].num_examples) for s in (train_split, test_split)]
-        names = tuple(str(n) for n in builder.info.features[_keys(builder, key)[1]].names)
-        del tfds
+    sizes = [int(builder.info.splits[s].num_examples) for s in (train_split, test_split)]
+    names = tuple(str(n) for n in builder.info.features[label_key].names)
     return DatasetInfo(
         name=f"tfds:{key}", num_classes=classes, input_shape=_shape(image_shape, image_size),
         train_size=sizes[0], test_size=sizes[1], mean=mean, std=std, class_names=names,

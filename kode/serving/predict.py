@@ -92,13 +92,13 @@ def _load_image(path: str, height: int, width: int, channels: int) -> np.ndarray
     convert them), then the image is resized with PIL's bilinear filter."""
     from PIL import Image, UnidentifiedImageError
 
-    from kode.images import to_channels
+    from kode.images import GREY_MODES, NATIVE_MODES, to_channels
 
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode not in _NATIVE_MODES:  # palette, 1-bit, 16-bit, CMYK, …
-                img = img.convert("L" if img.mode in _GREY_MODES else "RGB")
+            if img.mode not in NATIVE_MODES:  # palette, 1-bit, 16-bit, CMYK, …
+                img = img.convert("L" if img.mode in GREY_MODES else "RGB")
             native = np.asarray(img, dtype=np.uint8)
             pixels = to_channels(native.reshape(*native.shape[:2], -1), channels).numpy()
             img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels,
@@ -113,11 +113,6 @@ def _load_image(path: str, height: int, width: int, channels: int) -> np.ndarray
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise KodeError(f"cannot read image {path}: {one_line(exc)}") from exc
     return arr.reshape(height, width, channels)
-
-
-#: PIL modes that :func:`kode.images.to_channels` takes as they are (uint8, 1 to 4 channels).
-_NATIVE_MODES = ("L", "LA", "RGB", "RGBA")
-_GREY_MODES = ("1", "I", "I;16", "I;16B", "I;16L", "F", "La", "LA")
 
 
 def _are_probabilities(scores: np.ndarray, meta: dict) -> bool:

@@ -189,3 +189,22 @@ def test_bad_folders_are_one_line_before_any_image_is_decoded(tmp_path, make, wo
         with pytest.raises(KodeError) as err:
             call()
         assert words.format(root=root) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_channel_conversion_is_pillows_bit_for_bit(mode):
+    """kode.images.to_channels (folders and kode predict) = Image.convert("L" | "RGB"), with
+    the channels known statically and at run time (tf.io.decode_image in a tf.data map)."""
+    import tensorflow as tf
+
+    from kode.images import to_channels
+
+    channels = len(mode)
+    pixels = np.random.default_rng(channels).integers(0, 256, (7, 9, channels), np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    for target, c in (("L", 1), ("RGB", 3)):
+        expected = np.asarray(image.convert(target)).reshape(7, 9, c)
+        np.testing.assert_array_equal(to_channels(pixels, c).numpy(), expected)
+        unknown = tf.function(lambda x, c=c: to_channels(x, c), input_signature=[
+            tf.TensorSpec([None, None, None], tf.uint8)])
+        np.testing.assert_array_equal(unknown(pixels).numpy(), expected)
