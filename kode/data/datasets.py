@@ -96,6 +96,8 @@ def dataset_kind(name: object) -> str:
             return "builtin"
         if name.strip().lower().startswith("tfds:"):
             return "tfds"
+        if name.startswith("arrays:"):
+            return "arrays"
         if os.path.isdir(os.path.expanduser(name)):
             return "folder"
         if os.sep in name or "/" in name or name.startswith((".", "~")):
@@ -110,7 +112,7 @@ def dataset_label(name: str) -> str:
     kind = dataset_kind(name)
     if kind == "folder":
         return os.path.basename(os.path.abspath(os.path.expanduser(os.fspath(name))))
-    if kind == "tfds":
+    if kind in ("tfds", "arrays"):
         return name.strip().lower().replace("/", "-").replace(":", "-")
     return name.strip().lower()
 
@@ -136,6 +138,11 @@ def dataset_info(name: str, data_dir: str | None = None, *, image_size: int | No
         from kode.data.tfds_named import named_info
 
         return named_info(name, data_dir, image_size=image_size)
+    if kind == "arrays":
+        from kode.data.arrays import arrays_info
+
+        return arrays_info(name, image_size=image_size, validation_split=validation_split,
+                           seed=seed)
     key = _check_name(name)
     if key == "digits":
         return _digits_info()
@@ -246,6 +253,12 @@ def load_dataset(
             raise KodeError(f"manual_dir is only used by imagenet2012, not by {name}")
         return load_named(name, data_dir, image_size=image_size, batch_size=int(batch_size),
                           augment=bool(augment), seed=int(seed), cache=cache)
+    if kind == "arrays":
+        from kode.data.arrays import load_arrays
+
+        return load_arrays(name, image_size=image_size, validation_split=validation_split,
+                           seed=int(seed), batch_size=int(batch_size), augment=bool(augment),
+                           cache=cache)
     if image_size is not None:
         raise KodeError(f"image_size is for folders and tfds:NAME datasets; {name} has its "
                         "own size")

@@ -358,15 +358,20 @@ def settings_from(train: TrainSettings, **fields) -> FinetuneSettings:
                                for f in dataclasses.fields(TrainSettings)}, **fields)
 
 
-def finetune(source: str, dataset: str = "digits", **settings) -> TrainResult:
+def finetune(source: str, dataset: str | tuple = "digits", *, validation: tuple | None = None,
+             **settings) -> TrainResult:
     """Fine-tune ``source`` on ``dataset``: the keywords of :class:`FinetuneSettings`
     (``weights``, ``refine``, ``freeze``, ``input_size``) plus every keyword of
     :func:`kode.train` (``gradient``, ``epochs``, ``lr``, ``export_dir``, ...).
 
-    The run is ``kode train``'s pipeline with the source network in place of a zoo model.
+    The run is ``kode train``'s pipeline with the source network in place of a zoo model;
+    ``dataset`` and ``validation`` are :func:`kode.train`'s.
     """
+    from kode.training.run_data import dataset_name
+
     name = settings.pop("model", None) or run_name(source)
-    return FinetunePipeline(FinetuneSettings(name, dataset, source=source, **settings)).run()
+    return FinetunePipeline(FinetuneSettings(name, dataset_name(dataset, validation),
+                                             source=source, **settings)).run()
 
 
 def run_name(source: str) -> str:

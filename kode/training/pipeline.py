@@ -28,7 +28,7 @@ from kode.layers.stage import set_gradient_mode
 from kode.scopes import op_determinism, precision_scope
 from kode.training.callbacks import DivergenceStop, _LearningRateLogger
 from kode.training.logdir import prepare_logdir, remove_if_empty
-from kode.training.run_data import RunData, data_fingerprint
+from kode.training.run_data import RunData, data_fingerprint, dataset_name
 from kode.training.settings import (
     SCHEDULES,
     TrainResult,
@@ -383,7 +383,8 @@ def save_model(model: keras.Model, path: str) -> None:
     write_with(path, model.save, suffix=".keras")
 
 
-def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
+def train(model_name: str, dataset: str | tuple = "digits", *, validation: tuple | None = None,
+          **settings) -> TrainResult:
     """Train ``model_name`` from the zoo on ``dataset`` with the dataset's recipe, overridable
     by the keywords of :class:`TrainSettings`.
 
@@ -411,11 +412,17 @@ def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
     ``deterministic`` turns on TensorFlow's op determinism (bitwise reproducible runs and
     resumes, somewhat slower). ``diagnostics`` writes :mod:`kode.diagnostics` summaries.
 
+    ``dataset``: a built-in name, a folder of images (one sub-folder per class; ``image_size``,
+    ``validation_split``, ``skip_bad_images``), ``"tfds:NAME"``, or an ``(images, labels)``
+    pair of numpy arrays with pixel values 0–255 (``validation=(images, labels)`` for its test
+    split; see :mod:`kode.data.arrays`).
+
     Bad values (unknown names, non-finite or non-positive numbers) raise :class:`KodeError`
     before anything is written; a run whose loss becomes NaN/inf stops with "training
     diverged" and saves nothing.
     """
-    return TrainingPipeline(TrainSettings(model_name, dataset, **settings)).run()
+    return TrainingPipeline(TrainSettings(model_name, dataset_name(dataset, validation),
+                                          **settings)).run()
 
 
 train.__signature__ = keyword_signature(TrainSettings, "model_name", skip=("model", "dataset"))

@@ -7,6 +7,24 @@ from __future__ import annotations
 import tensorflow as tf
 
 from kode.data.datasets import DatasetInfo, dataset_kind, load_dataset
+from kode.errors import KodeError
+
+
+def dataset_name(dataset: object, validation: object = None) -> str:
+    """The name a run's settings carry for ``dataset``: a built-in name, folder or tfds:NAME
+    as it is; an ``(images, labels)`` pair of numpy arrays (and its ``validation`` pair)
+    registered by :func:`kode.data.arrays.register_arrays`."""
+    from kode.data.arrays import is_arrays, register_arrays
+
+    if isinstance(dataset, tf.data.Dataset) or isinstance(validation, tf.data.Dataset):
+        raise KodeError("a tf.data.Dataset is not taken as dataset yet: pass an (images, "
+                        "labels) pair of numpy arrays, a folder of images or a dataset name")
+    if is_arrays(dataset):
+        return register_arrays(dataset, validation)
+    if validation is not None:
+        raise KodeError("validation= goes with dataset=(images, labels) arrays; a folder's "
+                        "test split is its test/ folder or validation_split")
+    return dataset
 
 
 def data_fingerprint(info: DatasetInfo) -> dict:

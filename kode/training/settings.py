@@ -301,13 +301,16 @@ class TrainSettings:
 def keyword_signature(settings_cls: type, first: str, *, skip: tuple[str, ...],
                       defaults: dict | None = None) -> inspect.Signature:
     """The signature of an entry point over ``settings_cls``: ``(first, dataset="digits", *,
-    <every other settings field>)``, shown by help() and IDEs instead of ``**settings``."""
+    validation=None, <every other settings field>)``, shown by help() and IDEs instead of
+    ``**settings``."""
     fields = [p for p in inspect.signature(settings_cls).parameters.values() if p.name not in skip]
     defaults = defaults or {}
     return inspect.Signature(
         [inspect.Parameter(first, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
          inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
-                           annotation=str),
+                           annotation="str | tuple"),
+         inspect.Parameter("validation", inspect.Parameter.KEYWORD_ONLY, default=None,
+                           annotation="tuple | None"),
          *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=defaults.get(p.name, p.default))
            for p in fields]],
         return_annotation=TrainResult,

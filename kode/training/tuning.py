@@ -30,6 +30,7 @@ from kode.io import write_json
 from kode.scopes import op_determinism, precision_scope
 from kode.training.logdir import remove_if_empty
 from kode.training.pipeline import TrainingPipeline, model_metadata, save_model
+from kode.training.run_data import dataset_name
 from kode.training.search_space import (
     DEFAULT_DEPTHS,
     TuningData,
@@ -141,8 +142,9 @@ def _resume_line(search: kt.Tuner, directory: str, max_trials: int) -> str | Non
 
 def tune(
     family: str | Sequence[str],
-    dataset: str = "digits",
+    dataset: str | tuple = "digits",
     *,
+    validation: tuple | None = None,
     tuner: str = "random",
     max_trials: int = 10,
     epochs: int = 10,
@@ -182,7 +184,8 @@ def tune(
     ``guard_every``, ``on_inaccurate``), ``recompute``, ``jit_compile`` and, for a folder of
     images or tfds:NAME, ``image_size``, ``validation_split`` (the test split of a folder without
     test/; ``validation_fraction`` is then held out of the rest) and ``skip_bad_images`` mean
-    what they mean for :func:`kode.train`
+    what they mean for :func:`kode.train`; ``dataset`` and ``validation`` too (a name, a folder,
+    tfds:NAME or an (images, labels) pair of arrays)
     ("multiworker" is refused: KerasTuner's search runs in one process).
 
     An existing search in ``directory`` is resumed unless ``overwrite``: finished trials are
@@ -191,6 +194,7 @@ def tune(
     hyper-parameters. Bad values raise :class:`KodeError` before anything is written.
     """
     families = parse_families(family)
+    dataset = dataset_name(dataset, validation)  # arrays: registered under their hash
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
         raise KodeError(f"max_trials must be a positive integer, got {max_trials!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
