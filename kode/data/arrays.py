@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from kode.data.pipelines import AUTOTUNE, DatasetInfo, _small_pipelines, _Spec
+from kode.data.pipelines import AUTOTUNE, DatasetInfo, _small_pipelines, _Spec, held_out
 from kode.errors import KodeError
 from kode.images import to_channels
 
@@ -112,12 +112,7 @@ def _get(name: str) -> _Arrays:
 def _split(arrays: _Arrays, fraction: float, seed: int):
     if arrays.x_test is not None:
         return arrays.x, arrays.y, arrays.x_test, arrays.y_test
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(arrays.y), bool)
-    for label in np.unique(arrays.y):
-        members = np.flatnonzero(arrays.y == label)
-        held = min(len(members) - 1, max(1, round(len(members) * fraction)))
-        test[members[rng.permutation(len(members))[:held]]] = True
+    test = held_out(arrays.y, fraction, seed)
     if not test.any():
         raise KodeError("dataset has too few examples to hold out a test split (one per "
                         "class); pass validation=(x_test, y_test)")

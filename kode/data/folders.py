@@ -32,7 +32,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import tensorflow as tf
 
-from kode.data.pipelines import AUTOTUNE, DatasetInfo, _batch_train, _normalizer, _translate_flip
+from kode.data.pipelines import (
+    AUTOTUNE,
+    DatasetInfo,
+    _batch_train,
+    _normalizer,
+    _translate_flip,
+    held_out,
+)
 from kode.errors import KodeError, one_line
 from kode.images import GREY_MODES, to_channels
 
@@ -94,17 +101,13 @@ def _classes(folder: str, shown: str) -> dict[str, list[str]]:
 
 
 def _split(classes: dict[str, list[str]], fraction: float, seed: int, shown: str):
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for label, files in enumerate(classes.values()):
-        held = min(len(files) - 1, max(1, round(len(files) * fraction)))
-        chosen = set(rng.permutation(len(files))[:held].tolist())
-        for i, rel in enumerate(files):
-            (test if i in chosen else train).append((rel, label))
-    if not test:
+    items = [(rel, label) for label, files in enumerate(classes.values()) for rel in files]
+    test = held_out(np.asarray([label for _, label in items]), fraction, seed)
+    if not test.any():
         raise KodeError(f"dataset folder {shown} has too few images to hold out a test split "
                         "(every class has one image); add images or a test/ folder")
-    return train, test
+    return ([item for item, t in zip(items, test, strict=True) if not t],
+            [item for item, t in zip(items, test, strict=True) if t])
 
 
 def _check_classes(classes: dict, shown: str) -> None:

@@ -135,6 +135,20 @@ def _check_name(name: Any) -> str:
     return key
 
 
+def held_out(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The test split of examples without one: a boolean mask holding out, per class in label
+    order, round(n·``fraction``) of its n examples (at least one, never all) drawn by one
+    permutation per class of ``np.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    mask = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        held = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        mask[members[rng.permutation(len(members))[:held]]] = True
+    return mask
+
+
 def _normalizer(
     pixel_max: float, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Callable[[tf.Tensor], tf.Tensor]:
