@@ -23,7 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from kode.data.pipelines import AUTOTUNE, DatasetInfo, _small_pipelines, _Spec, held_out
+from kode.data.pipelines import (
+    AUTOTUNE,
+    DatasetInfo,
+    _small_pipelines,
+    _Spec,
+    channel_statistics,
+    held_out,
+)
 from kode.errors import KodeError
 from kode.images import to_channels
 
@@ -151,15 +158,7 @@ def load_arrays(name: str, *, image_size: int | None, validation_split: float, s
             image = tf.image.resize(image, [height, width], method="bilinear", antialias=True)
         return image
 
-    total, squares, count = np.zeros(channels), np.zeros(channels), 0
-    for batch in tf.data.Dataset.from_tensor_slices(x).map(convert).batch(512) \
-            .as_numpy_iterator():
-        pixels = batch.astype(np.float64).reshape(-1, channels) / 255.0
-        total, squares, count = total + pixels.sum(0), squares + np.square(pixels).sum(0), \
-            count + len(pixels)
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)
+    mean, std = channel_statistics(tf.data.Dataset.from_tensor_slices(x).map(convert), channels)
     info = arrays_info(name, image_size=image_size, validation_split=validation_split,
                        seed=seed, mean=mean, std=std)
     spec = _Spec(info.num_classes, info.input_shape, info.train_size, info.test_size, mean, std,

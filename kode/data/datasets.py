@@ -98,6 +98,8 @@ def dataset_kind(name: object) -> str:
             return "tfds"
         if name.startswith("arrays:"):
             return "arrays"
+        if name.startswith("datasets:"):
+            return "datasets"
         if os.path.isdir(os.path.expanduser(name)):
             return "folder"
         if os.sep in name or "/" in name or name.startswith((".", "~")):
@@ -112,7 +114,7 @@ def dataset_label(name: str) -> str:
     kind = dataset_kind(name)
     if kind == "folder":
         return os.path.basename(os.path.abspath(os.path.expanduser(os.fspath(name))))
-    if kind in ("tfds", "arrays"):
+    if kind in ("tfds", "arrays", "datasets"):
         return name.strip().lower().replace("/", "-").replace(":", "-")
     return name.strip().lower()
 
@@ -143,6 +145,11 @@ def dataset_info(name: str, data_dir: str | None = None, *, image_size: int | No
 
         return arrays_info(name, image_size=image_size, validation_split=validation_split,
                            seed=seed)
+    if kind == "datasets":
+        from kode.data.streams import streams_info
+
+        return streams_info(name, image_size=image_size, validation_split=validation_split,
+                            seed=seed)
     key = _check_name(name)
     if key == "digits":
         return _digits_info()
@@ -259,6 +266,11 @@ def load_dataset(
         return load_arrays(name, image_size=image_size, validation_split=validation_split,
                            seed=int(seed), batch_size=int(batch_size), augment=bool(augment),
                            cache=cache)
+    if kind == "datasets":
+        from kode.data.streams import load_streams
+
+        return load_streams(name, image_size=image_size, validation_split=validation_split,
+                            seed=int(seed), batch_size=int(batch_size), augment=bool(augment))
     if image_size is not None:
         raise KodeError(f"image_size is for folders and tfds:NAME datasets; {name} has its "
                         "own size")

@@ -149,6 +149,19 @@ def held_out(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
+def channel_statistics(images: tf.data.Dataset, channels: int) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of x = pixel / 255 over every pixel of ``images`` (unbatched,
+    0–255): E[x] and sqrt(E[x²] − E[x]²), accumulated in float64 in the dataset's order; a
+    constant channel gets std 1 (left unscaled)."""
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for batch in images.batch(256).as_numpy_iterator():
+        x = batch.astype(np.float64).reshape(-1, channels) / 255.0
+        total, squares, count = total + x.sum(0), squares + np.square(x).sum(0), count + len(x)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - np.square(mean), 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)
+
+
 def _normalizer(
     pixel_max: float, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Callable[[tf.Tensor], tf.Tensor]:

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
-from kode.data.pipelines import AUTOTUNE, DatasetInfo, _small_pipelines, _Spec
+from kode.data.pipelines import (
+    AUTOTUNE,
+    DatasetInfo,
+    _small_pipelines,
+    _Spec,
+    channel_statistics,
+)
 from kode.data.tfds import _not_prepared, _offline_tfds, _resolve_dir
 from kode.errors import KodeError, one_line
 from kode.images import to_channels
@@ -113,17 +118,10 @@ _stats_cache: dict[tuple, tuple] = {}
 
 
 def _statistics(train: tf.data.Dataset, key: tuple, channels: int) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of x = pixel/255 over the first images of ``train``."""
+    """:func:`channel_statistics` over the first :data:`STATISTICS_EXAMPLES` images of
+    ``train``, once per process."""
     if key not in _stats_cache:
-        total, squares, count = np.zeros(channels), np.zeros(channels), 0
-        for image in train.take(STATISTICS_EXAMPLES).batch(256).as_numpy_iterator():
-            x = image.astype(np.float64).reshape(-1, channels) / 255.0
-            total, squares, count = total + x.sum(0), squares + np.square(x).sum(0), \
-                count + len(x)
-        mean = total / max(count, 1)
-        std = np.sqrt(np.maximum(squares / max(count, 1) - np.square(mean), 0.0))
-        std = np.where(std > 0, std, 1.0)
-        _stats_cache[key] = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
+        _stats_cache[key] = channel_statistics(train.take(STATISTICS_EXAMPLES), channels)
     return _stats_cache[key]
 
 

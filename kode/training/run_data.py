@@ -13,12 +13,13 @@ from kode.errors import KodeError
 def dataset_name(dataset: object, validation: object = None) -> str:
     """The name a run's settings carry for ``dataset``: a built-in name, folder or tfds:NAME
     as it is; an ``(images, labels)`` pair of numpy arrays (and its ``validation`` pair)
-    registered by :func:`kode.data.arrays.register_arrays`."""
+    registered by :func:`kode.data.arrays.register_arrays`; a ``tf.data.Dataset`` (and its
+    ``validation`` dataset) by :func:`kode.data.streams.register_datasets`."""
     from kode.data.arrays import is_arrays, register_arrays
+    from kode.data.streams import register_datasets
 
-    if isinstance(dataset, tf.data.Dataset) or isinstance(validation, tf.data.Dataset):
-        raise KodeError("a tf.data.Dataset is not taken as dataset yet: pass an (images, "
-                        "labels) pair of numpy arrays, a folder of images or a dataset name")
+    if isinstance(dataset, tf.data.Dataset):
+        return register_datasets(dataset, validation)
     if is_arrays(dataset):
         return register_arrays(dataset, validation)
     if validation is not None:

@@ -1,5 +1,6 @@
-"""Tests of numpy arrays as a dataset (kode.data.arrays): registration, split, channels,
-normalization, bad arrays, and kode.train / kode.finetune on them."""
+"""Tests of numpy arrays (kode.data.arrays) and tf.data.Datasets (kode.data.streams) as a
+dataset: registration, split, channels, normalization, bad input, and kode.train /
+kode.finetune on them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import kode
 from kode.data.arrays import register_arrays
 from kode.data.datasets import load_dataset
 from kode.errors import KodeError
+from kode.training.run_data import dataset_name
 
 
 def _digits(n=90):
@@ -70,9 +72,32 @@ def test_bad_arrays_are_one_line_before_anything_is_written(dataset, words, tmp_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_tf_data_dataset_is_refused_in_one_line(tmp_path):
-    with pytest.raises(KodeError, match="^a tf.data.Dataset is not taken as dataset yet"):
+def test_a_tf_data_dataset_of_other_elements_is_one_line(tmp_path):
+    with pytest.raises(KodeError, match="^dataset must be a tf.data.Dataset of \\(image, "
+                                        "label\\) pairs$"):
         kode.train("resnet20", tf.data.Dataset.range(3), logdir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_tf_data_datasets_split_or_validation_and_train(tmp_path):
+    x, y = _digits()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)  # batches are unbatched
+    name = dataset_name(ds)
+    assert name.startswith("datasets:") and dataset_name(ds) == name
+    train, test, info = load_dataset(name, batch_size=16)
+    held = [round(n * 0.2) for n in np.bincount(y)]
+    assert (info.train_size, info.test_size) == (len(x) - sum(held), sum(held))
+    assert np.bincount(_collect(test)[1]).tolist() == held
+    # The same split and normalization as the arrays: the same stream, the same positions.
+    a_train, a_test, a_info = load_dataset(register_arrays((x, y)), batch_size=16)
+    np.testing.assert_allclose(info.mean, a_info.mean, rtol=1e-9)
+    np.testing.assert_allclose(_collect(test)[0], _collect(a_test)[0], atol=1e-6)
+    result = kode.train("resnet20", tf.data.Dataset.from_tensor_slices((x[:60], y[:60])),
+                        validation=tf.data.Dataset.from_tensor_slices((x[60:], y[60:])),
+                        model_options={"depth": 8}, epochs=1, logdir=str(tmp_path / "a"),
+                        verbose=0)
+    assert result.config["dataset"].startswith("datasets:")
+    assert result.config["dataset_info"]["test_size"] == 30
 
 
 def test_train_and_finetune_on_arrays(tmp_path):
