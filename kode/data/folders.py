@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -231,22 +230,21 @@ def _pixel_moments(folder: ImageFolder, size: int, skip_bad_images: bool):
     bad = [rel for i, rel in enumerate(files) if i not in seen]
     if bad and not skip_bad_images:
         path = os.path.join(folder.root, bad[0])
-        try:  # once more, alone, for the decoder's words
-            load(tf.constant(path))
-            reason = "it failed to decode"
-        except (tf.errors.OpError, ValueError) as err:
-            reason = _reason(err)
-        raise KodeError(f"cannot read image {path}: {reason}; {_SKIP_HINT}")
+        raise KodeError(f"cannot read image {path}: {_reason(path)}; {_SKIP_HINT}")
     return total, squares, count, bad
 
 
-def _reason(err: BaseException) -> str:
-    """A decoder's complaint without TensorFlow's wrapping (the graph's traceback, "[[{{node
-    …}}]]", "[Op:…]"): its last line of text."""
-    text = getattr(err, "message", None) or str(err)
-    text = re.sub(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:[^\]]*\]( name: \S*)?", "", text, flags=re.S)
-    lines = [line.strip(" \t;:") for line in text.splitlines() if line.strip(" \t;:")]
-    return one_line(Exception(lines[-1] if lines else type(err).__name__))
+def _reason(path: str) -> str:
+    """Why a file failed to decode, in Pillow's words: TensorFlow's decoder would log its own
+    complaint to the terminal (before kode's one line) if it were asked again."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, ValueError, SyntaxError) as err:
+        return one_line(err)
+    return "TensorFlow's image decoder cannot decode it"
 
 
 _stats_cache: dict[tuple, tuple] = {}

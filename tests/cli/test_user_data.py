@@ -117,7 +117,8 @@ def test_train_finetune_and_predict_on_a_folder_from_python(folder, tmp_path):
     predictions = kode.predict_files(tuned.export.path, files)
     assert [p.file for p in predictions] == files
     assert all(p.class_name in CLASSES for p in predictions)
-    with pytest.raises(KodeError, match=r"^cannot read image .*two/corrupt.png: .*PNG"):
+    with pytest.raises(KodeError, match=r"^cannot read image .*two/corrupt.png: image file is "
+                                        r"truncated"):
         kode.train("resnet20", folder, model_options={"depth": 8}, epochs=1, image_size=10,
                    logdir=str(tmp_path / "c"), verbose=0)
     assert not (tmp_path / "c").exists()
@@ -160,7 +161,8 @@ def _class_without_images(root):
      "dataset folder {root} has one class only (zero)"),
     (_garbage, "cannot read image {root}/one/bad.png: not a PNG, JPEG, BMP or GIF image; fix "
                "or remove it, or skip unreadable images with --skip-bad-images"),
-    (_truncated, "cannot read image {root}/one/003.png: "),
+    (_truncated, "cannot read image {root}/one/003.png: image file is truncated; fix or "
+                 "remove it"),
     ("missing", "dataset folder {root} does not exist"),
 ], ids=["empty", "class-without-images", "one-class", "not-an-image", "truncated", "missing"])
 def test_a_bad_folder_is_one_line_and_writes_nothing(tmp_path, capsys, make, words):
@@ -196,3 +198,21 @@ def test_a_folder_that_changed_is_refused_on_resume(tmp_path, capsys):
     code, out, err = _main(capsys, *run)
     assert code == 2 and err.count("\n") == 1, err
     assert "holds checkpoints of a different run (differs in dataset_files)" in err
+
+
+def test_a_truncated_image_is_the_only_line_of_the_real_command(tmp_path):
+    """The decoder's own complaint (TensorFlow logs it from C++ straight to the terminal when
+    a decode fails outside tf.data) does not stand before kode's line."""
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "data")
+    _truncated(root)
+    result = subprocess.run(
+        [sys.executable, "-m", "kode.cli", "train", "resnet20", *TINY, "--dataset", root,
+         "--image-size", "8", "--logdir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"kode: error: cannot read image {root}/one/003.png: image file is "
+                             "truncated; fix or remove it, or skip unreadable images with "
+                             "--skip-bad-images (skip_bad_images=True)\n"), result.stderr

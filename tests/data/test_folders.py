@@ -154,8 +154,8 @@ def test_unreadable_images_are_named_or_skipped_and_counted(tmp_path):
     _truncated(os.path.join(root, "zero", "truncated.png"), os.path.join(root, "zero", "001.png"))
     info = dataset_info(root)  # its header is fine
     assert info.train_size + info.test_size == 13
-    with pytest.raises(KodeError, match=r"^cannot read image .*zero/truncated.png: "
-                                        r"[^\n]*PNG[^\n]*--skip-bad-images"):
+    with pytest.raises(KodeError, match=r"^cannot read image .*zero/truncated.png: image file "
+                                        r"is truncated; .*--skip-bad-images"):
         load_dataset(root, image_size=12)  # the decoder finds the truncated file
     _garbage(os.path.join(root, "one", "garbage.png"))
     with pytest.raises(KodeError, match=r"^cannot read image .*one/garbage.png: not a PNG, "
