@@ -216,3 +216,35 @@ def test_a_truncated_image_is_the_only_line_of_the_real_command(tmp_path):
     assert result.stderr == (f"kode: error: cannot read image {root}/one/003.png: image file is "
                              "truncated; fix or remove it, or skip unreadable images with "
                              "--skip-bad-images (skip_bad_images=True)\n"), result.stderr
+
+
+def test_the_readme_command_on_a_folder_with_a_tiny_resnet50v2(folder, tmp_path, capsys,
+                                                               monkeypatch):
+    """`kode finetune ResNet50V2 --weights … --dataset FOLDER --refine auto --gradient adjoint
+    --export DIR` as in the README, with keras.applications.ResNet50V2 standing in as a tiny
+    network of the same graph (kode.testing.applications) and weights made here instead of
+    ImageNet's: the folder is read at the source's input size and keeps ResNetV2's own
+    preprocessing, and kode predict names the folder's classes."""
+    import keras
+
+    from kode.testing.applications import stand_in_for
+
+    stand_in_for(monkeypatch, "ResNet50V2")
+    keras.utils.set_random_seed(0)
+    weights = str(tmp_path / "resnet50v2_notop.weights.h5")
+    keras.applications.ResNet50V2(weights=None, include_top=False, pooling="avg",
+                                  input_shape=(32, 32, 3)).save_weights(weights)
+    code, out, err = _main(capsys, "finetune", "ResNet50V2", "--weights", weights,
+                           "--input-size", 32, "--dataset", folder, "--skip-bad-images",
+                           "--refine", "auto", "--gradient", "adjoint", "--guard-tolerance",
+                           1e6, "--epochs", 1, "--steps-per-epoch", 1, "--batch-size", 8,
+                           "--no-diagnostics", "--logdir", tmp_path / "run", "--export",
+                           tmp_path / "saved_models")
+    assert code == 0, err[-3000:]
+    meta = json.loads((tmp_path / "run" / "kode.json").read_text())
+    assert meta["input_shape"] == [32, 32, 3] and meta["training"]["image_size"] == 32
+    assert meta["preprocessing"]["kind"] == "scale" and "mean" not in meta
+    assert meta["class_names"] == CLASSES
+    code, out, err = _main(capsys, "predict", _exported(out),
+                           os.path.join(folder, "zero", "000.png"))
+    assert code == 0 and out.split("\t")[1] in CLASSES, err
