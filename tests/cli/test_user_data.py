@@ -248,3 +248,20 @@ def test_the_readme_command_on_a_folder_with_a_tiny_resnet50v2(folder, tmp_path,
     code, out, err = _main(capsys, "predict", _exported(out),
                            os.path.join(folder, "zero", "000.png"))
     assert code == 0 and out.split("\t")[1] in CLASSES, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--image-size", "12"], "image_size is for folders and tfds:NAME datasets; digits has its "
+                             "own size"),
+    (["--image-size", "0", "--dataset", "FOLDER"], "image_size must be a positive integer"),
+    (["--validation-split", "1.5", "--dataset", "FOLDER"],
+     "validation_split must be a number in (0, 1), got 1.5"),
+    (["--dataset", "no_such_name"], "unknown dataset 'no_such_name'; give one of cifar10, "
+                                    "cifar100, digits, imagenet2012, mnist, a folder of images"),
+])
+def test_bad_data_options_are_one_line(folder, tmp_path, capsys, args, words):
+    args = [folder if a == "FOLDER" else a for a in args]
+    code, out, err = _main(capsys, "train", "resnet20", *TINY, "--logdir", tmp_path / "run",
+                           *args)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert words in err and not (tmp_path / "run").exists()
