@@ -59,7 +59,8 @@ def _trial_settings(args) -> dict:
         connect_timeout=args.connect_timeout, tpu=args.tpu, precision=args.precision,
         sync_batchnorm=args.sync_batchnorm, deterministic=args.deterministic,
         diagnostics=not args.no_diagnostics, recompute=not args.no_recompute,
-        jit_compile=args.jit_compile,
+        jit_compile=args.jit_compile, image_size=args.image_size,
+        validation_split=args.validation_split, skip_bad_images=args.skip_bad_images,
     )
 
 
@@ -216,7 +217,9 @@ def _cmd_reproduce(arguments: list[str]) -> int:
                            env={**os.environ, "PYTHONPATH": path})
 
 
-_DATASET_HELP = "digits (embedded), mnist, cifar10, cifar100 or imagenet2012 (any case)"
+_DATASET_HELP = ("digits (embedded), mnist, cifar10, cifar100 or imagenet2012 (any case); a "
+                 "folder of images, one sub-folder per class (or train/ and test/ with that "
+                 "layout inside); or tfds:NAME[/CONFIG], prepared in --data-dir")
 _DATA_DIR_HELP = "tensorflow-datasets folder holding the prepared dataset"
 
 
@@ -287,6 +290,15 @@ def _add_trial_arguments(parser: argparse.ArgumentParser) -> None:
                        "Keras' jit_compile='auto'), off on a CPU and for checkpoint/adjoint")
     parser.add_argument("--no-diagnostics", action="store_true",
                        help="skip the TensorBoard diagnostics (k_n, residual sizes, images/s)")
+    parser.add_argument("--image-size", type=int, metavar="S",
+                       help="folders and tfds:NAME: resize images to S x S (folders: default "
+                       "the model's input size, 32 for the CIFAR layout)")
+    parser.add_argument("--validation-split", type=float, default=0.2, metavar="F",
+                       help="folders without test/: part of each class held out as the test "
+                       "split (seeded by --seed; default 0.2)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                       help="folders: skip unreadable images (and say how many) instead of "
+                       "refusing the folder")
 
 
 def build_parser() -> argparse.ArgumentParser:

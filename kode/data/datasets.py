@@ -18,6 +18,15 @@ Datasets
   network) from the manual files ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar``
   in ``manual_dir``. Its ``validation`` split is the test split.
 
+Your own data (see :mod:`kode.data.folders` and :mod:`kode.data.tfds_named`)
+--------------------------------------------------------------------------
+- a path to a folder of images, one sub-folder per class (or ``train/`` and ``test/`` with
+  that layout inside);
+- ``tfds:NAME`` or ``tfds:NAME/CONFIG``: any image-classification dataset of TensorFlow
+  Datasets prepared in ``data_dir``.
+
+The built-in names win over a folder of the same name (write ``./digits`` for the folder).
+
 Nothing here ever downloads. A tfds dataset that is not prepared raises :class:`KodeError` at
 once, saying how to prepare it; building the tfds builder does not touch the network either
 (GCS lookups are forced off while it is built).
@@ -38,6 +47,7 @@ every epoch), so a run is reproducible and parallel mapping keeps it determinist
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -64,18 +74,82 @@ from kode.errors import KodeError
 __all__ = [
     "DatasetInfo",
     "dataset_info",
+    "dataset_kind",
+    "dataset_label",
     "dataset_names",
     "load_dataset",
     "preprocess_images",
 ]
 
 
-def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+#: Side of a folder's images when nobody says (kode train uses the zoo model's layout).
+FOLDER_IMAGE_SIZE = 32
+
+
+def dataset_kind(name: object) -> str:
+    """"builtin" (one of :func:`dataset_names`), "tfds" (``tfds:NAME[/CONFIG]``) or "folder"
+    (an existing directory); KodeError for anything else, naming what is accepted."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if isinstance(name, str):
+        if name.strip().lower() in dataset_names():
+            return "builtin"
+        if name.strip().lower().startswith("tfds:"):
+            return "tfds"
+        if name.startswith("arrays:"):
+            return "arrays"
+        if name.startswith("datasets:"):
+            return "datasets"
+        if os.path.isdir(os.path.expanduser(name)):
+            return "folder"
+        if os.sep in name or "/" in name or name.startswith((".", "~")):
+            raise KodeError(f"dataset folder {name} does not exist")
+    raise KodeError(f"unknown dataset {name!r}; give one of {', '.join(dataset_names())}, a "
+                    "folder of images (one sub-folder per class) or tfds:NAME")
+
+
+def dataset_label(name: str) -> str:
+    """A short name of the dataset for folder names: the built-in name, the folder's base
+    name, or the tfds name with "/" replaced by "-"."""
+    kind = dataset_kind(name)
+    if kind == "folder":
+        return os.path.basename(os.path.abspath(os.path.expanduser(os.fspath(name))))
+    if kind in ("tfds", "arrays", "datasets"):
+        return name.strip().lower().replace("/", "-").replace(":", "-")
+    return name.strip().lower()
+
+
+def dataset_info(name: str, data_dir: str | None = None, *, image_size: int | None = None,
+                 validation_split: float = 0.2, seed: int = 0,
+                 skip_bad_images: bool = False) -> DatasetInfo:
     """Describe dataset ``name`` without loading its images (and without any network access).
 
     For a tfds dataset prepared in ``data_dir`` the split sizes and class names are read from
-    the prepared data; otherwise the canonical values are returned.
+    the prepared data; otherwise the canonical values are returned. A folder is scanned
+    (its tree and the images' headers); its mean/std are empty until :func:`load_dataset`
+    measures them.
     """
+    kind = dataset_kind(name)
+    if kind == "folder":
+        from kode.data.folders import folder_info, scan_folder
+
+        folder = scan_folder(name, validation_split=validation_split, seed=seed,
+                             skip_bad_images=skip_bad_images)
+        return folder_info(folder, _folder_size(image_size))
+    if kind == "tfds":
+        from kode.data.tfds_named import named_info
+
+        return named_info(name, data_dir, image_size=image_size)
+    if kind == "arrays":
+        from kode.data.arrays import arrays_info
+
+        return arrays_info(name, image_size=image_size, validation_split=validation_split,
+                           seed=seed)
+    if kind == "datasets":
+        from kode.data.streams import streams_info
+
+        return streams_info(name, image_size=image_size, validation_split=validation_split,
+                            seed=seed)
     key = _check_name(name)
     if key == "digits":
         return _digits_info()
@@ -94,10 +168,18 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
 
 
 def check_prepared(name: str, data_dir: str | None = None,
-                   manual_dir: str | None = None) -> None:
+                   manual_dir: str | None = None, **options) -> None:
     """Raise the :class:`KodeError` :func:`load_dataset` raises for a tfds dataset that is not
     prepared in ``data_dir``, without reading it (a run checks this before it configures
-    TensorFlow). imagenet2012 with ``manual_dir`` is prepared by :func:`load_dataset`."""
+    TensorFlow). imagenet2012 with ``manual_dir`` is prepared by :func:`load_dataset`. A folder
+    is scanned (:func:`kode.data.folders.scan_folder`: empty folders, empty class folders, a
+    single class, files that are not images); ``options`` are :func:`dataset_info`'s."""
+    kind = dataset_kind(name)
+    if kind != "builtin":
+        if manual_dir is not None:
+            raise KodeError(f"manual_dir is only used by imagenet2012, not by {name}")
+        dataset_info(name, data_dir, **options)
+        return
     key = _check_name(name)
     if key == "digits" or (key == "imagenet2012" and manual_dir is not None):
         return
@@ -117,11 +199,14 @@ def load_dataset(
     manual_dir: str | None = None,
     seed: int = 0,
     cache: bool = True,
+    image_size: int | None = None,
+    validation_split: float = 0.2,
+    skip_bad_images: bool = False,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DatasetInfo]:
     """Build the train and test pipelines of dataset ``name``.
 
     Args:
-        name: one of :func:`dataset_names`.
+        name: one of :func:`dataset_names`, a folder of images or ``tfds:NAME[/CONFIG]``.
         batch_size: examples per batch (the last batch may be smaller).
         augment: augment the train split; ``None`` picks the dataset's default (on for
             CIFAR/ImageNet, off for digits/MNIST). See the module docstring for what it does.
@@ -131,7 +216,13 @@ def load_dataset(
             prepare the dataset locally when it is not prepared in ``data_dir``.
         seed: seed of the shuffling and of the augmentation.
         cache: keep the decoded, normalized images in memory after the first epoch (ignored
-            for imagenet2012, which does not fit in memory).
+            for imagenet2012 and folders, which need not fit in memory).
+        image_size: folders and tfds:NAME: the side the images are resized to (default: 32
+            for a folder, the dataset's own size for tfds).
+        validation_split: folders without a test/ folder: the fraction of each class held
+            out as the test split (drawn with ``seed``).
+        skip_bad_images: folders: leave out unreadable images (recorded in
+            ``info.source["skipped"]``) instead of refusing the folder.
 
     Returns:
         ``(train, test, info)``: batched datasets of ``(float32 NHWC images, int32 labels)``
@@ -140,7 +231,7 @@ def load_dataset(
     Raises:
         KodeError: unknown name, bad argument, or a tfds dataset that is not prepared.
     """
-    key = _check_name(name)
+    kind = dataset_kind(name)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
         raise KodeError(f"batch_size must be a positive integer, got {batch_size!r}")
     if batch_size <= 0:
@@ -149,6 +240,41 @@ def load_dataset(
         raise KodeError(f"seed must be an integer, got {seed!r}")
     if augment is not None and not isinstance(augment, (bool, np.bool_)):
         raise KodeError(f"augment must be true, false or None, got {augment!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(
+            image_size, (int, np.integer)) or image_size < 1):
+        raise KodeError(f"image_size must be a positive integer, got {image_size!r}")
+    if kind == "folder":
+        from kode.data.folders import load_folder, scan_folder
+
+        if manual_dir is not None:
+            raise KodeError(f"manual_dir is only used by imagenet2012, not by {name}")
+        folder = scan_folder(name, validation_split=validation_split, seed=int(seed),
+                             skip_bad_images=skip_bad_images)
+        return load_folder(folder, size=_folder_size(image_size), batch_size=int(batch_size),
+                           augment=bool(augment), seed=int(seed),
+                           skip_bad_images=skip_bad_images)
+    if kind == "tfds":
+        from kode.data.tfds_named import load_named
+
+        if manual_dir is not None:
+            raise KodeError(f"manual_dir is only used by imagenet2012, not by {name}")
+        return load_named(name, data_dir, image_size=image_size, batch_size=int(batch_size),
+                          augment=bool(augment), seed=int(seed), cache=cache)
+    if kind == "arrays":
+        from kode.data.arrays import load_arrays
+
+        return load_arrays(name, image_size=image_size, validation_split=validation_split,
+                           seed=int(seed), batch_size=int(batch_size), augment=bool(augment),
+                           cache=cache)
+    if kind == "datasets":
+        from kode.data.streams import load_streams
+
+        return load_streams(name, image_size=image_size, validation_split=validation_split,
+                            seed=int(seed), batch_size=int(batch_size), augment=bool(augment))
+    if image_size is not None:
+        raise KodeError(f"image_size is for folders and tfds:NAME datasets; {name} has its "
+                        "own size")
+    key = _check_name(name)
     if manual_dir is not None and key != "imagenet2012":
         raise KodeError(f"manual_dir is only used by imagenet2012, not by {key!r}")
     spec = _SPECS[key]
@@ -195,6 +321,10 @@ def preprocess_images(pixels_0_to_1: np.ndarray, info: DatasetInfo) -> np.ndarra
     mean = np.asarray(info.mean, dtype=np.float32)
     std = np.asarray(info.std, dtype=np.float32)
     return (x - mean) / std
+
+
+def _folder_size(image_size: int | None) -> int:
+    return FOLDER_IMAGE_SIZE if image_size is None else int(image_size)
 
 
 _digits_cache: dict[str, Any] = {}

@@ -35,6 +35,9 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    #: where a folder or tfds:NAME dataset came from (folder, split, files' hash, skipped
+    #: files; tfds name and data_dir); None for the built-in datasets
+    source: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,33 @@ def _check_name(name: Any) -> str:
     return key
 
 
+def held_out(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The test split of examples without one: a boolean mask holding out, per class in label
+    order, round(n·``fraction``) of its n examples (at least one, never all) drawn by one
+    permutation per class of ``np.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    mask = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        held = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        mask[members[rng.permutation(len(members))[:held]]] = True
+    return mask
+
+
+def channel_statistics(images: tf.data.Dataset, channels: int) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of x = pixel / 255 over every pixel of ``images`` (unbatched,
+    0–255): E[x] and sqrt(E[x²] − E[x]²), accumulated in float64 in the dataset's order; a
+    constant channel gets std 1 (left unscaled)."""
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for batch in images.batch(256).as_numpy_iterator():
+        x = batch.astype(np.float64).reshape(-1, channels) / 255.0
+        total, squares, count = total + x.sum(0), squares + np.square(x).sum(0), count + len(x)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - np.square(mean), 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)
+
+
 def _normalizer(
     pixel_max: float, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Callable[[tf.Tensor], tf.Tensor]:
@@ -170,8 +200,13 @@ def _batch_train(
     seed: int,
     augment_fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None,
     batch_size: int,
+    load_fn: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None = None,
 ) -> tf.data.Dataset:
+    """Seeded shuffle (anew every pass), ``load_fn`` (e.g. decode files: after the shuffle,
+    so the buffer holds names, not images), augmentation, batch, prefetch."""
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    if load_fn is not None:
+        ds = ds.map(load_fn, num_parallel_calls=AUTOTUNE)
     if augment_fn is not None:
         ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
             lambda xy, s: (augment_fn(xy[0], s), xy[1]), num_parallel_calls=AUTOTUNE

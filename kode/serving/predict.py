@@ -86,13 +86,23 @@ def predict_files(savedmodel_path: str, files: list[str]) -> list[Prediction]:
 
 
 def _load_image(path: str, height: int, width: int, channels: int) -> np.ndarray:
-    """Read ``path`` as float32 (H, W, C), pixel values 0-255; any failure names the file."""
+    """Read ``path`` as float32 (H, W, C), pixel values 0-255; any failure names the file.
+
+    Channels are converted by :func:`kode.images.to_channels` (as the image-folder datasets
+    convert them), then the image is resized with PIL's bilinear filter."""
     from PIL import Image, UnidentifiedImageError
+
+    from kode.images import GREY_MODES, NATIVE_MODES, to_channels
 
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("L" if channels == 1 else "RGB")
+            if img.mode not in NATIVE_MODES:  # palette, 1-bit, 16-bit, CMYK, …
+                img = img.convert("L" if img.mode in GREY_MODES else "RGB")
+            native = np.asarray(img, dtype=np.uint8)
+            pixels = to_channels(native.reshape(*native.shape[:2], -1), channels).numpy()
+            img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels,
+                                  "L" if channels == 1 else "RGB")
             if img.size != (width, height):
                 img = img.resize((width, height), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32)

@@ -229,6 +229,23 @@ class FinetunePipeline(TrainingPipeline):
             if isinstance(s.freeze, int) and s.freeze > KERAS_STAGES:
                 raise KodeError(f"freeze {s.freeze}: the model has only {KERAS_STAGES} stages")
 
+    def default_image_size(self) -> int:
+        """A folder's images are read at the source's input size (no second resize)."""
+        source = getattr(self, "source", None) or resolve_source(self.settings)
+        if source.input_shape is not None:
+            return int(source.input_shape[0])
+        if source.kind == "keras_file":
+            # kode.json's input shape: loading the model would start TensorFlow's runtime
+            # before the strategy is made.
+            shape = (read_sidecar(source.name) or {}).get("input_shape")
+            return int(shape[0]) if shape else int(load_keras_file(source.name).input_shape[1])
+        if self.settings.input_size:
+            return int(self.settings.input_size)
+        import zoo
+        from zoo.builder import DEFAULT_INPUT_SHAPE
+
+        return DEFAULT_INPUT_SHAPE[zoo.get_entry(source.name).defaults.get("layout", "cifar")][0]
+
     def load_data(self) -> None:
         super().load_data()
         self.input_shape = self._input_shape()
@@ -306,12 +323,7 @@ class FinetunePipeline(TrainingPipeline):
     def guard_batch(self) -> tuple:
         """The batch the gradient guard checks (the first 32 of a second instance of the
         training data, brought to the source's input)."""
-        from kode.data.datasets import load_dataset
-
-        s = self.settings
-        x, y = next(iter(load_dataset(
-            s.dataset, batch_size=s.batch_size, augment=s.augment, data_dir=s.data_dir,
-            manual_dir=s.manual_dir, seed=s.seed, cache=False)[0]))
+        x, y = next(iter(self.load_dataset(cache=False)[0]))
         x, y = x[:32], y[:32]
         return (self.adapt(x) if self.adapt is not None else x), y
 
@@ -346,15 +358,20 @@ def settings_from(train: TrainSettings, **fields) -> FinetuneSettings:
                                for f in dataclasses.fields(TrainSettings)}, **fields)
 
 
-def finetune(source: str, dataset: str = "digits", **settings) -> TrainResult:
+def finetune(source: str, dataset: str | tuple = "digits", *, validation: tuple | None = None,
+             **settings) -> TrainResult:
     """Fine-tune ``source`` on ``dataset``: the keywords of :class:`FinetuneSettings`
     (``weights``, ``refine``, ``freeze``, ``input_size``) plus every keyword of
     :func:`kode.train` (``gradient``, ``epochs``, ``lr``, ``export_dir``, ...).
 
-    The run is ``kode train``'s pipeline with the source network in place of a zoo model.
+    The run is ``kode train``'s pipeline with the source network in place of a zoo model;
+    ``dataset`` and ``validation`` are :func:`kode.train`'s.
     """
+    from kode.training.run_data import dataset_name
+
     name = settings.pop("model", None) or run_name(source)
-    return FinetunePipeline(FinetuneSettings(name, dataset, source=source, **settings)).run()
+    return FinetunePipeline(FinetuneSettings(name, dataset_name(dataset, validation),
+                                             source=source, **settings)).run()
 
 
 def run_name(source: str) -> str:

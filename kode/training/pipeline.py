@@ -21,13 +21,14 @@ import numpy as np
 import tensorflow as tf
 
 import zoo
-from kode.data.datasets import DatasetInfo, check_prepared, dataset_info, load_dataset
+from kode.data.datasets import DatasetInfo, check_prepared, dataset_info, dataset_label
 from kode.errors import KodeError
 from kode.io import finite_json, write_json, write_with
 from kode.layers.stage import set_gradient_mode
 from kode.scopes import op_determinism, precision_scope
 from kode.training.callbacks import DivergenceStop, _LearningRateLogger
 from kode.training.logdir import prepare_logdir, remove_if_empty
+from kode.training.run_data import RunData, data_fingerprint, dataset_name
 from kode.training.settings import (
     SCHEDULES,
     TrainResult,
@@ -81,7 +82,7 @@ def model_metadata(model_name: str, info: DatasetInfo, model: keras.Model) -> di
 ModelBuilder = Callable[["TrainingPipeline", DatasetInfo], keras.Model]
 
 
-class TrainingPipeline:
+class TrainingPipeline(RunData):
     """One training run in small steps; ``kode train``, ``kode.train``, ``kode tune`` and
     fine-tuning share them.
 
@@ -119,7 +120,7 @@ class TrainingPipeline:
         refuses for the dataset (its image shape, classes): nothing is built or read."""
         s = self.settings
         check_model_options(s.model, s.model_options)
-        info = dataset_info(s.dataset, s.data_dir)
+        info = dataset_info(s.dataset, s.data_dir, seed=s.seed, **self.data_options())
         zoo.check_model(s.model, input_shape=info.input_shape, classes=info.num_classes,
                         **{"gradient": s.gradient, **s.model_options})
 
@@ -127,10 +128,12 @@ class TrainingPipeline:
         """Validate the settings (every refusal comes before anything is printed, written or
         configured), create the log directory, create the strategy."""
         self.settings = s = self.requested.resolve()
-        check_prepared(s.dataset, s.data_dir, s.manual_dir)
+        check_prepared(s.dataset, s.data_dir, s.manual_dir, seed=s.seed,
+                       **self.data_options())
         self.check_model()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        s.logdir = s.logdir or os.path.join("runs", f"{s.model}-{s.dataset}-{stamp}")
+        s.logdir = s.logdir or os.path.join(
+            "runs", f"{s.model}-{dataset_label(s.dataset)}-{stamp}")
         self._created_logdir = prepare_logdir(s.logdir)
         if s.export_dir is not None:
             from kode.serving.publish import check_export_dir
@@ -173,10 +176,11 @@ class TrainingPipeline:
     def load_data(self) -> None:
         s = self.settings
         keras.utils.set_random_seed(s.seed)
-        self.train_ds, self.test_ds, self.info = load_dataset(
-            s.dataset, batch_size=s.batch_size, augment=s.augment, data_dir=s.data_dir,
-            manual_dir=s.manual_dir, seed=s.seed,
-        )
+        self.train_ds, self.test_ds, self.info = self.load_dataset()
+        skipped = (self.info.source or {}).get("skipped")
+        if skipped and s.verbose:
+            print(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''} "
+                  f"of {s.dataset} (first: {skipped[0]})")
         self.batches_per_pass = math.ceil(self.info.train_size / s.batch_size)
         self.steps_per_epoch = s.steps_per_epoch or self.batches_per_pass
 
@@ -217,7 +221,8 @@ class TrainingPipeline:
 
         s = self.settings
         self.snapshots = EpochSnapshots(
-            os.path.join(self.logdir, "checkpoints"), self.model, s.fingerprint())
+            os.path.join(self.logdir, "checkpoints"), self.model,
+            {**s.fingerprint(), **data_fingerprint(self.info)})
         self.initial_epoch = self.snapshots.restore(s.epochs) if s.resume else 0
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
@@ -234,10 +239,7 @@ class TrainingPipeline:
         if s.gradient == "adjoint":
             # From a second instance of the pipeline: peeking at train_ds would draw its
             # first epoch's shuffle, and adjoint runs would see other orders than backprop's.
-            x_check, y_check = next(iter(load_dataset(
-                s.dataset, batch_size=s.batch_size, augment=s.augment, data_dir=s.data_dir,
-                manual_dir=s.manual_dir, seed=s.seed, cache=False,
-            )[0]))
+            x_check, y_check = next(iter(self.load_dataset(cache=False)[0]))
             self.guard = GradientGuard(x_check[:32], y_check[:32], s.guard_tolerance,
                                        s.guard_every, s.on_inaccurate)
             callbacks.insert(0, self.guard)
@@ -381,7 +383,8 @@ def save_model(model: keras.Model, path: str) -> None:
     write_with(path, model.save, suffix=".keras")
 
 
-def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
+def train(model_name: str, dataset: str | tuple = "digits", *, validation: tuple | None = None,
+          **settings) -> TrainResult:
     """Train ``model_name`` from the zoo on ``dataset`` with the dataset's recipe, overridable
     by the keywords of :class:`TrainSettings`.
 
@@ -409,11 +412,17 @@ def train(model_name: str, dataset: str = "digits", **settings) -> TrainResult:
     ``deterministic`` turns on TensorFlow's op determinism (bitwise reproducible runs and
     resumes, somewhat slower). ``diagnostics`` writes :mod:`kode.diagnostics` summaries.
 
+    ``dataset``: a built-in name, a folder of images (one sub-folder per class; ``image_size``,
+    ``validation_split``, ``skip_bad_images``), ``"tfds:NAME"``, or an ``(images, labels)``
+    pair of numpy arrays with pixel values 0–255 (``validation=(images, labels)`` for its test
+    split; see :mod:`kode.data.arrays`).
+
     Bad values (unknown names, non-finite or non-positive numbers) raise :class:`KodeError`
     before anything is written; a run whose loss becomes NaN/inf stops with "training
     diverged" and saves nothing.
     """
-    return TrainingPipeline(TrainSettings(model_name, dataset, **settings)).run()
+    return TrainingPipeline(TrainSettings(model_name, dataset_name(dataset, validation),
+                                          **settings)).run()
 
 
 train.__signature__ = keyword_signature(TrainSettings, "model_name", skip=("model", "dataset"))

@@ -16,13 +16,14 @@ import dataclasses
 import inspect
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import keras
 
 import zoo
-from kode.data.datasets import load_dataset
+from kode.data.datasets import dataset_kind
 from kode.distribute.strategy import PRECISIONS, STRATEGIES
 from kode.errors import KodeError, check_argument_types
 
@@ -68,6 +69,9 @@ RECIPES = {
     # lm_resnet20 (see README).
     "digits": Recipe(epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4),
 }
+
+#: The recipe of a folder of images or a tfds:NAME dataset (the digits recipe, smaller batches).
+OWN_DATA_RECIPE = Recipe(epochs=30, batch_size=32, lr=0.05, weight_decay=5e-4)
 
 
 @dataclass
@@ -142,7 +146,7 @@ def check_model_options(model_name: str, options: dict) -> dict:
 
 #: The numeric settings :meth:`TrainSettings.resolve` checks itself.
 _NUMBERS = ("epochs", "batch_size", "steps_per_epoch", "lr", "weight_decay", "momentum",
-            "guard_every", "devices", "connect_timeout")
+            "guard_every", "devices", "connect_timeout", "image_size", "validation_split")
 
 
 @dataclass
@@ -190,6 +194,12 @@ class TrainSettings:
     diagnostics: bool = True
     #: XLA for the train step: "auto" (Keras' rule, see use_xla), "on"/True, "off"/False
     jit_compile: str | bool = "auto"
+    #: folders and tfds:NAME: side of the images (folders: default the model's layout's)
+    image_size: int | None = None
+    #: folders without test/: fraction of each class held out as the test split (seeded)
+    validation_split: float = 0.2
+    #: folders: leave out unreadable images (counted, recorded) instead of refusing the folder
+    skip_bad_images: bool = False
 
     def __post_init__(self):
         if self.model_options is None:
@@ -214,11 +224,20 @@ class TrainSettings:
         if not isinstance(self.strategy, str | tf.distribute.Strategy):
             raise KodeError(f"strategy must be a name ({', '.join(STRATEGIES)}) or a "
                             f"tf.distribute.Strategy, got {self.strategy!r}")
-        dataset = self.dataset.strip().lower()
-        if dataset not in RECIPES:
-            # load_dataset gives the canonical message for unknown names.
-            load_dataset(dataset, data_dir=self.data_dir)
-        recipe = RECIPES[dataset]
+        kind = dataset_kind(self.dataset)  # the canonical message for unknown names
+        if kind == "builtin":
+            dataset = self.dataset.strip().lower()
+            recipe = RECIPES[dataset]
+            if self.image_size is not None:
+                raise KodeError(f"image_size is for folders and tfds:NAME datasets; "
+                                f"{dataset} has its own size")
+        else:  # a path keeps its case
+            dataset = os.fspath(self.dataset) if kind == "folder" else self.dataset.strip()
+            recipe = OWN_DATA_RECIPE
+        _check_positive("image_size", self.image_size)
+        split = self.validation_split
+        if not (_is_number(split) and 0 < split < 1):
+            raise KodeError(f"validation_split must be a number in (0, 1), got {split!r}")
         s = dataclasses.replace(self, dataset=dataset, model_options=dict(self.model_options))
         for name in ("epochs", "batch_size", "lr", "schedule", "weight_decay", "momentum"):
             if getattr(s, name) is None:
@@ -282,13 +301,16 @@ class TrainSettings:
 def keyword_signature(settings_cls: type, first: str, *, skip: tuple[str, ...],
                       defaults: dict | None = None) -> inspect.Signature:
     """The signature of an entry point over ``settings_cls``: ``(first, dataset="digits", *,
-    <every other settings field>)``, shown by help() and IDEs instead of ``**settings``."""
+    validation=None, <every other settings field>)``, shown by help() and IDEs instead of
+    ``**settings``."""
     fields = [p for p in inspect.signature(settings_cls).parameters.values() if p.name not in skip]
     defaults = defaults or {}
     return inspect.Signature(
         [inspect.Parameter(first, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
          inspect.Parameter("dataset", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="digits",
-                           annotation=str),
+                           annotation="str | tuple"),
+         inspect.Parameter("validation", inspect.Parameter.KEYWORD_ONLY, default=None,
+                           annotation="tuple | None"),
          *[p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=defaults.get(p.name, p.default))
            for p in fields]],
         return_annotation=TrainResult,

@@ -24,12 +24,13 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from kode.data.datasets import DatasetInfo, load_dataset
+from kode.data.datasets import DatasetInfo, dataset_label
 from kode.errors import KodeError
 from kode.io import write_json
 from kode.scopes import op_determinism, precision_scope
 from kode.training.logdir import remove_if_empty
 from kode.training.pipeline import TrainingPipeline, model_metadata, save_model
+from kode.training.run_data import dataset_name
 from kode.training.search_space import (
     DEFAULT_DEPTHS,
     TuningData,
@@ -141,8 +142,9 @@ def _resume_line(search: kt.Tuner, directory: str, max_trials: int) -> str | Non
 
 def tune(
     family: str | Sequence[str],
-    dataset: str = "digits",
+    dataset: str | tuple = "digits",
     *,
+    validation: tuple | None = None,
     tuner: str = "random",
     max_trials: int = 10,
     epochs: int = 10,
@@ -168,6 +170,9 @@ def tune(
     on_inaccurate: str = "stop",
     recompute: bool = True,
     jit_compile: str | bool = "auto",
+    image_size: int | None = None,
+    validation_split: float = 0.2,
+    skip_bad_images: bool = False,
 ) -> TuneResult:
     """Search the zoo's hyper-parameters for ``family`` on ``dataset``; export the best model.
 
@@ -176,8 +181,11 @@ def tune(
     (:class:`TrialPipeline`) in KerasTuner's trial folder ``<directory>/search/trial_<id>``:
     ``strategy``/``devices``/``connect_timeout``/``tpu``, ``precision``, ``sync_batchnorm``,
     ``deterministic``, ``diagnostics`` and the adjoint's guard (``guard_tolerance``,
-    ``guard_every``, ``on_inaccurate``), ``recompute`` and ``jit_compile`` mean what they mean for
-    :func:`kode.train`
+    ``guard_every``, ``on_inaccurate``), ``recompute``, ``jit_compile`` and, for a folder of
+    images or tfds:NAME, ``image_size``, ``validation_split`` (the test split of a folder without
+    test/; ``validation_fraction`` is then held out of the rest) and ``skip_bad_images`` mean
+    what they mean for :func:`kode.train`; ``dataset`` and ``validation`` too (a name, a folder,
+    tfds:NAME or an (images, labels) pair of arrays)
     ("multiworker" is refused: KerasTuner's search runs in one process).
 
     An existing search in ``directory`` is resumed unless ``overwrite``: finished trials are
@@ -186,6 +194,7 @@ def tune(
     hyper-parameters. Bad values raise :class:`KodeError` before anything is written.
     """
     families = parse_families(family)
+    dataset = dataset_name(dataset, validation)  # arrays: registered under their hash
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
         raise KodeError(f"max_trials must be a positive integer, got {max_trials!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -208,6 +217,8 @@ def tune(
         precision=precision, sync_batchnorm=sync_batchnorm, deterministic=deterministic,
         diagnostics=diagnostics, guard_tolerance=guard_tolerance, guard_every=guard_every,
         on_inaccurate=on_inaccurate, recompute=recompute, jit_compile=jit_compile,
+        image_size=image_size, validation_split=validation_split,
+        skip_bad_images=skip_bad_images,
     ).resolve()  # every bad value fails here, before anything is written
     if export_dir is not None:
         from kode.serving.publish import check_export_dir
@@ -215,7 +226,7 @@ def tune(
         check_export_dir(export_dir, "tuned")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     directory = directory or os.path.join(
-        "runs", f"tune-{'-'.join(families)}-{settings.dataset}-{stamp}")
+        "runs", f"tune-{'-'.join(families)}-{dataset_label(settings.dataset)}-{stamp}")
     # The search's own pipeline: the log directory and the strategy (before TensorFlow runs).
     search_pipeline = TrainingPipeline(dataclasses.replace(settings, logdir=directory))
     search_pipeline._created_logdir = None
@@ -223,6 +234,8 @@ def tune(
         with precision_scope(settings.precision), op_determinism(settings.deterministic):
             search_pipeline.prepare()
             search_pipeline.announce_devices()
+            # The search pipeline's settings: a folder's image size is filled in.
+            settings = dataclasses.replace(search_pipeline.settings, logdir=None)
             return _search(families, settings, search_pipeline.strategy, directory,
                            tuner=tuner, max_trials=max_trials, depths=depths,
                            validation_fraction=validation_fraction, export_dir=export_dir,
@@ -238,9 +251,8 @@ def _search(families: list[str], settings: TrainSettings, strategy: tf.distribut
     """:func:`tune` after its checks, in the strategy and precision of the trials."""
     seed, batch_size, epochs = settings.seed, settings.batch_size, settings.epochs
     keras.utils.set_random_seed(seed)
-    plain_train, test_ds, info = load_dataset(settings.dataset, batch_size=batch_size,
-                                              augment=False, data_dir=settings.data_dir,
-                                              seed=seed)
+    plain_train, test_ds, info = TrainingPipeline(dataclasses.replace(
+        settings, augment=False)).load_dataset()
     if info.train_size > MAX_TUNE_EXAMPLES:
         raise KodeError(f"{settings.dataset} has {info.train_size} training examples; kode tune "
                         f"holds the split in memory (at most {MAX_TUNE_EXAMPLES})")

@@ -1,0 +1,67 @@
+"""Bit-exact resumption on a folder of images: ``kode train --dataset FOLDER`` killed with
+SIGKILL in its second epoch and run again ends with the weights and losses of a run that was
+never interrupted (the folder variant of tests/training/test_fault_tolerance.py: the file
+order, the seeded shuffle of the names and the decoding are the same in every process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+
+from kode.testing.images import write_image_folder
+
+KODE = [sys.executable, "-m", "kode.cli"]
+EPOCHS = 3
+
+
+def _progress(logdir) -> int:
+    try:
+        with open(os.path.join(logdir, "checkpoints", "progress.json")) as fh:
+            return json.load(fh)["epoch"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_sigkill_on_a_folder_then_rerun_matches_the_uninterrupted_run(tmp_path):
+    import kode  # noqa: F401  (registers kode's layers for loading)
+
+    data = str(tmp_path / "data")
+    write_image_folder(data, classes=3, per_class=60, size=8)  # 144 train images: 36 steps
+    train = ["train", "resnet20", "--option", "depth=8", "--epochs", str(EPOCHS),
+             "--batch-size", "4", "--deterministic", "--no-diagnostics", "--seed", "3",
+             "--dataset", data, "--image-size", "8"]
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    reference = subprocess.Popen([*KODE, *train, "--logdir", str(whole)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([*KODE, *train, "--logdir", str(crashed)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while _progress(crashed) < 1 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # into epoch 2
+    assert victim.poll() is None, "the run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    done = _progress(crashed)
+    assert 1 <= done < EPOCHS, done
+
+    resumed = subprocess.run([*KODE, *train, "--logdir", str(crashed)], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{done} of {EPOCHS} epochs done" in resumed.stdout
+    out, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-2000:]
+    losses = [json.loads((d / "metrics.json").read_text())["history"]["loss"]
+              for d in (whole, crashed)]
+    np.testing.assert_array_equal(*losses)
+    weights = [keras.saving.load_model(str(d / "model.keras"), compile=False).get_weights()
+               for d in (whole, crashed)]
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_array_equal(a, b)
