@@ -92,9 +92,17 @@ def test_write_record_round_trips_beside_the_page(tmp_path):
     assert data == {"command": "python -m benchmarks.x --allow-load",
                     "date": "2026-12-02T06:00:00+00:00", "machine": "test machine", "cores": 2,
                     "load_before": 0.3, "load_after": 0.4, "allow_load": False,
-                    "results": {"raw": [1.5, None]}, "claims": claims}
+                    "others_cpu": None, "results": {"raw": [1.5, None]}, "claims": claims}
     assert record.RunRecord.from_dict(data) == _record(0.3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["performance.json"]
+
+
+def test_others_cpu_decides_whether_a_page_was_quiet():
+    quiet, busy = _record(1.9), _record(0.1)  # the load average says the opposite
+    quiet.others_cpu, busy.others_cpu = 0.02, 0.3
+    assert not quiet.under_load and busy.under_load
+    assert record.page_header(busy)[0].startswith("**Measured while other processes used 0.30")
+    assert any("others_cpu: 0.020" in line for line in record.page_header(quiet))
 
 
 def test_a_failed_write_keeps_the_previous_record_and_leaves_no_temporary(tmp_path):

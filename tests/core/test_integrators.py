@@ -242,7 +242,8 @@ def test_lm_stage_equals_the_paper_form_with_its_gradients(policy, history):
     # mixed_bfloat16 both run f_n in bfloat16 on the float32 stream; a float32 rounding
     # difference of the stream rarely flips f_n's bfloat16 input, and a flip changes a
     # gradient by ~2^-8 relative (measured, seeds 0-2: outputs equal, gradients within 1e-6
-    # but for one seed's 3.5e-3; the float32 error is 1e-6).
+    # but for one seed's 3.5e-3; with one intra-op thread, as the test workers run, this
+    # seed's 1.1e-2; the float32 error is 1e-6). A wiring error moves them by O(1).
     rng = np.random.default_rng(3)
     x, prev, g = (tf.constant(rng.standard_normal((4, 6, 6, 8)), tf.float32) for _ in range(3))
     k_values = rng.uniform(-0.6, 0.6, 6)  # away from 0: the history term matters
@@ -261,7 +262,7 @@ def test_lm_stage_equals_the_paper_form_with_its_gradients(policy, history):
         sources = [x, prev] if history else [x]
         sources += stage.trainable_variables
         results.append([out, *tape.gradient(out, sources, output_gradients=g)])
-    tol = 2e-5 if policy == "float32" else 2**-7
+    tol = 2e-5 if policy == "float32" else 2**-5
     for a, b in zip(*results, strict=True):
         a, b = np.asarray(a, "float32"), np.asarray(b, "float32")
         scale_ = float(np.max(np.abs(b)))
