@@ -4,7 +4,7 @@ Keras remat), each configuration measured in its own Python process.
     python -m benchmarks.gradient_memory [--quick] [--out docs]
 
 Sweeps: one ``IntegratorStage`` of N ``BasicBlock(16)`` (Euler, reversible Heun) for N up to
-256; the Euler stage under XLA at two N; the zoo's ResNet-110 and ResNet-1202; activation
+256; the zoo's ResNet-110 and ResNet-1202; activation
 memory against depth of the zoo's CIFAR ResNets (``depth``, in :mod:`benchmarks.depth_memory`).
 Writes ``<out>/gradients.md`` and ``<out>/gradients_{memory,time,depth}.png``; the method is
 described in the doc (``METHOD`` below) and in :func:`run_worker`.
@@ -384,12 +384,6 @@ def stage_configs(ns, integrators, modes, batch, steps, warmup, repeats=1) -> li
     return configs
 
 
-def xla_configs(ns, batch) -> list[dict]:
-    return [{"sweep": "xla", "kind": "stage", "integrator": "euler", "n": n, "mode": mode,
-             "batch": batch, "steps": 3, "warmup": 0, "jit": True, "rep": 0}
-            for n in ns for mode in ("adjoint", "backprop")]
-
-
 def timing_configs(ns, integrators, batch, rounds) -> list[dict]:
     """Paired timing: backprop and adjoint alternate step by step in one process."""
     return [{"sweep": "timing", "kind": "stage", "integrator": integrator, "n": n,
@@ -642,51 +636,6 @@ def _timing_table(table: dict) -> list[str]:
         lines.append(f"| {k[1]} | {k[2]} | {t['backprop']:.3f} | {t['adjoint']:.3f} | "
                      f"{t['fwd']:.3f} | {_with_interval(row)} | {f:.2f} | "
                      f"{1 + 2 * f:.2f} | {1 + f:.2f} |")
-    return lines + [""]
-
-
-def _xla_table(table: dict) -> list[str]:
-    keys = sorted((k for k in table if k[0] == "xla"), key=lambda k: (k[3], k[2]))
-    if not keys:
-        return []
-    lines = [
-        "## Under XLA (`tf.function(jit_compile=True)`)",
-        "",
-        "Euler stage as in sweep 1. XLA compiles per shape, so the warm-up step runs the full "
-        "batch and already grows the allocator's pool: the RSS increment is then meaningless "
-        "and only the allocator's peak (XLA's temporary buffers are allocated through it) is "
-        "reported.",
-        "",
-        "| N | mode | allocator peak increment MiB | step s |",
-        "|---:|---|---:|---:|",
-    ]
-    for k in keys:
-        row = table[k]
-        mem = f"{row['allocator_increment_mb']:.0f}" if _ok(row) else _mb(row)
-        lines.append(f"| {k[2]} | {k[3]} | {mem} | {_sec(row)} |")
-    ns = sorted({k[2] for k in keys})
-    a = [table.get(("xla", "euler", n, "adjoint")) for n in ns]
-    b = [table.get(("xla", "euler", n, "backprop")) for n in ns]
-    if len(ns) >= 2 and all(_ok(r) for r in a + b):
-        ga = a[-1]["allocator_increment_mb"] - a[0]["allocator_increment_mb"]
-        gb = b[-1]["allocator_increment_mb"] - b[0]["allocator_increment_mb"]
-        flat = table.get(("stage", "euler", ns[-1], "adjoint"))
-        lines += [
-            "",
-            f"From N={ns[0]} to N={ns[-1]} the adjoint's peak grows by {ga:.0f} MiB under XLA "
-            f"({ga / (ns[-1] - ns[0]):.2f} MiB per step, "
-            f"{ga / (ns[-1] - ns[0]) / (a[0]['batch'] * 32 * 32 * 16 * 4 / 2**20):.2f} states "
-            f"per step) against {gb:.0f} MiB for backprop"
-            + (f"; without XLA the adjoint's allocator peak at N={ns[-1]} is "
-               f"{flat['allocator_increment_mb']:.0f} MiB" if _ok(flat) else "")
-            + ". "
-            + ("**Memory is not flat under XLA**: XLA schedules the HLO itself and does not keep "
-               "TensorFlow's control dependencies, which are what sequences each reverse step "
-               "after the previous vector-Jacobian product; it is free to run rebuilds early and "
-               "keep their results. Use the adjoint without `jit_compile` (the default)."
-               if ga > 0.1 * max(gb, 1e-9) else
-               "Memory stays flat under XLA as well."),
-        ]
     return lines + [""]
 
 
@@ -988,7 +937,11 @@ def write_doc(table: dict, meta: dict, out: Path, record=None,
         "",
         *_stage_tables(table, meta),
         *_timing_table(table),
-        *_xla_table(table),
+        "## Under XLA",
+        "",
+        "Memory and first-step time with and without XLA: [xla_memory.md](xla_memory.md) "
+        "(its own run).",
+        "",
         *_zoo_table(table),
         *(depth_memory.section(table) or RELATED),
         "## Targets",
@@ -1215,20 +1168,6 @@ def notes(table: dict) -> list[str]:
         "before, measured 1.53–1.80×). `tests/core/test_gradients.py` counts the evaluations. "
         "Momentum and RevNet reversals reuse their evaluations the same way.",
     ]
-    xa = [table.get(("xla", "euler", n, "adjoint")) for n in (8, 64)]
-    if all(_ok(r) for r in xa):
-        out.append(
-            "- **XLA** (`jit_compile=True`): the adjoint's peak grows from "
-            f"{xa[0]['allocator_increment_mb']:.0f} MiB at N=8 to "
-            f"{xa[1]['allocator_increment_mb']:.0f} MiB at N=64, so the memory is *not* flat "
-            "under XLA. A dump of the scheduled HLO (`XLA_FLAGS=--xla_dump_to=…`, one-off "
-            "investigation, not run by this command) shows why: the reverse steps and "
-            "recomputations run up to ~8 steps ahead of the vector-Jacobian products at N=64, "
-            "keeping the rebuilt states alive. tf2xla drops the control dependencies that "
-            "sequence them in graph mode, and XLA:CPU removes `optimization_barrier`s without "
-            "ordering (tried: no effect). A data dependency works: rebuilding from "
-            "`x_{n+1} + 0·Σ a_{n+1}` (a = the adjoint) in a patched copy of "
-            "`kode/gradients.py` gave 32 MiB at both N=8 and N=64 under XLA.")
     out += [
         "- **remat**: `keras.RematScope(mode=\"activations\")` saves nothing here (memory "
         "equals backprop's at every N): it only rematerializes the `activation` of layers "
@@ -1286,8 +1225,6 @@ def run_all(args) -> None:
                                   STAGE_INTEGRATORS, args.stage_batch, args.rounds)
     if not args.merge and "overhead" in args.sweeps:
         configs += overhead_configs([8, 32] if quick else [8, 128])
-    if not args.merge and "xla" in args.sweeps:
-        configs += xla_configs([8, 32] if quick else [8, 64], args.stage_batch)
     if not args.merge and "zoo" in args.sweeps:
         if quick:
             runs = [("resnet110", 32, 2, 1, None)]
@@ -1366,7 +1303,7 @@ def main(argv=None) -> None:
     parser.add_argument("--page", default="gradients.md",
                         help="the page's file name (the depth sweep alone: gradients_depth.md; "
                         "its claims name this page)")
-    sweeps = ["stage", "timing", "overhead", "xla", "zoo", "zoo-timing", "depth"]
+    sweeps = ["stage", "timing", "overhead", "zoo", "zoo-timing", "depth"]
     parser.add_argument("--sweeps", nargs="+", default=sweeps, choices=sweeps)
     parser.add_argument("--depths", type=int, nargs="+", choices=depth_memory.DEPTHS,
                         help="override the depth sweep's zoo depths (resnet<d>)")

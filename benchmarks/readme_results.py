@@ -23,7 +23,7 @@ END = "<!-- results:end -->"
 #: The README lists the claims that have a target, and those its prose points to (the quick
 #: start's accuracy and time); every value is on its page.
 README_ALSO = ("quickstart.accuracy", "quickstart.wall")
-HEADER = ["| claim | measured | target | verdict | load at start | page |",
+HEADER = ["| claim | measured | target | verdict | others' CPU share, else load at start | page |",
           "|---|---:|---|---|---:|---|"]
 
 
@@ -68,7 +68,9 @@ def collect(docs_dir: str | Path) -> list[tuple[dict, RunRecord]]:
 
 def render(docs_dir: str | Path = "docs", also: tuple[str, ...] | None = None) -> str:
     """The Markdown table (no markers): claim | measured (value [low, high]) | target |
-    verdict | load at start | link to the page; a run under load shows its load in bold
+    verdict | others_cpu (the largest share of the machine other processes used during a
+    measurement), or for runs that did not record it the 1-minute load at start | link to
+    the page; a run under load shows its load in bold
     and "under load" in the verdict. Every claim, or with ``also`` only the claims that have
     a target and those whose id is in ``also`` (the README's table; the other measured values
     stay on their pages)."""
@@ -76,7 +78,8 @@ def render(docs_dir: str | Path = "docs", also: tuple[str, ...] | None = None) -
     for c, record in collect(docs_dir):
         if also is not None and c["verdict"] == "measured" and c["id"] not in also:
             continue
-        load = f"{record.load_before:.2f} / {record.cores} cores"
+        load = (f"others_cpu {record.others_cpu:.3f}" if record.others_cpu is not None
+                else f"{record.load_before:.2f} / {record.cores} cores")
         verdict = c["verdict"]
         if record.under_load:
             load, verdict = f"**{load}**", f"{verdict}, under load"
