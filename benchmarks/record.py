@@ -166,6 +166,19 @@ def page_header(record: RunRecord) -> list[str]:
           "only ≤ 0.10)"] if record.others_cpu is not None else [])
 
 
+def claims_table(claims: list[dict]) -> list[str]:
+    """A page's claims as a Markdown table: claim | value | target | verdict."""
+    return ["| claim | value | target | verdict |", "|---|---:|---|---|"] + [
+        f"| {c['claim']} | {c['value']:.3f} {c['unit']} | {c['target']} | {c['verdict']} |"
+        for c in claims]
+
+
+def check_out_folder(parser, out: str) -> None:
+    """A page's folder must exist before anything is measured (argparse error otherwise)."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        parser.error(f"--out {out}: its folder does not exist")
+
+
 def normalize_verdict(verdict: str) -> str:
     """One of :data:`VERDICTS` from a page's verdict text ("missed by 7–14%" → "missed")."""
     text = verdict.strip("* ").lower()

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
-from benchmarks.harness.quiet import QUIET, OthersCpu
+from benchmarks.harness.quiet import OthersCpu, refuse_if_loaded
 from benchmarks.record import (
+    check_out_folder,
     claim,
+    claims_table,
     finish_record,
     page_header,
     page_of,
@@ -58,10 +59,7 @@ def measure(ns: list[int], zoo_models: list[str], allow_load: bool) -> list[dict
             print(f"{step.model or step.integrator:16s} {step.mode:10s} N={step.n:4d} "
                   f"xla={step.jit!s:5s} {m['mib']:9.2f} MiB first {m['first_s']:7.2f} s "
                   f"step {m['next_s']:.3f} s others_cpu {quiet.value:.3f}", flush=True)
-        if quiet.value > QUIET and not allow_load:
-            raise SystemExit(f"xla_memory: other processes used {quiet.value:.2f} of the "
-                             f"machine (> {QUIET}) while it measured; rerun on a quiet "
-                             "machine, or pass --allow-load (the page will say so)")
+        refuse_if_loaded("xla_memory", quiet.value, allow_load)
     return rows
 
 
@@ -149,9 +147,7 @@ def render(record, rows: list[dict], growth: list[dict], claims: list[dict],
         lines += [f"| {r['model']} | {r['mode']} | {'on' if r['xla'] else 'off'} | "
                   f"{r['mib']:.1f} | {r['first_s']:.1f} | {r['next_s']:.3f} |"
                   for r in zoo_rows]
-    lines += ["", "## Claims", "", "| claim | value | target | verdict |", "|---|---:|---|---|"]
-    lines += [f"| {c['claim']} | {c['value']:.3f} {c['unit']} | {c['target']} | "
-              f"{c['verdict']} |" for c in claims]
+    lines += ["", "## Claims", "", *claims_table(claims)]
     return lines
 
 
@@ -165,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(set(args.n)) < 2 or min(args.n) < 1:
         parser.error("--n takes at least two different positive step counts")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"--out {args.out}: its folder does not exist")
+    check_out_folder(parser, args.out)
     record = start_record("python -m benchmarks.xla_memory " + " ".join(argv or sys.argv[1:]),
                           allow_load=True)  # others_cpu, not the load average, decides
     rows = measure(sorted(set(args.n)), args.zoo, args.allow_load)

@@ -88,3 +88,12 @@ class OthersCpu:
 
     def __exit__(self, *exc) -> None:
         self.value = others_cpu(self._start, sample())
+
+
+def refuse_if_loaded(prog: str, value: float, allow_load: bool) -> None:
+    """Stop the benchmark ``prog`` in one line when others used more than :data:`QUIET` of the
+    machine during a measurement, unless ``allow_load`` (its page then says so)."""
+    if value > QUIET and not allow_load:
+        raise SystemExit(f"{prog}: other processes used {value:.2f} of the machine (> {QUIET}) "
+                         "while it measured; rerun on a quiet machine, or pass --allow-load "
+                         "(the page will say so)")
