@@ -47,7 +47,7 @@ __all__ = [
     "PostActivationEuler", "Projection", "RecomputedSegment", "cut_at_stages", "port_model",
     "ReversibleHeun", "StochasticDepth", "TransitionBlock", "export_model", "get_integrator",
     "check_gradients", "finetune", "load_dataset", "predict_files", "set_gradient_mode",
-    "train",
+    "train", "tune",
     "FractalNet", "PolyNet", "RevNet",
 ]
 
@@ -55,7 +55,8 @@ __all__ = [
 # loaded on first use, so that ``import kode`` stays the core and tools.
 _LAZY = {"train": "kode.training.pipeline", "export_model": "kode.serving.export",
          "predict_files": "kode.serving.predict", "load_dataset": "kode.data.datasets",
-         "check_gradients": "kode.tools.guard", "finetune": "kode.training.finetune"}
+         "check_gradients": "kode.tools.guard", "finetune": "kode.training.finetune",
+         "tune": "kode.training.tuning"}
 
 
 def __getattr__(name: str):

@@ -129,7 +129,7 @@ def test_the_documented_top_level_names_stay():
     import kode
     import zoo
 
-    for name in ("train", "finetune", "port_model", "export_model", "predict_files",
+    for name in ("train", "finetune", "tune", "port_model", "export_model", "predict_files",
                  "load_dataset", "check_gradients", "set_gradient_mode", "IntegratorStage",
                  "TransitionBlock", "BasicBlock", "Bottleneck", "LayerChain", "get_integrator",
                  "KodeError"):
