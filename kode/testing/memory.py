@@ -70,7 +70,7 @@ def measure_stage_steps_timed(steps: list[StageStep], timeout: float = 600.0) ->
     the seconds of the first call (building, tracing, XLA compiling and running it) and of the
     next (the smallest of the repeats)."""
     with tempfile.TemporaryDirectory() as dump:
-        # TensorFlow's own thread pools, as users train (not the test workers' one thread).
+        # TensorFlow's own thread pools, as users train, whatever the caller set.
         env = {**{k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"},
                "TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "3",
                _DUMP: dump, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
