@@ -109,10 +109,12 @@ def test_train_finetune_and_predict_on_a_folder_from_python(folder, tmp_path):
                         verbose=0)
     assert list(result.config["dataset_info"]["class_names"]) == CLASSES
     assert result.model.input_shape == (None, 10, 10, 3)
-    tuned = kode.finetune(result.model_path, folder, refine=2, gradient="adjoint",
+    tuned = kode.finetune(result.model_path, folder, refine="auto", gradient="adjoint",
                           guard_tolerance=2.0, epochs=1, skip_bad_images=True,
                           logdir=str(tmp_path / "b"), export_dir=str(tmp_path / "sm"),
                           verbose=0)
+    chosen = json.loads((tmp_path / "b" / "kode.json").read_text())["finetune"]
+    assert chosen["refine_requested"] == "auto" and isinstance(chosen["refine"], int)
     files = [os.path.join(folder, "zero", "000.png"), os.path.join(folder, "one", "001.png")]
     predictions = kode.predict_files(tuned.export.path, files)
     assert [p.file for p in predictions] == files
