@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 
 import keras
 import numpy as np
@@ -22,21 +19,13 @@ import pytest
 
 import zoo
 from kode.errors import KodeError
+from kode.testing.processes import KODE, run_and_kill_in_epoch_two
 from kode.training.resume import EpochSnapshots
 
-KODE = [sys.executable, "-m", "kode.cli"]
 EPOCHS = 3
 # Batch 16: ~90 steps per epoch, so an epoch lasts long enough to be killed in the middle.
 TRAIN = ["train", "resnet20", "--option", "depth=8", "--epochs", str(EPOCHS), "--batch-size",
          "16", "--deterministic", "--no-diagnostics", "--seed", "3"]
-
-
-def _progress(logdir) -> int:
-    try:
-        with open(os.path.join(logdir, "checkpoints", "progress.json")) as fh:
-            return json.load(fh)["epoch"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
 
 
 def _weights(logdir) -> list[np.ndarray]:
@@ -48,18 +37,8 @@ def _weights(logdir) -> list[np.ndarray]:
 
 def test_sigkill_mid_epoch_then_rerun_resumes_and_matches_uninterrupted_run(tmp_path):
     whole, crashed = tmp_path / "whole", tmp_path / "crashed"
-    reference = subprocess.Popen([*KODE, *TRAIN, "--logdir", str(whole)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([*KODE, *TRAIN, "--logdir", str(crashed)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while _progress(crashed) < 1 and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2
-    assert victim.poll() is None, "the run finished before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
-    done = _progress(crashed)
+    reference, done = run_and_kill_in_epoch_two(TRAIN, whole, crashed, poll=0.05,
+                                                into_epoch=0.5)
     assert 1 <= done < EPOCHS, done
     assert not (crashed / "metrics.json").exists()
 

@@ -6,27 +6,15 @@ order, the seeded shuffle of the names and the decoding are the same in every pr
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import keras
 import numpy as np
 
 from kode.testing.images import write_image_folder
+from kode.testing.processes import KODE, run_and_kill_in_epoch_two
 
-KODE = [sys.executable, "-m", "kode.cli"]
 EPOCHS = 3
-
-
-def _progress(logdir) -> int:
-    try:
-        with open(os.path.join(logdir, "checkpoints", "progress.json")) as fh:
-            return json.load(fh)["epoch"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
 
 
 def test_sigkill_on_a_folder_then_rerun_matches_the_uninterrupted_run(tmp_path):
@@ -38,18 +26,8 @@ def test_sigkill_on_a_folder_then_rerun_matches_the_uninterrupted_run(tmp_path):
              "--batch-size", "4", "--deterministic", "--no-diagnostics", "--seed", "3",
              "--dataset", data, "--image-size", "8"]
     whole, crashed = tmp_path / "whole", tmp_path / "crashed"
-    reference = subprocess.Popen([*KODE, *train, "--logdir", str(whole)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([*KODE, *train, "--logdir", str(crashed)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while _progress(crashed) < 1 and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # into epoch 2
-    assert victim.poll() is None, "the run finished before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
-    done = _progress(crashed)
+    reference, done = run_and_kill_in_epoch_two(train, whole, crashed, poll=0.02,
+                                                into_epoch=0.2)
     assert 1 <= done < EPOCHS, done
 
     resumed = subprocess.run([*KODE, *train, "--logdir", str(crashed)], capture_output=True,
